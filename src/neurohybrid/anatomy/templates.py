@@ -1,0 +1,62 @@
+"""MNI152 2009c (symmetric, nonlinear) T1, GM and WM maps from the nilearn wheel.
+
+nilearn ships them at 1 mm (197 x 233 x 189). We read the files directly rather than through
+``nilearn.datasets.load_mni152_*`` because those helpers resample and cache; here we want the
+exact shipped grid, and a resampled copy at a chosen voxel size, reproducibly.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import nibabel as nib
+import numpy as np
+
+TEMPLATE_SPACE = "MNI152NLin2009cSym"
+_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def template_path(kind: str):
+    """Path of the shipped 1 mm template file: kind is 't1', 'gm' or 'wm'."""
+    return resources.files("nilearn.datasets") / "data" / _FILES[kind]
+
+
+@functools.lru_cache(maxsize=16)
+def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
+    """The template image at an isotropic voxel size (linear interpolation, same field of view).
+
+    GM/WM are probabilities in [0, 1]; T1 is intensity. A 'brain' kind gives the mask
+    GM + WM > 0.5 dilated by one voxel, and 'csf' the remaining probability inside that mask
+    (nilearn ships no CSF map).
+    """
+    if kind in ("brain", "csf"):
+        gm = load_template("gm", voxel_mm)
+        wm = load_template("wm", voxel_mm)
+        gmd, wmd = gm.get_fdata(), wm.get_fdata()
+        from scipy import ndimage
+
+        brain = ndimage.binary_dilation(gmd + wmd > 0.5, iterations=1)
+        if kind == "brain":
+            return nib.Nifti1Image(brain.astype(np.uint8), gm.affine)
+        csf = np.where(brain, np.clip(1.0 - gmd - wmd, 0.0, 1.0), 0.0)
+        return nib.Nifti1Image(csf.astype(np.float32), gm.affine)
+    img = nib.load(str(template_path(kind)))
+    img = nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    if abs(voxel_mm - 1.0) < 1e-9:
+        return img
+    from nilearn.image import resample_img
+
+    target = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    target[:3, 3] = img.affine[:3, 3]
+    shape = np.ceil(np.array(img.shape) / voxel_mm).astype(int)
+    out = resample_img(img, target_affine=target, target_shape=tuple(shape), interpolation="linear",
+                       force_resample=True, copy_header=True)
+    data = np.asarray(out.get_fdata(), dtype=np.float32)
+    if kind in ("gm", "wm"):
+        data = np.clip(data, 0.0, 1.0)
+    return nib.Nifti1Image(data, out.affine)
