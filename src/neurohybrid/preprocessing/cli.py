@@ -1,0 +1,138 @@
+"""`neurohybrid preprocess ...`: the commands the workflow rules call, one subject per call.
+
+All commands share ``--bids B`` (raw BIDS root), ``--subject S`` (label without ``sub-``) and
+``--out O`` (the derivatives root, normally ``results/preproc``). Each writes
+``O/dataset_description.json`` (DatasetType derivative, GeneratedBy neurohybrid) if missing.
+Bad input (missing modality/file, 4D where 3D is expected, NaN/singular affine, empty brain mask)
+raises InputError naming subject and file: the CLI prints one line and exits 2, and writes nothing.
+
+1. Structural (run first; every subject)::
+
+     neurohybrid preprocess anat --bids B --subject S --out O [--model-voxel-mm 2] [--fast]
+                                 [--backend ants|fsl] [--threads N] [--session SES]
+
+   reads   B/sub-S/ses-<first>/anat/sub-S_ses-<first>_T1w.nii.gz   (first session of
+           sub-S_sessions.tsv, else the first ses-* folder in sorted order; --session overrides)
+           B/derivatives/lesions/sub-S/ses-<first>/anat/sub-S_ses-<first>_space-T1w_desc-*_mask.nii.gz
+           (optional; their union is excluded from the registration metric: cost-function masking)
+   writes  O/sub-S/anat/sub-S_desc-preproc_T1w.nii.gz                 N4-corrected T1w
+           O/sub-S/anat/sub-S_desc-brain_mask.nii.gz
+           O/sub-S/anat/sub-S_label-{GM,WM,CSF}_probseg.nii.gz          Atropos / FAST
+           O/sub-S/anat/sub-S_from-T1w_to-MNI152NLin2009cSym_mode-image_xfm.{mat,nii.gz}
+           O/sub-S/anat/sub-S_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.{mat,nii.gz}
+           O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz (+ _dseg.tsv: index, name)
+           O/sub-S/anat/sub-S_atlas-DK_desc-volumes.tsv                (region, volume_mm3)
+           O/sub-S/anat/sub-S_label-cerebellumGM_mask.nii.gz           PET reference region
+           O/sub-S/anat/sub-S_space-MNI152NLin2009cSym_res-model_label-{GM,WM}_probseg.nii.gz
+           O/sub-S/figures/sub-S_desc-qc.png
+   ``--fast`` uses the short registration schedule (tests / sloppy mode); ``--backend fsl`` uses
+   BET/FAST/FLIRT/FNIRT through nipype and needs FSLDIR (clear error otherwise).
+   ANTs transforms: the ``.mat`` is the affine, the ``.nii.gz`` the SyN displacement field; apply
+   ``from-T1w_to-MNI`` as [xfm.nii.gz, xfm.mat] and ``from-MNI_to-T1w`` as [xfm.mat, xfm.nii.gz]
+   (see ``neurohybrid.preprocessing.transforms``).
+
+2. Lesion masks and perfusion to the model grid (glioma, stroke; after ``anat``)::
+
+     neurohybrid preprocess lesions --bids B --subject S --out O [--model-voxel-mm 2]
+
+   reads   O/sub-S/anat/* transforms from step 1, and for every session SES:
+           B/derivatives/lesions/sub-S/ses-SES/anat/sub-S_ses-SES_space-T1w_desc-{T1Gd,FLAIR,infarct}_mask.nii.gz
+           B/sub-S/ses-SES/perf/sub-S_ses-SES_cbf.nii.gz   (when present)
+   writes  O/sub-S/ses-SES/anat/sub-S_ses-SES_space-MNI152NLin2009cSym_res-model_desc-<lesion>_mask.nii.gz
+           O/sub-S/ses-SES/perf/sub-S_ses-SES_space-MNI152NLin2009cSym_res-model_cbf.nii.gz
+   Errors if the subject has neither lesion masks nor CBF.
+
+3. Regional tau PET (Alzheimer's; after ``anat``)::
+
+     neurohybrid preprocess pet --bids B --subject S --out O
+
+   reads   O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz, sub-S_label-cerebellumGM_mask.nii.gz, and every
+           B/sub-S/ses-SES/pet/sub-S_ses-SES_trc-<tracer>_pet.nii.gz (on the T1w grid)
+   writes  O/sub-S/ses-SES/pet/sub-S_ses-SES_atlas-DK_desc-suvr_pet.tsv   (region, suvr), one row
+           per DK region (canonical names), mean uptake / mean uptake in cerebellar GM.
+
+4. Structural connectome (every subject; after ``anat``)::
+
+     neurohybrid preprocess connectome --bids B --subject S --out O [--method auto|dipy|mrtrix|normative]
+                                       [--normative-csv FILE] [--fast] [--threads N]
+
+   reads   O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz, sub-S_label-WM_probseg.nii.gz,
+           B/sub-S/ses-*/dwi/sub-S_ses-*_dwi.{nii.gz,bval,bvec} (first session that has DWI)
+   writes  O/sub-S/dwi/sub-S_atlas-DK_connectivity.tsv  (square, header = canonical region names,
+           streamline counts; normative: tvb-data DK-68 weights, zero rows for subcortical regions)
+           O/sub-S/dwi/sub-S_atlas-DK_connectivity.json (Source: dwi-dipy | dwi-mrtrix | normative,
+           plus mean streamline lengths in mm under MeanLengthMm for DWI sources)
+   ``auto``: dipy when the subject has DWI, else normative (or --normative-csv, a square CSV/TSV
+   with region names in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bids", required=True, help="raw BIDS root")
+    p.add_argument("--subject", required=True, help="subject label, with or without 'sub-'")
+    p.add_argument("--out", required=True, help="derivatives root (results/preproc)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("preprocess", help="registration, segmentation, parcellation, PET, connectome")
+    sub = parser.add_subparsers(dest="preprocess_command", required=True, metavar="STEP")
+
+    p = sub.add_parser("anat", help="N4, brain extraction, registration to MNI, segmentation, parcellation, QC")
+    _common(p)
+    p.add_argument("--model-voxel-mm", type=float, default=2.0)
+    p.add_argument("--fast", action="store_true", help="short registration schedule (tests)")
+    p.add_argument("--backend", choices=["ants", "fsl"], default="ants")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--session", default=None, help="session whose T1w is used (default: first)")
+    p.set_defaults(func=_run_anat)
+
+    p = sub.add_parser("lesions", help="lesion masks and CBF of every session -> template grid at model resolution")
+    _common(p)
+    p.add_argument("--model-voxel-mm", type=float, default=2.0)
+    p.set_defaults(func=_run_lesions)
+
+    p = sub.add_parser("pet", help="regional PET SUVR (DK regions, cerebellar GM reference)")
+    _common(p)
+    p.set_defaults(func=_run_pet)
+
+    p = sub.add_parser("connectome", help="structural connectome from DWI (dipy/MRtrix3) or normative")
+    _common(p)
+    p.add_argument("--method", choices=["auto", "dipy", "mrtrix", "normative"], default="auto")
+    p.add_argument("--normative-csv", default=None)
+    p.add_argument("--fast", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_run_connectome)
+
+
+def _run_anat(args) -> int:
+    from neurohybrid.preprocessing.pipeline import run_anat
+
+    run_anat(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm, fast=args.fast,
+             backend=args.backend, threads=args.threads, session=args.session)
+    return 0
+
+
+def _run_lesions(args) -> int:
+    from neurohybrid.preprocessing.pipeline import run_lesions
+
+    run_lesions(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm)
+    return 0
+
+
+def _run_pet(args) -> int:
+    from neurohybrid.preprocessing.pipeline import run_pet
+
+    run_pet(args.bids, args.subject, args.out)
+    return 0
+
+
+def _run_connectome(args) -> int:
+    from neurohybrid.preprocessing.pipeline import run_connectome
+
+    run_connectome(args.bids, args.subject, args.out, method=args.method, normative_csv=args.normative_csv,
+                   fast=args.fast, threads=args.threads)
+    return 0
