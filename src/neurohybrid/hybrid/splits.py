@@ -29,5 +29,5 @@ def training_subjects(folds: dict[str, int], fold: int) -> list[str]:
     return sorted(s for s, f in folds.items() if f != fold)
 
 
-def test_subjects(folds: dict[str, int], fold: int) -> list[str]:
+def held_out_subjects(folds: dict[str, int], fold: int) -> list[str]:
     return sorted(s for s, f in folds.items() if f == fold)
