@@ -1,0 +1,61 @@
+"""`neurohybrid cohort table|stats|figures`: cohort-level tables and figures (results/cohort/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neurohybrid.errors import InputError
+from neurohybrid.evaluation.statistics import collect_metrics, paired_tests, read_metrics, summarise
+from neurohybrid.io import write_tsv
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cohort", help="cohort tables, statistics and figures")
+    sub = p.add_subparsers(dest="cohort_command", required=True, metavar="ACTION")
+
+    t = sub.add_parser("table", help="concatenate per-subject metrics TSVs into one tidy table")
+    t.add_argument("inputs", nargs="*", help="metrics TSVs (results/metrics/sub-*/sub-*_metrics.tsv)")
+    t.add_argument("--metrics-dir", default=None, help="also take every *_metrics.tsv under this folder")
+    t.add_argument("--out", required=True, help="results/cohort/metrics.tsv")
+    t.set_defaults(func=_table)
+
+    s = sub.add_parser("stats", help="summary (mean, 95%% CI) and paired Wilcoxon tests")
+    s.add_argument("--metrics", required=True, help="results/cohort/metrics.tsv")
+    s.add_argument("--summary-out", required=True, help="results/cohort/summary.tsv")
+    s.add_argument("--stats-out", required=True, help="results/cohort/stats.tsv")
+    s.set_defaults(func=_stats)
+
+    f = sub.add_parser("figures", help="PNG figures into a folder")
+    f.add_argument("--metrics", required=True, help="results/cohort/metrics.tsv")
+    f.add_argument("--forecasts", default=None, help="results/forecasts (for overlays and parameter recovery)")
+    f.add_argument("--targets", default=None, help="results/targets")
+    f.add_argument("--truth", default=None, help="results/groundtruth (parameter recovery), optional")
+    f.add_argument("--out-dir", required=True, help="results/cohort/figures")
+    f.set_defaults(func=_figures)
+
+
+def _table(args) -> int:
+    paths = [Path(p) for p in args.inputs]
+    if args.metrics_dir:
+        found = sorted(Path(args.metrics_dir).rglob("*_metrics.tsv"))
+        paths += [p for p in found if p not in paths]
+    if not paths:
+        raise InputError("no metrics TSVs given or found", file=args.metrics_dir)
+    write_tsv(args.out, collect_metrics(paths))
+    return 0
+
+
+def _stats(args) -> int:
+    frame = read_metrics(args.metrics)
+    summary = summarise(frame)
+    tests = paired_tests(frame)
+    write_tsv(args.summary_out, summary)
+    write_tsv(args.stats_out, tests)
+    return 0
+
+
+def _figures(args) -> int:
+    from neurohybrid.report.figures import write_all  # matplotlib only when figures are asked for
+
+    write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth)
+    return 0

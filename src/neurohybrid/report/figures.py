@@ -1,0 +1,216 @@
+"""Cohort figures (PNG, matplotlib's Agg backend): metric box plots, forecast-vs-observed
+overlays, parameter recovery and SOL accuracy vs cost.
+
+Every figure file is always written, so a workflow can declare them as outputs; a figure
+whose data the cohort lacks (no stroke subjects, no ground truth, no SOL model) says so in
+its panel instead of being left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from neurohybrid.evaluation.metrics import match_parameters  # noqa: E402
+from neurohybrid.evaluation.scoring import (forecast_path, load_forecast_mask, read_fit_json,  # noqa: E402
+                                            read_regional_forecast, read_truth)
+from neurohybrid.evaluation.targets import DISORDERS, read_target  # noqa: E402
+from neurohybrid.io import atomic_path  # noqa: E402
+
+FIGURE_NAMES = (
+    "boxplot_glioma.png", "boxplot_alzheimer.png", "boxplot_stroke.png",
+    "overlay_glioma.png", "overlay_stroke.png", "scatter_alzheimer.png",
+    "parameter_recovery.png", "sol_accuracy_cost.png",
+)
+
+# the headline metrics of each disorder, in the order they are shown
+PRIMARY_METRICS = {
+    "glioma": ["dice_t1gd", "dice_flair", "abs_volume_error_ml_t1gd", "abs_volume_error_ml_flair",
+               "hd95_mm_t1gd", "hd95_mm_flair", "fit_seconds"],
+    "alzheimer": ["rmse_suvr", "pearson_r", "rmse_rel_persistence", "fit_seconds"],
+    "stroke": ["dice_infarct", "abs_volume_error_ml_infarct", "hd95_mm_infarct", "fit_seconds"],
+}
+MODEL_ORDER = ["persistence", "mechanistic", "data_driven", "residual", "ude", "sol", "sol_precomputed",
+               "amortised", "amortised_residual"]
+
+
+def _models_in(frame: pd.DataFrame) -> list[str]:
+    present = set(frame["model"])
+    return [m for m in MODEL_ORDER if m in present] + sorted(present - set(MODEL_ORDER))
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _no_data(path: Path, title: str, reason: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 2.5))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, f"no data: {reason}", ha="center", va="center", wrap=True)
+    _save(fig, path)
+
+
+def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> None:
+    """One panel per headline metric; one box (and the subjects as points) per model."""
+    d = frame[frame["disorder"] == disorder]
+    metrics = [m for m in PRIMARY_METRICS[disorder] if m in set(d["metric"])]
+    if not metrics:
+        _no_data(path, f"{disorder}: metrics", f"no {disorder} rows in the metrics table")
+        return
+    models = _models_in(d)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 1.1 * len(models) * len(metrics) / 2, 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        data = [d[(d["metric"] == metric) & (d["model"] == m)]["value"].dropna().to_numpy() for m in models]
+        ax.boxplot(data, showfliers=False)
+        for i, values in enumerate(data, start=1):
+            jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.plot(i + jitter, values, "o", ms=3, alpha=0.6, color="k")
+        ax.set_xticks(range(1, len(models) + 1), models, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=8)
+    fig.suptitle(f"{disorder}: per-subject metrics (n = {d['subject'].nunique()} subjects)")
+    _save(fig, path)
+
+
+def _composite(target_slice: np.ndarray, forecast_slice: np.ndarray) -> np.ndarray:
+    """RGB: observed only red, forecast only green, both yellow."""
+    rgb = np.zeros(target_slice.shape + (3,))
+    rgb[..., 0] = target_slice
+    rgb[..., 1] = forecast_slice
+    return rgb
+
+
+def mask_overlay(frame, disorder, forecasts_root, targets_root, path: Path) -> None:
+    """Axial slice through the largest cross-section of the observed lesion: each model's forecast vs observed."""
+    keys = {"glioma": [("t1gd", "T1Gd"), ("flair", "FLAIR")], "stroke": [("infarct", "infarct")]}[disorder]
+    d = frame[frame["disorder"] == disorder]
+    subjects = sorted(d["subject"].unique())
+    if not subjects or forecasts_root is None or targets_root is None:
+        _no_data(path, f"{disorder}: forecast vs observed", f"no {disorder} subjects or no forecast/target folders")
+        return
+    subject = subjects[0]
+    target = read_target(targets_root, subject, disorder)
+    models = _models_in(d[d["subject"] == subject])
+    ref = target.arrays[keys[-1][0]]
+    z = int(np.argmax(ref.sum(axis=(0, 1)))) if ref.any() else ref.shape[2] // 2
+    fig, axes = plt.subplots(len(keys), len(models), figsize=(2.2 * len(models), 2.4 * len(keys)), squeeze=False)
+    for row, (key, desc) in enumerate(keys):
+        for col, model in enumerate(models):
+            ax = axes[row][col]
+            ax.axis("off")
+            fpath = forecast_path(Path(forecasts_root) / f"sub-{subject}", subject, model, f"desc-{desc}_mask.nii.gz")
+            if not fpath.exists():
+                ax.set_title(f"{model}\n(no forecast)", fontsize=7)
+                continue
+            pred = load_forecast_mask(fpath, target, key)
+            ax.imshow(np.rot90(_composite(target.arrays[key][:, :, z], pred[:, :, z])), interpolation="nearest")
+            ax.set_title(f"{model} {desc}", fontsize=7)
+    fig.suptitle(f"sub-{subject}, slice z={z}: observed red, forecast green, both yellow", fontsize=9)
+    _save(fig, path)
+
+
+def alzheimer_scatter(frame, forecasts_root, targets_root, path: Path) -> None:
+    """Regional SUVR forecast vs observed at the last visit, pooled over subjects, one panel per model."""
+    d = frame[frame["disorder"] == "alzheimer"]
+    if d.empty or forecasts_root is None or targets_root is None:
+        _no_data(path, "alzheimer: regional forecast vs observed", "no alzheimer subjects or no forecast/target folders")
+        return
+    models = _models_in(d)
+    fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models), 2.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        xs, ys = [], []
+        for subject in sorted(d[d["model"] == model]["subject"].unique()):
+            target = read_target(targets_root, subject, "alzheimer")
+            fpath = forecast_path(Path(forecasts_root) / f"sub-{subject}", subject, model, "pet.tsv")
+            if fpath.exists():
+                xs.append(target.arrays["suvr"])
+                ys.append(read_regional_forecast(fpath, subject, [str(r) for r in target.meta["regions"]]))
+        if xs:
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            ax.plot(x, y, ".", ms=2, alpha=0.5)
+            lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(f"{model} ({len(xs)} subj.)", fontsize=8)
+        ax.set_xlabel("observed SUVR", fontsize=7)
+    axes[0][0].set_ylabel("forecast SUVR", fontsize=7)
+    _save(fig, path)
+
+
+def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels: int = 8) -> None:
+    """Estimated vs true parameter, one panel per parameter, colour per model."""
+    if forecasts_root is None or truth_root is None:
+        _no_data(path, "parameter recovery", "no ground-truth folder given")
+        return
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for (subject, disorder, model), _ in frame.groupby(["subject", "disorder", "model"]):
+        truth = read_truth(truth_root, subject)
+        if not truth:
+            continue
+        fit = read_fit_json(Path(forecasts_root) / f"sub-{subject}", subject, model)
+        for name, (est, tru) in match_parameters(fit.get("parameters") or {}, truth).items():
+            points.setdefault(f"{disorder}: {name}", []).append((model, tru, est))
+    if not points:
+        _no_data(path, "parameter recovery", "no fitted parameter matches a ground-truth value")
+        return
+    names = sorted(points)[:max_panels]
+    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = pd.DataFrame(points[name], columns=["model", "truth", "estimate"])
+        for model, grp in pts.groupby("model"):
+            ax.plot(grp["truth"], grp["estimate"], "o", ms=4, label=model)
+        lo = float(min(pts["truth"].min(), pts["estimate"].min()))
+        hi = float(max(pts["truth"].max(), pts["estimate"].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("true", fontsize=7)
+    axes[0][0].set_ylabel("estimated", fontsize=7)
+    axes[0][-1].legend(fontsize=6)
+    _save(fig, path)
+
+
+def sol_accuracy_cost(frame, path: Path) -> None:
+    """Error against the fine solver vs cost, from the fit jsons' sol_error / sol_cost_seconds."""
+    d = frame[frame["metric"].isin(["sol_error", "sol_cost_seconds"])]
+    wide = d.pivot_table(index=["subject", "disorder", "model"], columns="metric", values="value", aggfunc="first")
+    if wide.empty or not {"sol_error", "sol_cost_seconds"} <= set(wide.columns):
+        _no_data(path, "SOL accuracy vs cost", "no fit json reports sol_error and sol_cost_seconds")
+        return
+    wide = wide.dropna().reset_index()
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for (disorder, model), grp in wide.groupby(["disorder", "model"]):
+        ax.plot(grp["sol_cost_seconds"], grp["sol_error"], "o", ms=4, label=f"{disorder} {model}")
+    ax.set_xlabel("cost (s)")
+    ax.set_ylabel("error vs fine solver")
+    if (wide["sol_cost_seconds"] > 0).all():
+        ax.set_xscale("log")
+    ax.legend(fontsize=6)
+    ax.set_title("solver-in-the-loop: accuracy vs cost", fontsize=9)
+    _save(fig, path)
+
+
+def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None) -> list[Path]:
+    """Write every figure of FIGURE_NAMES into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for disorder in DISORDERS:
+        metric_boxplots(frame, disorder, out / f"boxplot_{disorder}.png")
+    mask_overlay(frame, "glioma", forecasts_root, targets_root, out / "overlay_glioma.png")
+    mask_overlay(frame, "stroke", forecasts_root, targets_root, out / "overlay_stroke.png")
+    alzheimer_scatter(frame, forecasts_root, targets_root, out / "scatter_alzheimer.png")
+    parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png")
+    sol_accuracy_cost(frame, out / "sol_accuracy_cost.png")
+    paths = [out / name for name in FIGURE_NAMES]
+    missing = [p for p in paths if not p.exists()]
+    if missing:  # a bug, not bad input: every branch above writes its file
+        raise RuntimeError(f"figures not written: {missing}")
+    return paths
+
+

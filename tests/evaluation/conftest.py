@@ -1,0 +1,1 @@
+from evaluation_builders import glioma_case  # noqa: F401  (fixture)
