@@ -1,0 +1,302 @@
+# Helpers shared by all rule files (participants table, folds, paths, per-job resources).
+# Functions only (no rules), so the rule files stay declarative.
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from snakemake.exceptions import WorkflowError
+
+DISORDERS = ["glioma", "alzheimer", "stroke"]
+TRAINED_FAMILIES = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
+
+# ---------------------------------------------------------------------------------------------
+# where things live
+
+OUT = config["output_dir"].rstrip("/")
+DEMO = not config["bids_dir"]
+# the demo cohort is generated inside output_dir; a user's BIDS folder is only ever read
+BIDS = f"{OUT}/sourcedata/bids" if DEMO else config["bids_dir"].rstrip("/")
+TRUTH = f"{OUT}/groundtruth"
+PREPROC = f"{OUT}/preproc"
+INPUTS = f"{OUT}/inputs"
+TARGETS = f"{OUT}/targets"
+MODELS = f"{OUT}/models"
+FORECASTS = f"{OUT}/forecasts"
+METRICS = f"{OUT}/metrics"
+COHORT = f"{OUT}/cohort"
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+RESOLVED_CONFIG = f"{OUT}/config.yaml"
+SUBJECT_INPUTS = f"{INPUTS}/sub-{{subject}}/sub-{{subject}}_desc-modelinputs"
+SUBJECT_TARGET = f"{TARGETS}/sub-{{subject}}/sub-{{subject}}_desc-target"
+SLOPPY = bool(config["sloppy"])
+
+
+def schema_path(name):
+    """A schema shipped with the workflow, wherever snakemake is run from (--directory)."""
+    return os.path.join(workflow.basedir, "workflow", "schemas", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# participants: validated row by row so an error names the row, before any job is scheduled
+
+
+def load_participants(path):
+    if not os.path.isfile(path):
+        raise WorkflowError(f"config key 'participants': table {path} not found")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise WorkflowError(f"participants table {path}: cannot be read as TSV ({exc})")
+    if table.empty:
+        raise WorkflowError(f"participants table {path}: no rows")
+    with open(schema_path("participants.schema.yaml")) as fh:
+        validator = jsonschema.Draft202012Validator(yaml.safe_load(fh))
+    seen = {}
+    for index, row in enumerate(table.to_dict("records")):
+        line = index + 2  # header is line 1 of the file
+        errors = sorted(validator.iter_errors(row), key=lambda e: list(e.path))
+        if errors:
+            field = ".".join(str(p) for p in errors[0].path) or "row"
+            raise WorkflowError(
+                f"participants table {path}, row {line} (participant_id {row.get('participant_id', '?')!r}): "
+                f"{field}: {errors[0].message}"
+            )
+        label = row["participant_id"].removeprefix("sub-")
+        if label in seen:
+            raise WorkflowError(
+                f"participants table {path}, row {line} (participant_id {row['participant_id']!r}): "
+                f"duplicate of row {seen[label]}"
+            )
+        seen[label] = line
+    table["subject"] = table["participant_id"].str.removeprefix("sub-")
+    return table.set_index("subject", drop=False)
+
+
+PARTICIPANTS = load_participants(config["participants"])
+SUBJECTS = sorted(PARTICIPANTS["subject"])
+DISORDER_OF = PARTICIPANTS["disorder"].to_dict()
+SUBJECTS_OF = {d: sorted(s for s in SUBJECTS if DISORDER_OF[s] == d) for d in DISORDERS}
+COHORT_DISORDERS = [d for d in DISORDERS if SUBJECTS_OF[d]]
+FAMILIES = list(config["models"]["families"])
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (and nothing else)."""
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) or "(?!)"
+
+
+def disorder_of(wildcards):
+    return DISORDER_OF[wildcards.subject]
+
+
+def is_trained(family):
+    return family in TRAINED_FAMILIES
+
+
+# ---------------------------------------------------------------------------------------------
+# subject-level folds, fixed at parse time (no subject in both a fold's training and test set)
+
+
+def _assign_folds(subjects, n_folds, seed):
+    from neurohybrid.hybrid.splits import assign_folds
+
+    return assign_folds(subjects, n_folds, seed)
+
+
+def _check_fold_sizes():
+    trained = [f for f in FAMILIES if is_trained(f)]
+    if not trained:
+        return
+    for d in COHORT_DISORDERS:
+        if len(SUBJECTS_OF[d]) < 2:
+            raise WorkflowError(
+                f"participants table {config['participants']}: disorder {d} has {len(SUBJECTS_OF[d])} subject; "
+                f"the cross-subject families in config key 'models.families' ({', '.join(trained)}) need at least 2"
+            )
+
+
+_check_fold_sizes()
+FOLDS = {
+    d: _assign_folds(SUBJECTS_OF[d], int(config["models"]["n_folds"]), int(config["seed"]))
+    for d in COHORT_DISORDERS
+    if len(SUBJECTS_OF[d]) >= 2
+}
+
+
+def fold_of(subject):
+    return FOLDS[DISORDER_OF[subject]][subject]
+
+
+def training_subjects(disorder, fold):
+    return sorted(s for s, k in FOLDS[disorder].items() if k != int(fold))
+
+
+def fold_ids(disorder):
+    return sorted(set(FOLDS.get(disorder, {}).values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# sessions and raw files
+
+
+def sessions(subject):
+    """Session labels of a subject, in acquisition order.
+
+    From the subject's sessions.tsv when it exists (user BIDS), else its ses-* folders, else (demo
+    cohort, not generated yet) the number of sessions the generator writes for the disorder.
+    """
+    sub_dir = Path(BIDS) / f"sub-{subject}"
+    table = sub_dir / f"sub-{subject}_sessions.tsv"
+    if table.is_file():
+        labels = pd.read_csv(table, sep="\t", dtype=str)["session_id"]
+        return [s.removeprefix("ses-") for s in labels]
+    if sub_dir.is_dir():
+        return sorted(p.name.removeprefix("ses-") for p in sub_dir.glob("ses-*") if p.is_dir())
+    n = config[DISORDER_OF[subject]].get("demo_sessions", 2)
+    return [f"{i + 1:02d}" for i in range(n)]
+
+
+def sessions_table(subject):
+    return f"{BIDS}/sub-{subject}/sub-{subject}_sessions.tsv"
+
+
+def raw_files(*patterns):
+    """Input function: the subject's raw files, for provenance and ordering.
+
+    Demo: the generator's per-subject output (its DAG edge). User BIDS: only files that exist,
+    so a missing one fails that subject's job with a message naming it (and --keep-going carries
+    on with the others) instead of stopping the whole DAG.
+    """
+
+    def inputs(wildcards):
+        if DEMO:
+            return [sessions_table(wildcards.subject)]
+        root = Path(BIDS)
+        found = []
+        for pattern in patterns:
+            found.extend(str(p) for p in sorted(root.glob(pattern.format(subject=wildcards.subject))))
+        return found
+
+    return inputs
+
+
+def truth_dir():
+    """Ground truth of the demo cohort (read only by evaluation); nothing for a user's BIDS."""
+    return [TRUTH] if DEMO else []
+
+
+# ---------------------------------------------------------------------------------------------
+# per-rule threads and resources from config; runtime settings otherwise belong in profiles
+
+
+def resource(section, key, default):
+    return int(config.get(section, {}).get("resources", {}).get(key, default))
+
+
+def train_resource(key, default):
+    return int(config["models"].get("train_resources", {}).get(key, default))
+
+
+def gpu_count():
+    """Model jobs request a GPU only when the config asks for CUDA explicitly."""
+    return 1 if config["device"] == "cuda" else 0
+
+
+def model_voxel_mm(wildcards):
+    return config[disorder_of(wildcards)]["model_voxel_mm"]
+
+
+def fast_flag():
+    return "--fast" if (SLOPPY or config["preprocessing"].get("fast", False)) else ""
+
+
+def connectome_subjects():
+    if config["preprocessing"].get("connectome_all_subjects", False):
+        return SUBJECTS
+    return SUBJECTS_OF["alzheimer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# input functions of the model rules
+def disorder_preprocessing(wildcards):
+    """What `neurohybrid inputs` reads beyond the structural outputs, by disorder."""
+    subject = wildcards.subject
+    if DISORDER_OF[subject] == "alzheimer":
+        return [
+            rules.preprocess_pet.output[0].format(subject=subject),
+            rules.preprocess_connectome.output.tsv.format(subject=subject),
+        ]
+    return [rules.preprocess_lesions.output[0].format(subject=subject)]
+
+def training_data(wildcards):
+    subjects = training_subjects(wildcards.disorder, wildcards.fold)
+    return {
+        "inputs": expand(f"{SUBJECT_INPUTS}.npz", subject=subjects),
+        "targets": expand(f"{SUBJECT_TARGET}.npz", subject=subjects),
+    }
+
+def trained_model(wildcards):
+    """The fold model a subject's forecast uses: trained without that subject."""
+    if not is_trained(wildcards.family):
+        return []
+    disorder = DISORDER_OF[wildcards.subject]
+    return rules.train_model.output[0].format(disorder=disorder, fold=fold_of(wildcards.subject), family=wildcards.family)
+
+
+def cohort_figure(name, caption, label):
+    """A cohort figure as a report item (caption paths are relative to the rule files)."""
+    return report(
+        f"{COHORT}/figures/{name}.png",
+        caption=f"../report/{caption}.rst",
+        category="Cohort",
+        subcategory="Figures",
+        labels={"figure": label},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: the resolved config and the derivatives' dataset_description.json
+
+
+def provenance_config():
+    """The config as resolved for this run (file + --config overrides), minus scheduling hints.
+
+    Resources are left out so that changing them does not re-run the science.
+    """
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.endswith("resources")}
+        return value
+
+    return strip(dict(config))
+
+
+def write_provenance(resolved, config_out, description_out):
+    import snakemake as _snakemake
+
+    from neurohybrid import __version__
+    from neurohybrid.io import atomic_path, write_json
+
+    with atomic_path(config_out) as tmp:
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_json(
+        description_out,
+        {
+            "Name": "neurohybrid derivatives",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [
+                {"Name": "neurohybrid", "Version": __version__, "Description": "hybrid mechanistic + deep-learning models"},
+                {"Name": "snakemake", "Version": _snakemake.__version__},
+            ],
+            "SourceDatasets": [{"URL": "generated demo cohort" if DEMO else os.path.abspath(BIDS)}],
+        },
+    )

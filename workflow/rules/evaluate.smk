@@ -1,0 +1,119 @@
+# Per-subject scores of every family's forecast against the held-out last session, then the
+# cohort: one tidy table, summary statistics with paired tests, and figures for the report.
+
+
+rule evaluate:
+    input:
+        fit=rules.forecast.output[0],
+        target=f"{SUBJECT_TARGET}.npz",
+        truth=truth_dir(),
+    output:
+        f"{METRICS}/sub-{{subject}}/sub-{{subject}}_model-{{family}}_metrics.tsv",
+    params:
+        disorder=disorder_of,
+        forecast_dir=lambda wildcards, input: os.path.dirname(input.fit),
+        targets=lambda wildcards: TARGETS,
+        truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
+    log:
+        f"{LOGS}/evaluate/sub-{{subject}}_model-{{family}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/sub-{{subject}}_model-{{family}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=resource("evaluation", "mem_mb", 2000),
+        runtime=resource("evaluation", "runtime", 10),
+    conda:
+        "../../envs/neurohybrid.yaml"
+    shell:
+        "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {wildcards.family}"
+        " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} --out {output} > {log} 2>&1"
+
+
+rule cohort_table:
+    input:
+        expand(rules.evaluate.output[0], subject=SUBJECTS, family=FAMILIES),
+    output:
+        report(
+            f"{COHORT}/metrics.tsv",
+            caption="../report/cohort_metrics.rst",
+            category="Cohort",
+            subcategory="Tables",
+            labels={"table": "metrics (tidy)"},
+        ),
+    log:
+        f"{LOGS}/cohort_table.log",
+    benchmark:
+        f"{BENCH}/cohort_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=resource("evaluation", "mem_mb", 2000),
+        runtime=resource("evaluation", "runtime", 10),
+    conda:
+        "../../envs/neurohybrid.yaml"
+    shell:
+        "neurohybrid cohort table {input} --out {output} > {log} 2>&1"
+
+
+rule cohort_stats:
+    input:
+        rules.cohort_table.output[0],
+    output:
+        summary=report(
+            f"{COHORT}/summary.tsv",
+            caption="../report/cohort_summary.rst",
+            category="Cohort",
+            subcategory="Tables",
+            labels={"table": "summary (mean, 95% CI)"},
+        ),
+        stats=report(
+            f"{COHORT}/stats.tsv",
+            caption="../report/cohort_stats.rst",
+            category="Cohort",
+            subcategory="Tables",
+            labels={"table": "paired Wilcoxon tests"},
+        ),
+    log:
+        f"{LOGS}/cohort_stats.log",
+    benchmark:
+        f"{BENCH}/cohort_stats.tsv"
+    threads: 1
+    resources:
+        mem_mb=resource("evaluation", "mem_mb", 2000),
+        runtime=resource("evaluation", "runtime", 10),
+    conda:
+        "../../envs/neurohybrid.yaml"
+    shell:
+        "neurohybrid cohort stats --metrics {input} --summary-out {output.summary} --stats-out {output.stats} > {log} 2>&1"
+
+
+rule cohort_figures:
+    input:
+        metrics=rules.cohort_table.output[0],
+        truth=truth_dir(),
+    output:
+        boxplot_glioma=cohort_figure("boxplot_glioma", "boxplot", "glioma metrics"),
+        boxplot_alzheimer=cohort_figure("boxplot_alzheimer", "boxplot", "Alzheimer's metrics"),
+        boxplot_stroke=cohort_figure("boxplot_stroke", "boxplot", "stroke metrics"),
+        overlay_glioma=cohort_figure("overlay_glioma", "overlay", "glioma forecast vs observed"),
+        overlay_stroke=cohort_figure("overlay_stroke", "overlay", "stroke forecast vs observed"),
+        scatter_alzheimer=cohort_figure("scatter_alzheimer", "scatter_alzheimer", "Alzheimer's regional SUVR"),
+        parameter_recovery=cohort_figure("parameter_recovery", "parameter_recovery", "parameter recovery"),
+        sol_accuracy_cost=cohort_figure("sol_accuracy_cost", "sol_accuracy_cost", "SOL accuracy vs cost"),
+    params:
+        forecasts=lambda wildcards: FORECASTS,
+        targets=lambda wildcards: TARGETS,
+        truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
+        out_dir=lambda wildcards, output: os.path.dirname(output.boxplot_glioma),
+    log:
+        f"{LOGS}/cohort_figures.log",
+    benchmark:
+        f"{BENCH}/cohort_figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=resource("evaluation", "mem_mb", 2000),
+        runtime=resource("evaluation", "runtime", 10),
+    conda:
+        "../../envs/neurohybrid.yaml"
+    shell:
+        "neurohybrid cohort figures --metrics {input.metrics} --forecasts {params.forecasts} --targets {params.targets}"
+        " {params.truth} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,25 @@
+# Provenance beside the derivatives: the resolved config the model commands read, and a
+# BIDS-Derivatives dataset_description.json naming what generated them.
+
+
+rule provenance:
+    output:
+        config=RESOLVED_CONFIG,
+        description=f"{OUT}/dataset_description.json",
+    params:
+        # a changed config (not a changed resource request) re-runs this rule and what reads it
+        resolved=provenance_config(),
+    log:
+        f"{LOGS}/provenance.log",
+    benchmark:
+        f"{BENCH}/provenance.tsv"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    run:
+        write_provenance(params.resolved, output.config, output.description)
+
+
+localrules:
+    provenance,
