@@ -59,15 +59,16 @@ def _no_data(path: Path, title: str, reason: str) -> None:
     _save(fig, path)
 
 
-def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> None:
+def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> bool:
     """One panel per headline metric; one box (and the subjects as points) per model."""
     d = frame[frame["disorder"] == disorder]
     metrics = [m for m in PRIMARY_METRICS[disorder] if m in set(d["metric"])]
     if not metrics:
         _no_data(path, f"{disorder}: metrics", f"no {disorder} rows in the metrics table")
-        return
+        return False
     models = _models_in(d)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 1.1 * len(models) * len(metrics) / 2, 3.6), squeeze=False)
+    panel_w = max(2.0, 0.45 * len(models) + 1.0)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(panel_w * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         data = [d[(d["metric"] == metric) & (d["model"] == m)]["value"].dropna().to_numpy() for m in models]
         ax.boxplot(data, showfliers=False)
@@ -75,9 +76,12 @@ def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> None:
             jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.plot(i + jitter, values, "o", ms=3, alpha=0.6, color="k")
         ax.set_xticks(range(1, len(models) + 1), models, rotation=60, ha="right", fontsize=7)
-        ax.set_title(metric, fontsize=8)
+        ax.set_title(metric.replace("_ml_", "_ml\n").replace("_mm_", "_mm\n"), fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{disorder}: per-subject metrics (n = {d['subject'].nunique()} subjects)")
+    fig.tight_layout()
     _save(fig, path)
+    return True
 
 
 def _composite(target_slice: np.ndarray, forecast_slice: np.ndarray) -> np.ndarray:
@@ -88,19 +92,20 @@ def _composite(target_slice: np.ndarray, forecast_slice: np.ndarray) -> np.ndarr
     return rgb
 
 
-def mask_overlay(frame, disorder, forecasts_root, targets_root, path: Path) -> None:
+def mask_overlay(frame, disorder, forecasts_root, targets_root, path: Path) -> bool:
     """Axial slice through the largest cross-section of the observed lesion: each model's forecast vs observed."""
     keys = {"glioma": [("t1gd", "T1Gd"), ("flair", "FLAIR")], "stroke": [("infarct", "infarct")]}[disorder]
     d = frame[frame["disorder"] == disorder]
     subjects = sorted(d["subject"].unique())
     if not subjects or forecasts_root is None or targets_root is None:
         _no_data(path, f"{disorder}: forecast vs observed", f"no {disorder} subjects or no forecast/target folders")
-        return
+        return False
     subject = subjects[0]
     target = read_target(targets_root, subject, disorder)
     models = _models_in(d[d["subject"] == subject])
-    ref = target.arrays[keys[-1][0]]
-    z = int(np.argmax(ref.sum(axis=(0, 1)))) if ref.any() else ref.shape[2] // 2
+    # the slice where the observed masks together cover most voxels
+    area = sum(target.arrays[k].sum(axis=(0, 1)) for k, _ in keys)
+    z = int(np.argmax(area)) if area.any() else area.size // 2
     fig, axes = plt.subplots(len(keys), len(models), figsize=(2.2 * len(models), 2.4 * len(keys)), squeeze=False)
     for row, (key, desc) in enumerate(keys):
         for col, model in enumerate(models):
@@ -115,14 +120,15 @@ def mask_overlay(frame, disorder, forecasts_root, targets_root, path: Path) -> N
             ax.set_title(f"{model} {desc}", fontsize=7)
     fig.suptitle(f"sub-{subject}, slice z={z}: observed red, forecast green, both yellow", fontsize=9)
     _save(fig, path)
+    return True
 
 
-def alzheimer_scatter(frame, forecasts_root, targets_root, path: Path) -> None:
+def alzheimer_scatter(frame, forecasts_root, targets_root, path: Path) -> bool:
     """Regional SUVR forecast vs observed at the last visit, pooled over subjects, one panel per model."""
     d = frame[frame["disorder"] == "alzheimer"]
     if d.empty or forecasts_root is None or targets_root is None:
         _no_data(path, "alzheimer: regional forecast vs observed", "no alzheimer subjects or no forecast/target folders")
-        return
+        return False
     models = _models_in(d)
     fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models), 2.8), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -142,13 +148,14 @@ def alzheimer_scatter(frame, forecasts_root, targets_root, path: Path) -> None:
         ax.set_xlabel("observed SUVR", fontsize=7)
     axes[0][0].set_ylabel("forecast SUVR", fontsize=7)
     _save(fig, path)
+    return True
 
 
-def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels: int = 8) -> None:
+def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels: int = 8) -> bool:
     """Estimated vs true parameter, one panel per parameter, colour per model."""
     if forecasts_root is None or truth_root is None:
         _no_data(path, "parameter recovery", "no ground-truth folder given")
-        return
+        return False
     points: dict[str, list[tuple[str, float, float]]] = {}
     for (subject, disorder, model), _ in frame.groupby(["subject", "disorder", "model"]):
         truth = read_truth(truth_root, subject)
@@ -159,7 +166,7 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
             points.setdefault(f"{disorder}: {name}", []).append((model, tru, est))
     if not points:
         _no_data(path, "parameter recovery", "no fitted parameter matches a ground-truth value")
-        return
+        return False
     names = sorted(points)[:max_panels]
     fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -174,15 +181,16 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
     axes[0][0].set_ylabel("estimated", fontsize=7)
     axes[0][-1].legend(fontsize=6)
     _save(fig, path)
+    return True
 
 
-def sol_accuracy_cost(frame, path: Path) -> None:
+def sol_accuracy_cost(frame, path: Path) -> bool:
     """Error against the fine solver vs cost, from the fit jsons' sol_error / sol_cost_seconds."""
     d = frame[frame["metric"].isin(["sol_error", "sol_cost_seconds"])]
     wide = d.pivot_table(index=["subject", "disorder", "model"], columns="metric", values="value", aggfunc="first")
     if wide.empty or not {"sol_error", "sol_cost_seconds"} <= set(wide.columns):
         _no_data(path, "SOL accuracy vs cost", "no fit json reports sol_error and sol_cost_seconds")
-        return
+        return False
     wide = wide.dropna().reset_index()
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for (disorder, model), grp in wide.groupby(["disorder", "model"]):
@@ -194,23 +202,28 @@ def sol_accuracy_cost(frame, path: Path) -> None:
     ax.legend(fontsize=6)
     ax.set_title("solver-in-the-loop: accuracy vs cost", fontsize=9)
     _save(fig, path)
+    return True
 
 
-def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None) -> list[Path]:
-    """Write every figure of FIGURE_NAMES into out_dir; returns their paths."""
+def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None) -> dict[str, bool]:
+    """Write every figure of FIGURE_NAMES into out_dir.
+
+    Returns {file name: True if it shows data, False if it is a "no data" panel}.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    drawn = {}
     for disorder in DISORDERS:
-        metric_boxplots(frame, disorder, out / f"boxplot_{disorder}.png")
-    mask_overlay(frame, "glioma", forecasts_root, targets_root, out / "overlay_glioma.png")
-    mask_overlay(frame, "stroke", forecasts_root, targets_root, out / "overlay_stroke.png")
-    alzheimer_scatter(frame, forecasts_root, targets_root, out / "scatter_alzheimer.png")
-    parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png")
-    sol_accuracy_cost(frame, out / "sol_accuracy_cost.png")
-    paths = [out / name for name in FIGURE_NAMES]
-    missing = [p for p in paths if not p.exists()]
+        drawn[f"boxplot_{disorder}.png"] = metric_boxplots(frame, disorder, out / f"boxplot_{disorder}.png")
+    for disorder in ("glioma", "stroke"):
+        drawn[f"overlay_{disorder}.png"] = mask_overlay(frame, disorder, forecasts_root, targets_root,
+                                                        out / f"overlay_{disorder}.png")
+    drawn["scatter_alzheimer.png"] = alzheimer_scatter(frame, forecasts_root, targets_root, out / "scatter_alzheimer.png")
+    drawn["parameter_recovery.png"] = parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png")
+    drawn["sol_accuracy_cost.png"] = sol_accuracy_cost(frame, out / "sol_accuracy_cost.png")
+    missing = [n for n in FIGURE_NAMES if not (out / n).exists()]
     if missing:  # a bug, not bad input: every branch above writes its file
         raise RuntimeError(f"figures not written: {missing}")
-    return paths
+    return drawn
 
 
