@@ -1,0 +1,256 @@
+"""Per-subject calibration of mechanistic parameters, with a cheap uncertainty.
+
+* ``calibrate_gradient``: Adam (then optionally L-BFGS) through a differentiable torch twin, from
+  several starting points; parameters live in an unconstrained space mapped onto box bounds
+  (``Bounds``: logit of the position in [lo, hi], in log space for positive scale parameters), so
+  no step leaves the physical range.
+* ``calibrate_derivative_free``: scipy Nelder-Mead (from several starts) or differential evolution
+  for losses without gradients (Numba solvers, thresholded observations).
+* ``laplace_covariance``: inverse Hessian of a negative log-likelihood at the optimum
+  (``torch.autograd.functional.hessian``), i.e. the Laplace approximation of the posterior.
+  ``gaussian_nll`` turns a sum of squared residuals into that NLL with the noise variance
+  estimated from the residuals.
+* ``restart_spread``: the standard deviation of the restarts that reached (near) the best loss, an
+  ensemble-style uncertainty when the Hessian is unreliable.
+
+Every result is a ``CalibrationResult`` with the natural-space parameters as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class Bounds:
+    """Box bounds per parameter; ``log`` marks positive parameters searched in log space."""
+
+    lower: Sequence[float]
+    upper: Sequence[float]
+    log: Sequence[bool] | None = None
+
+    def __post_init__(self):
+        self.lower = np.asarray(self.lower, dtype=np.float64).ravel()
+        self.upper = np.asarray(self.upper, dtype=np.float64).ravel()
+        if self.lower.shape != self.upper.shape or np.any(self.upper <= self.lower):
+            raise ValueError("bounds need lower < upper for every parameter")
+        self.log = np.zeros(self.lower.size, bool) if self.log is None else np.asarray(self.log, bool).ravel()
+        if np.any(self.log & (self.lower <= 0)):
+            raise ValueError("log-scaled parameters need positive lower bounds")
+
+    @property
+    def size(self) -> int:
+        return int(self.lower.size)
+
+    def _ends(self, like: torch.Tensor):
+        lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
+        hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
+        return torch.as_tensor(lo, dtype=like.dtype, device=like.device), torch.as_tensor(hi, dtype=like.dtype, device=like.device)
+
+    def to_natural(self, z: torch.Tensor) -> torch.Tensor:
+        """Unconstrained z -> parameters inside the bounds (differentiable)."""
+        lo, hi = self._ends(z)
+        s = lo + (hi - lo) * torch.sigmoid(z)
+        mask = torch.as_tensor(self.log, device=z.device)
+        theta = torch.where(mask, torch.exp(s), s)
+        # exp(log(hi)) can overshoot hi by one ulp
+        return torch.minimum(torch.maximum(theta, torch.as_tensor(self.lower, dtype=z.dtype, device=z.device)),
+                             torch.as_tensor(self.upper, dtype=z.dtype, device=z.device))
+
+    def to_unconstrained(self, theta) -> np.ndarray:
+        theta = np.asarray(theta, dtype=np.float64).ravel()
+        s = np.where(self.log, np.log(np.clip(theta, 1e-300, None)), theta)
+        lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
+        hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
+        p = np.clip((s - lo) / (hi - lo), 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n points uniform in the (log-)box: restart starting points."""
+        lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
+        hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
+        s = lo + (hi - lo) * rng.random((n, self.size))
+        return np.where(self.log, np.exp(s), s)
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    theta: np.ndarray                      # best parameters (natural space)
+    loss: float                            # loss at theta
+    restarts: list[tuple[np.ndarray, float]]  # (theta, loss) of every restart
+    history: list[float]                   # loss per iteration of the best restart
+    seconds: float
+    method: str
+    covariance: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def as_dict(self, names: Sequence[str] | None = None) -> dict:
+        names = list(names) if names is not None else [f"theta{i}" for i in range(self.theta.size)]
+        out = {n: float(v) for n, v in zip(names, self.theta)}
+        if self.std is not None:
+            out.update({f"{n}_sd": float(v) for n, v in zip(names, self.std)})
+        out["calibration_loss"] = float(self.loss)
+        out["calibration_method"] = self.method
+        return out
+
+
+def _starts(bounds: Bounds, n_restarts: int, init, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    first = [] if init is None else [np.asarray(init, dtype=np.float64).ravel()]
+    rest = bounds.sample(max(0, n_restarts - len(first)), rng)
+    return np.vstack(first + [rest]) if len(rest) else np.vstack(first)
+
+
+def calibrate_gradient(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    bounds: Bounds,
+    *,
+    init=None,
+    n_restarts: int = 4,
+    steps: int = 150,
+    lr: float = 0.1,
+    lbfgs_steps: int = 0,
+    seed: int = 0,
+    dtype=torch.float64,
+    device=None,
+    tol: float = 1e-12,
+) -> CalibrationResult:
+    """Minimise loss_fn(theta) (theta: natural-space tensor of shape (P,)) from n_restarts starts.
+
+    The first start is ``init`` when given, the others uniform in the bounds. Each start runs
+    ``steps`` Adam iterations in the unconstrained space, then ``lbfgs_steps`` L-BFGS iterations
+    (strong Wolfe line search) to polish. Stops a start early when the loss changes by < tol
+    (relative) over 10 iterations.
+    """
+    start_time = time.perf_counter()
+    runs = []
+    for x0 in _starts(bounds, n_restarts, init, seed):
+        z = torch.tensor(bounds.to_unconstrained(x0), dtype=dtype, device=device, requires_grad=True)
+        opt = torch.optim.Adam([z], lr=lr)
+        hist: list[float] = []
+        for it in range(int(steps)):
+            opt.zero_grad()
+            loss = loss_fn(bounds.to_natural(z))
+            if not torch.isfinite(loss):
+                break
+            loss.backward()
+            opt.step()
+            hist.append(float(loss.detach()))
+            if it >= 10 and abs(hist[-11] - hist[-1]) <= tol * max(abs(hist[-1]), 1e-30):
+                break
+        if lbfgs_steps > 0:
+            lb = torch.optim.LBFGS([z], lr=1.0, max_iter=int(lbfgs_steps), line_search_fn="strong_wolfe")
+
+            def closure():
+                lb.zero_grad()
+                val = loss_fn(bounds.to_natural(z))
+                val.backward()
+                return val
+
+            try:
+                lb.step(closure)
+            except RuntimeError:  # a non-finite line-search trial: keep the Adam result
+                pass
+        with torch.no_grad():
+            theta = bounds.to_natural(z)
+            final = float(loss_fn(theta))
+        hist.append(final)
+        runs.append((theta.detach().cpu().numpy().astype(np.float64), final if np.isfinite(final) else np.inf, hist))
+    best = min(runs, key=lambda r: r[1])
+    return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2],
+                             time.perf_counter() - start_time, "gradient")
+
+
+def calibrate_derivative_free(
+    loss_fn: Callable[[np.ndarray], float],
+    bounds: Bounds,
+    *,
+    method: str = "nelder-mead",
+    init=None,
+    n_restarts: int = 4,
+    maxiter: int = 300,
+    seed: int = 0,
+) -> CalibrationResult:
+    """Minimise a numpy loss_fn(theta) without gradients.
+
+    "nelder-mead": scipy's simplex in the unconstrained space from n_restarts starts.
+    "differential_evolution": scipy's global search inside the box (in log space where marked),
+    polished by L-BFGS-B on finite differences (scipy's default).
+    """
+    from scipy.optimize import differential_evolution, minimize
+
+    start_time = time.perf_counter()
+    runs = []
+    if method == "nelder-mead":
+        for x0 in _starts(bounds, n_restarts, init, seed):
+            hist: list[float] = []
+
+            def f(z):
+                with torch.no_grad():
+                    theta = bounds.to_natural(torch.as_tensor(z, dtype=torch.float64)).numpy()
+                val = float(loss_fn(theta))
+                hist.append(val)
+                return val if np.isfinite(val) else 1e300
+
+            res = minimize(f, bounds.to_unconstrained(x0), method="Nelder-Mead",
+                           options={"maxiter": maxiter, "xatol": 1e-6, "fatol": 1e-12})
+            theta = bounds.to_natural(torch.as_tensor(res.x, dtype=torch.float64)).numpy()
+            runs.append((theta, float(res.fun), hist))
+    elif method == "differential_evolution":
+        lo = np.where(bounds.log, np.log(np.where(bounds.log, bounds.lower, 1.0)), bounds.lower)
+        hi = np.where(bounds.log, np.log(np.where(bounds.log, bounds.upper, 1.0)), bounds.upper)
+        hist = []
+
+        def g(s):
+            val = float(loss_fn(np.where(bounds.log, np.exp(s), s)))
+            hist.append(val)
+            return val if np.isfinite(val) else 1e300
+
+        res = differential_evolution(g, list(zip(lo, hi)), seed=seed, maxiter=maxiter, tol=1e-10, polish=True)
+        runs.append((np.where(bounds.log, np.exp(res.x), res.x), float(res.fun), hist))
+    else:
+        raise ValueError(f"unknown derivative-free method {method!r}: use nelder-mead or differential_evolution")
+    best = min(runs, key=lambda r: r[1])
+    return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2],
+                             time.perf_counter() - start_time, method)
+
+
+def gaussian_nll(sse: torch.Tensor, n_obs: int, sigma2: float) -> torch.Tensor:
+    """Negative log-likelihood (up to a constant) of n_obs Gaussian residuals with variance sigma2,
+    given their sum of squares: sse / (2 sigma2). Use with ``laplace_covariance``."""
+    del n_obs  # the constant term does not affect the Hessian
+    return sse / (2.0 * sigma2)
+
+
+def laplace_covariance(nll_fn: Callable[[torch.Tensor], torch.Tensor], theta, *, dtype=torch.float64,
+                       device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(covariance, standard deviations) of the Laplace approximation at ``theta``: the inverse of
+    the Hessian of the negative log-likelihood. A Hessian that is not positive definite (a flat
+    or saddle direction) is projected onto its positive eigenvalues; unidentifiable directions
+    get an infinite standard deviation rather than a made-up one."""
+    x = torch.as_tensor(np.asarray(theta, dtype=np.float64), dtype=dtype, device=device)
+    hess = torch.autograd.functional.hessian(lambda t: nll_fn(t), x).detach().cpu().numpy().astype(np.float64)
+    hess = 0.5 * (hess + hess.T)
+    w, v = np.linalg.eigh(hess)
+    scale = max(float(np.abs(w).max()), 1e-300)
+    good = w > 1e-10 * scale
+    inv_w = np.where(good, 1.0 / np.where(good, w, 1.0), 0.0)
+    cov = (v * inv_w) @ v.T
+    # a direction without curvature: infinite variance for the parameters it involves
+    flat = (np.abs(v[:, ~good]) > 1e-6).any(axis=1) if (~good).any() else np.zeros(x.numel(), bool)
+    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    std = np.where(flat, np.inf, std)
+    return cov, std
+
+
+def restart_spread(result: CalibrationResult, rel_tol: float = 0.05) -> np.ndarray:
+    """Std of the restarts whose loss is within rel_tol of the best (ensemble-style uncertainty)."""
+    good = [t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * (1 + rel_tol) + 1e-12]
+    if len(good) < 2:
+        return np.zeros_like(result.theta)
+    return np.std(np.vstack(good), axis=0)

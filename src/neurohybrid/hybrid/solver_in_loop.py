@@ -1,0 +1,158 @@
+"""Solver-in-the-loop (Um et al. 2020, "Solver-in-the-Loop: Learning from Differentiable Physics to
+Interact with Iterative PDE-Solvers"), the series hybrid.
+
+A cheap coarse solver step (a larger time step or a coarser grid) is followed by a learned
+correction of its state:
+
+    u_{k+1} = c(u_k) + h_phi(c(u_k), context)          (``CorrectedSolver.step``)
+
+Two ways to train the SAME network (the only difference is the training target):
+
+* ``train_sol(model, fine, n_unroll=n)`` -- SOL-n: start from a fine-solver state, unroll n
+  corrected coarse steps *through the differentiable solver*, and match the fine solver's next n
+  states. The network sees (and learns to undo) the states its own corrections produce.
+* ``train_precomputed(model, fine)`` -- the non-interacting baseline ("NON" in Um et al.):
+  pre-computed pairs (c(fine_k), fine_{k+1}): one coarse step from each fine state, computed once
+  without gradients; the network never sees its own outputs.
+
+``fine`` is a trajectory of the fine (reference) solver sampled at the coarse step times:
+(B, K+1, N) or (B, K+1, X, Y, Z) (any trailing state shape; steps and corrections see (M, ...)). With n_unroll=1 both targets coincide (one step from a fine state), which the tests
+use to check that the two differ only in the targets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from neurohybrid.hybrid.training import TrainResult, train_loop
+
+
+class CorrectedSolver(nn.Module):
+    """A coarse step u -> u_next (any differentiable callable) with a learned state correction.
+
+    coarse_step(u (B, N), covariates) -> (B, N): covariates is the per-member context tensor
+    (B, N, C) (or shared (1, N, C), or None) that is also handed to the correction; per-member
+    solver parameters (e.g. each subject's kappa) travel in it, so that batches of start states
+    built by repeating members stay aligned with their parameters.
+    correction: module h(u, covariates, lap) -> (B, N), e.g. ``RegionwiseMLP`` (zero-initialised,
+    so an untrained model is the plain coarse solver).
+    """
+
+    def __init__(self, coarse_step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], correction: nn.Module):
+        super().__init__()
+        self.coarse_step = coarse_step
+        self.correction = correction
+        self.covariates = None
+        self.lap = None
+
+    def set_context(self, covariates=None, lap=None):
+        self.covariates = covariates
+        self.lap = lap
+        return self
+
+    def correct(self, u_coarse: torch.Tensor, covariates=None) -> torch.Tensor:
+        cov = self.covariates if covariates is None else covariates
+        return u_coarse + self.correction(u_coarse, cov, self.lap)
+
+    def step(self, u: torch.Tensor) -> torch.Tensor:
+        return self.correct(self.coarse_step(u, self.covariates))
+
+    def rollout(self, u0: torch.Tensor, n_steps: int) -> torch.Tensor:
+        """States after 1..n_steps corrected steps: (B, n_steps, ...)."""
+        states = []
+        u = u0
+        for _ in range(int(n_steps)):
+            u = self.step(u)
+            states.append(u)
+        return torch.stack(states, dim=1)
+
+
+def _check_fine(fine: torch.Tensor) -> None:
+    if fine.ndim < 3 or fine.shape[1] < 2:
+        raise ValueError(f"fine trajectories must be (B, K+1, ...) with K >= 1 steps, got {tuple(fine.shape)}")
+
+
+def sol_loss(model: CorrectedSolver, fine: torch.Tensor, n_unroll: int, covariates=None) -> torch.Tensor:
+    """SOL-n loss: from every fine state k (with k + n <= K), unroll n corrected coarse steps and
+    compare with fine states k+1..k+n (mean squared error over steps, members and components)."""
+    _check_fine(fine)
+    bsz, kp1, rest = fine.shape[0], fine.shape[1], tuple(fine.shape[2:])
+    n_unroll = max(1, min(int(n_unroll), kp1 - 1))
+    starts = kp1 - n_unroll  # start indices 0..K-n
+    u0 = fine[:, :starts].reshape(bsz * starts, *rest)
+    cov = _repeat(covariates, bsz, starts)
+    model.covariates, saved = cov, model.covariates
+    try:
+        pred = model.rollout(u0, n_unroll)  # (bsz*starts, n_unroll, *rest)
+    finally:
+        model.covariates = saved
+    target = torch.stack([fine[:, s + 1:s + 1 + n_unroll] for s in range(starts)], dim=1)
+    return ((pred - target.reshape(bsz * starts, n_unroll, *rest)) ** 2).mean()
+
+
+def _repeat(cov, bsz, times):
+    """Align per-member covariates (B, N, C) with B*times start states (member-major)."""
+    if cov is not None and cov.ndim == 3 and cov.shape[0] == bsz and bsz > 1:
+        return cov.repeat_interleave(times, dim=0)
+    return cov
+
+
+def precomputed_pairs(model: CorrectedSolver, fine: torch.Tensor, covariates=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coarse step of every fine state, next fine state), computed once without gradients:
+    shapes (B, K, N) each."""
+    _check_fine(fine)
+    bsz, kp1, rest = fine.shape[0], fine.shape[1], tuple(fine.shape[2:])
+    with torch.no_grad():
+        cov = _repeat(covariates, bsz, kp1 - 1)
+        inputs = model.coarse_step(fine[:, :-1].reshape(bsz * (kp1 - 1), *rest), cov).reshape(bsz, kp1 - 1, *rest)
+    return inputs.detach(), fine[:, 1:].detach()
+
+
+def precomputed_loss(model: CorrectedSolver, inputs: torch.Tensor, targets: torch.Tensor, covariates=None) -> torch.Tensor:
+    bsz, k, rest = inputs.shape[0], inputs.shape[1], tuple(inputs.shape[2:])
+    cov = _repeat(covariates, bsz, k)
+    pred = model.correct(inputs.reshape(bsz * k, *rest), cov).reshape(bsz, k, *rest)
+    return ((pred - targets) ** 2).mean()
+
+
+def _select(cov, idx):
+    if cov is None or cov.ndim < 3 or cov.shape[0] == 1:
+        return cov
+    return cov[idx]
+
+
+def train_sol(model: CorrectedSolver, fine: torch.Tensor, *, n_unroll: int = 4, covariates=None, **train_kw) -> TrainResult:
+    """Train the correction by unrolling ``n_unroll`` differentiable coarse steps (SOL-n).
+
+    fine: (B, K+1, N) fine-solver trajectories at the coarse step times (one item per member B).
+    covariates: (B, N, C) per member or shared (1, N, C)/None. train_kw: ``train_loop`` options.
+    """
+    def loss_fn(idx):
+        return sol_loss(model, fine[idx], n_unroll, _select(covariates, idx))
+
+    return train_loop(model.correction, loss_fn, fine.shape[0], **train_kw)
+
+
+def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=None, **train_kw) -> TrainResult:
+    """Train the same correction on pre-computed one-step targets (no solver interaction)."""
+    inputs, targets = precomputed_pairs(model, fine, covariates)
+
+    def loss_fn(idx):
+        return precomputed_loss(model, inputs[idx], targets[idx], _select(covariates, idx))
+
+    return train_loop(model.correction, loss_fn, fine.shape[0], **train_kw)
+
+
+def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time of fn() in seconds (the cost used for speed-up at equal accuracy)."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
