@@ -119,6 +119,7 @@ def calibrate_gradient(
     dtype=torch.float64,
     device=None,
     tol: float = 1e-12,
+    batched: bool = False,
 ) -> CalibrationResult:
     """Minimise loss_fn(theta) (theta: natural-space tensor of shape (P,)) from n_restarts starts.
 
@@ -126,44 +127,96 @@ def calibrate_gradient(
     ``steps`` Adam iterations in the unconstrained space, then ``lbfgs_steps`` L-BFGS iterations
     (strong Wolfe line search) to polish. Stops a start early when the loss changes by < tol
     (relative) over 10 iterations.
+
+    batched=True: loss_fn takes all restarts at once, theta (R, P) -> losses (R,), and the R
+    restarts are optimised together (one batched solver call per iteration instead of R; the
+    restarts stay independent because Adam is elementwise and the summed loss separates).
     """
     start_time = time.perf_counter()
-    runs = []
-    for x0 in _starts(bounds, n_restarts, init, seed):
-        z = torch.tensor(bounds.to_unconstrained(x0), dtype=dtype, device=device, requires_grad=True)
-        opt = torch.optim.Adam([z], lr=lr)
-        hist: list[float] = []
-        for it in range(int(steps)):
-            opt.zero_grad()
-            loss = loss_fn(bounds.to_natural(z))
-            if not torch.isfinite(loss):
-                break
-            loss.backward()
-            opt.step()
-            hist.append(float(loss.detach()))
-            if it >= 10 and abs(hist[-11] - hist[-1]) <= tol * max(abs(hist[-1]), 1e-30):
-                break
-        if lbfgs_steps > 0:
-            lb = torch.optim.LBFGS([z], lr=1.0, max_iter=int(lbfgs_steps), line_search_fn="strong_wolfe")
-
-            def closure():
-                lb.zero_grad()
-                val = loss_fn(bounds.to_natural(z))
-                val.backward()
-                return val
-
-            try:
-                lb.step(closure)
-            except RuntimeError:  # a non-finite line-search trial: keep the Adam result
-                pass
-        with torch.no_grad():
-            theta = bounds.to_natural(z)
-            final = float(loss_fn(theta))
-        hist.append(final)
-        runs.append((theta.detach().cpu().numpy().astype(np.float64), final if np.isfinite(final) else np.inf, hist))
+    starts = _starts(bounds, n_restarts, init, seed)
+    if batched:
+        runs = _calibrate_batched(loss_fn, bounds, starts, steps, lr, lbfgs_steps, dtype, device, tol)
+    else:
+        runs = [_calibrate_one(loss_fn, bounds, x0, steps, lr, lbfgs_steps, dtype, device, tol) for x0 in starts]
     best = min(runs, key=lambda r: r[1])
     return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2],
                              time.perf_counter() - start_time, "gradient")
+
+
+def _lbfgs(z, objective, lbfgs_steps):
+    lb = torch.optim.LBFGS([z], lr=1.0, max_iter=int(lbfgs_steps), line_search_fn="strong_wolfe")
+    before = z.detach().clone()
+
+    def closure():
+        lb.zero_grad()
+        val = objective()
+        val.backward()
+        return val
+
+    try:
+        lb.step(closure)
+    except RuntimeError:  # a non-finite line-search trial: keep the Adam result
+        pass
+    if not torch.all(torch.isfinite(z)):
+        with torch.no_grad():
+            z.copy_(before)
+
+
+def _calibrate_one(loss_fn, bounds, x0, steps, lr, lbfgs_steps, dtype, device, tol):
+    z = torch.tensor(bounds.to_unconstrained(x0), dtype=dtype, device=device, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=lr)
+    hist: list[float] = []
+    for it in range(int(steps)):
+        opt.zero_grad()
+        loss = loss_fn(bounds.to_natural(z))
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        opt.step()
+        hist.append(float(loss.detach()))
+        if it >= 10 and abs(hist[-11] - hist[-1]) <= tol * max(abs(hist[-1]), 1e-30):
+            break
+    if lbfgs_steps > 0:
+        _lbfgs(z, lambda: loss_fn(bounds.to_natural(z)), lbfgs_steps)
+    with torch.no_grad():
+        theta = bounds.to_natural(z)
+        final = float(loss_fn(theta))
+    hist.append(final)
+    return theta.detach().cpu().numpy().astype(np.float64), final if np.isfinite(final) else np.inf, hist
+
+
+def _calibrate_batched(loss_fn, bounds, starts, steps, lr, lbfgs_steps, dtype, device, tol):
+    z = torch.tensor(np.stack([bounds.to_unconstrained(x) for x in starts]), dtype=dtype, device=device,
+                     requires_grad=True)
+    opt = torch.optim.Adam([z], lr=lr)
+    hist: list[np.ndarray] = []
+    for it in range(int(steps)):
+        opt.zero_grad()
+        losses = loss_fn(bounds.to_natural(z))
+        finite = torch.isfinite(losses)
+        if not torch.any(finite):
+            break
+        # a diverged restart drops out of the sum (its gradient is zero) instead of poisoning the rest
+        torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
+        opt.step()
+        hist.append(losses.detach().cpu().numpy())
+        if it >= 10:
+            old, new = hist[-11], hist[-1]
+            if np.all(np.abs(old - new) <= tol * np.maximum(np.abs(new), 1e-30)):
+                break
+    if lbfgs_steps > 0:
+        def total():
+            losses = loss_fn(bounds.to_natural(z))
+            return torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses)).sum()
+        _lbfgs(z, total, lbfgs_steps)
+    with torch.no_grad():
+        theta = bounds.to_natural(z)
+        final = loss_fn(theta).detach().cpu().numpy()
+    runs = []
+    for r in range(len(starts)):
+        h = [float(v[r]) for v in hist] + [float(final[r])]
+        runs.append((theta[r].detach().cpu().numpy().astype(np.float64), float(final[r]) if np.isfinite(final[r]) else np.inf, h))
+    return runs
 
 
 def calibrate_derivative_free(

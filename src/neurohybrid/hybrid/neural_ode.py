@@ -121,20 +121,31 @@ def integrate(func: Callable, u0: torch.Tensor, times, *, method: str = "rk4", s
               adjoint: bool = False, rtol: float = 1e-5, atol: float = 1e-7, t0: float | None = None) -> torch.Tensor:
     """Solve du/dt = func(t, u) from u0 (B, N) and return the states at ``times`` as (B, T, N).
 
-    times: increasing output times; the solve starts at ``t0`` (default: times[0]) and, when t0 is
-    earlier, the initial state is not returned. method: any torchdiffeq method ("rk4", "euler",
-    "dopri5", ...); fixed-step methods use ``step_size`` (default: the smallest output gap).
+    times: increasing output times shared by the batch (1D), or per-member times (B, T) for
+        subjects seen at different ages (then func must be autonomous, see below).
+    t0: start time (default: times[0], or 0 for per-member times); when earlier than the first
+        output time the initial state is not returned.
+    method: any torchdiffeq method ("rk4", "euler", "dopri5", ...); fixed-step methods use
+        ``step_size`` (default: the smallest output gap).
     adjoint=True uses ``odeint_adjoint`` (func must then be an nn.Module).
+
+    Per-member times are solved interval by interval in a rescaled time s in [0, 1]:
+    du/ds = (t_{k+1} - t_k) f(u), with per-member interval lengths, so one batched solve serves
+    subjects with irregular visits; padded visits with a zero interval leave the state unchanged.
+    Each interval takes ceil(max interval / step_size) fixed steps.
     """
     from torchdiffeq import odeint, odeint_adjoint
 
+    solver = odeint_adjoint if adjoint else odeint
+    if torch.is_tensor(times) and times.ndim == 2 or (not torch.is_tensor(times) and np.ndim(times) == 2):
+        return _integrate_per_member(func, u0, times, solver, method, step_size, adjoint, rtol, atol, t0)
     t = torch.as_tensor(np.asarray(times, dtype=np.float64) if not torch.is_tensor(times) else times,
                         dtype=u0.dtype, device=u0.device).reshape(-1)
     prepend = t0 is not None and float(t0) < float(t[0])
     if prepend:
         t = torch.cat([torch.as_tensor([float(t0)], dtype=t.dtype, device=t.device), t])
     options = {}
-    if method in ("rk4", "euler", "midpoint", "explicit_adams", "implicit_adams"):
+    if method in _FIXED:
         if step_size is None:
             gaps = torch.diff(t)
             gaps = gaps[gaps > 0]
@@ -142,7 +153,6 @@ def integrate(func: Callable, u0: torch.Tensor, times, *, method: str = "rk4", s
         options["step_size"] = float(step_size)
     if t.numel() == 1:
         return u0[:, None, :]
-    solver = odeint_adjoint if adjoint else odeint
     kwargs = dict(method=method, rtol=rtol, atol=atol, options=options)
     if adjoint:
         kwargs["adjoint_params"] = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
@@ -150,6 +160,48 @@ def integrate(func: Callable, u0: torch.Tensor, times, *, method: str = "rk4", s
     if prepend:
         sol = sol[1:]
     return sol.permute(1, 0, 2)
+
+
+_FIXED = ("rk4", "euler", "midpoint", "explicit_adams", "implicit_adams")
+
+
+class _Rescaled(nn.Module):
+    """du/ds = dt (B,) * f(u): one interval of per-member length mapped onto s in [0, 1]."""
+
+    def __init__(self, func, dt):
+        super().__init__()
+        self.func = func
+        self.dt = dt
+
+    def forward(self, s, u):
+        return self.dt.reshape(-1, *([1] * (u.ndim - 1))) * self.func(s, u)
+
+
+def _integrate_per_member(func, u0, times, solver, method, step_size, adjoint, rtol, atol, t0):
+    t = torch.as_tensor(times, dtype=u0.dtype, device=u0.device)
+    if t.shape[0] != u0.shape[0]:
+        raise ValueError(f"per-member times have {t.shape[0]} rows for a batch of {u0.shape[0]}")
+    start = torch.zeros_like(t[:, 0]) if t0 is None else torch.as_tensor(t0, dtype=u0.dtype, device=u0.device).expand_as(t[:, 0])
+    gaps = torch.diff(torch.cat([start[:, None], t], dim=1), dim=1)
+    if torch.any(gaps < 0):
+        raise ValueError("per-member times must be non-decreasing and start at or after t0")
+    unit = torch.tensor([0.0, 1.0], dtype=u0.dtype, device=u0.device)
+    states, u = [], u0
+    for k in range(t.shape[1]):
+        dt = gaps[:, k]
+        longest = float(dt.max())
+        if longest > 0:
+            options = {}
+            if method in _FIXED:
+                n_steps = 1 if step_size is None else max(1, int(np.ceil(longest / float(step_size) - 1e-9)))
+                options["step_size"] = 1.0 / n_steps
+            rescaled = _Rescaled(func, dt)
+            kwargs = dict(method=method, rtol=rtol, atol=atol, options=options)
+            if adjoint:
+                kwargs["adjoint_params"] = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
+            u = solver(rescaled, u, unit, **kwargs)[-1]
+        states.append(u)
+    return torch.stack(states, dim=1)
 
 
 class NeuralODE(nn.Module):
