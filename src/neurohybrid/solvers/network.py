@@ -151,12 +151,23 @@ def _rms_scaled_max(e, y0, y1, rtol, atol):
 
 
 @njit(cache=True)
+def _combine(y, h, c, ks, nk, out):
+    """out = y + h * sum_j c[j] * ks[j] over flat arrays (a contiguous loop that LLVM vectorises)."""
+    n = y.shape[0]
+    for i in range(n):
+        acc = 0.0
+        for j in range(nk):
+            acc += c[j] * ks[j, i]
+        out[i] = y[i] + h * acc
+
+
+@njit(cache=True)
 def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, atol, out):
-    """Integrate one chunk (members share the step); out[b, k, :] = u_b(t_eval[k]). Returns 0 or -1."""
+    """Integrate one chunk (members share the step); out[b, k, :] = u_b(t_eval[k]).
+
+    Returns the number of steps tried, or -1 on step-size underflow."""
     m, n = u0.shape
-    A = _A
-    Bw = _B
-    E = _E
+    size = m * n
     y = u0.copy()
     ynew = np.empty_like(y)
     ytmp = np.empty_like(y)
@@ -164,6 +175,12 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
     work = np.empty_like(y)
     work2 = np.empty_like(y)
     K = np.empty((7, m, n))
+    Kf = K.reshape((7, size))  # flat views of the same memory
+    yf = y.reshape(size)
+    ynewf = ynew.reshape(size)
+    ytmpf = ytmp.reshape(size)
+    errf = err.reshape(size)
+    zero = np.zeros(size)
     _rhs(model, lap_t, y, kappa, alpha, base, cap, work, work2, K[0])
 
     # initial step (Hairer, Norsett & Wanner II.4, as scipy's select_initial_step), smallest member's
@@ -185,9 +202,8 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
             if hb < h:
                 h = hb
         # second-derivative estimate on the whole chunk
-        for b in range(m):
-            for i in range(n):
-                ytmp[b, i] = y[b, i] + h * K[0, b, i]
+        for i in range(size):
+            ytmpf[i] = yf[i] + h * Kf[0, i]
         _rhs(model, lap_t, ytmp, kappa, alpha, base, cap, work, work2, K[1])
         d2 = 0.0
         d1max = 0.0
@@ -209,6 +225,7 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
         h = min(100 * h, h1, span)
 
     t = t0
+    n_steps = 0
     k_out = 0
     while k_out < t_eval.shape[0] and t_eval[k_out] <= t0:
         out[:, k_out, :] = y
@@ -221,29 +238,14 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
         if t + h_try >= target - 1e-12 * max(1.0, abs(target)):
             h_try = target - t
             clamped = True
-        # stages 2..6
         for s in range(1, 6):
-            for b in range(m):
-                for i in range(n):
-                    acc = 0.0
-                    for j in range(s):
-                        acc += A[s, j] * K[j, b, i]
-                    ytmp[b, i] = y[b, i] + h_try * acc
+            _combine(yf, h_try, _A[s], Kf, s, ytmpf)
             _rhs(model, lap_t, ytmp, kappa, alpha, base, cap, work, work2, K[s])
-        for b in range(m):
-            for i in range(n):
-                acc = 0.0
-                for j in range(6):
-                    acc += Bw[j] * K[j, b, i]
-                ynew[b, i] = y[b, i] + h_try * acc
+        _combine(yf, h_try, _B, Kf, 6, ynewf)
         _rhs(model, lap_t, ynew, kappa, alpha, base, cap, work, work2, K[6])
-        for b in range(m):
-            for i in range(n):
-                acc = 0.0
-                for j in range(7):
-                    acc += E[j] * K[j, b, i]
-                err[b, i] = h_try * acc
+        _combine(zero, h_try, _E, Kf, 7, errf)
         enorm = _rms_scaled_max(err, y, ynew, rtol, atol)
+        n_steps += 1
         if enorm < 1.0:
             if enorm == 0.0:
                 factor = 10.0
@@ -252,8 +254,8 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
             if rejected:
                 factor = min(1.0, factor)
             t = target if clamped else t + h_try
-            y[:, :] = ynew
-            K[0, :, :] = K[6]
+            yf[:] = ynewf
+            Kf[0, :] = Kf[6]
             h_next = h_try * factor
             if clamped:
                 # a step cut short to hit an output time says nothing against the longer step
@@ -271,7 +273,7 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
             rejected = True
             if h < 1e-14 * max(1.0, abs(t)):
                 return -1
-    return 0
+    return n_steps
 
 
 @njit(cache=True)
@@ -315,7 +317,7 @@ def _rk4_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps, 
 @njit(cache=True, parallel=True)
 def _integrate_batched(method, model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps,
                        rtol, atol, chunk, out):
-    """Split the batch into chunks and integrate them in parallel; returns the number of failures."""
+    """Split the batch into chunks and integrate them in parallel; returns steps per chunk (-1: failed)."""
     bsz = u0.shape[0]
     n_chunks = (bsz + chunk - 1) // chunk
     status = np.zeros(n_chunks, dtype=np.int64)
@@ -333,7 +335,7 @@ def _integrate_batched(method, model, lap_t, u0, kappa, alpha, base, cap, t0, t_
         else:
             status[c] = _rk4_chunk(model, lap_t, y0, kp, al, bs, cp, t0, t_eval, substeps, res)
         out[lo:hi] = res
-    return int(np.sum(status != 0))
+    return status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +433,7 @@ def default_rk4_dt(lap, kappa, alpha, baseline=None, capacity=None):
 
 def simulate_network(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", baseline=None, capacity=None,
                      threads=None, method="dopri5", rtol=1e-8, atol=1e-10, dt=None, t0=0.0,
-                     chunk=None) -> np.ndarray:
+                     chunk=None, return_steps=False) -> np.ndarray:
     """Integrate a batch of network models; returns u at t_eval with shape (B, T, N) (float64).
 
     L: (N, N) Laplacian (``laplacian``). u0: (N,) or (B, N) state at t0 (years).
@@ -456,12 +458,14 @@ def simulate_network(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", baseline=
         nthreads = numba.get_num_threads()
         if chunk is None:
             chunk = min(256, max(1, -(-bsz // nthreads)))
-        failures = _integrate_batched(
+        steps = _integrate_batched(
             0 if method == "dopri5" else 1, MODELS[model], np.ascontiguousarray(lap.T), u, kap, alp, base, cap,
             float(t0), t, substeps, float(rtol), float(atol), int(chunk), out,
         )
-    if failures:
-        raise RuntimeError(f"network ODE step size underflow in {failures} chunk(s); check the parameters")
+    if np.any(steps < 0):
+        raise RuntimeError(f"network ODE step size underflow in {int(np.sum(steps < 0))} chunk(s); check the parameters")
+    if return_steps:
+        return out, steps
     return out
 
 
