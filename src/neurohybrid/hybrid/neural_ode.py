@@ -32,7 +32,7 @@ class RegionwiseMLP(nn.Module):
     regional covariates (e.g. normalised volume). Sharing weights across regions keeps the
     parameter count tiny, which is what a cohort of a few subjects can train.
 
-    forward(u (B, N), covariates (B, N, C) or None, lap (N, N) or None) -> (B, N)
+    forward(u (B, N), covariates (B, N, C) or None, lap (N, N), per-member (B, N, N), or None) -> (B, N)
     ``zero_init`` makes the last layer output exactly 0 at start (a hybrid starts as its
     mechanistic model).
     """
@@ -60,7 +60,7 @@ class RegionwiseMLP(nn.Module):
         if self.use_transport:
             if lap is None:
                 raise ValueError("RegionwiseMLP(use_transport=True) needs the Laplacian")
-            feats.append((u @ lap.T)[..., None])
+            feats.append(transport(u, lap)[..., None])
         if self.n_covariates:
             if covariates is None:
                 raise ValueError(f"RegionwiseMLP expects {self.n_covariates} covariates per region")
@@ -69,6 +69,20 @@ class RegionwiseMLP(nn.Module):
 
     def forward(self, u, covariates=None, lap=None):
         return self.net(self.features(u, covariates, lap)).squeeze(-1)
+
+
+def transport(u: torch.Tensor, lap: torch.Tensor) -> torch.Tensor:
+    """L u for u (B, N) with one Laplacian (N, N) or one per member (B, N, N)."""
+    if lap.ndim == 3:
+        return torch.einsum("bij,bj->bi", lap, u)
+    return u @ lap.T
+
+
+def repeat_members(x, bsz: int, times: int):
+    """Align a per-member tensor (B, ...) with B*times member-major rows; shared tensors pass through."""
+    if torch.is_tensor(x) and x.ndim == 3 and x.shape[0] == bsz and bsz > 1:
+        return x.repeat_interleave(times, dim=0)
+    return x
 
 
 class ZeroCorrection(nn.Module):

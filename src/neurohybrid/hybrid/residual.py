@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neurohybrid.hybrid.neural_ode import HybridDynamics, integrate
+from neurohybrid.hybrid.neural_ode import HybridDynamics, integrate, repeat_members
 
 
 class ParallelResidual(nn.Module):
@@ -50,10 +50,9 @@ class ParallelResidual(nn.Module):
         """mean over time of ||g(u(t))||^2 for states (B, T, N) -> (B,)."""
         bsz, nt, n = states.shape
         flat = states.reshape(bsz * nt, n)
-        cov = self.dynamics.covariates
-        if cov is not None and cov.shape[0] == bsz and bsz > 1:
-            cov = cov.repeat_interleave(nt, dim=0)
-        g = self.dynamics.correction(flat, cov, self.dynamics.lap) if self.dynamics.correction is not None \
+        cov = repeat_members(self.dynamics.covariates, bsz, nt)
+        lap = repeat_members(self.dynamics.lap, bsz, nt)
+        g = self.dynamics.correction(flat, cov, lap) if self.dynamics.correction is not None \
             else torch.zeros_like(flat)
         return (g ** 2).sum(dim=-1).reshape(bsz, nt).mean(dim=1)
 

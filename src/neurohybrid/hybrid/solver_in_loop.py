@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from neurohybrid.hybrid.neural_ode import repeat_members
 from neurohybrid.hybrid.training import TrainResult, train_loop
 
 
@@ -40,6 +41,9 @@ class CorrectedSolver(nn.Module):
     built by repeating members stay aligned with their parameters.
     correction: module h(u, covariates, lap) -> (B, N), e.g. ``RegionwiseMLP`` (zero-initialised,
     so an untrained model is the plain coarse solver).
+    ``lap`` (set_context) is a shared (N, N) or per-member (B, N, N) operator handed to the
+    correction; it is repeated with the covariates when start states are batched, so a coarse
+    step that needs it reads ``model.lap`` at call time.
     """
 
     def __init__(self, coarse_step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], correction: nn.Module):
@@ -78,49 +82,60 @@ def _check_fine(fine: torch.Tensor) -> None:
 
 def sol_loss(model: CorrectedSolver, fine: torch.Tensor, n_unroll: int, covariates=None) -> torch.Tensor:
     """SOL-n loss: from every fine state k (with k + n <= K), unroll n corrected coarse steps and
-    compare with fine states k+1..k+n (mean squared error over steps, members and components)."""
+    compare with fine states k+1..k+n (mean squared error over steps, members and components).
+    covariates default to the model's context (``set_context``)."""
     _check_fine(fine)
+    covariates = model.covariates if covariates is None else covariates
     bsz, kp1, rest = fine.shape[0], fine.shape[1], tuple(fine.shape[2:])
     n_unroll = max(1, min(int(n_unroll), kp1 - 1))
     starts = kp1 - n_unroll  # start indices 0..K-n
     u0 = fine[:, :starts].reshape(bsz * starts, *rest)
-    cov = _repeat(covariates, bsz, starts)
-    model.covariates, saved = cov, model.covariates
+    saved = model.covariates, model.lap
+    model.covariates, model.lap = _repeat(covariates, bsz, starts), _repeat(model.lap, bsz, starts)
     try:
         pred = model.rollout(u0, n_unroll)  # (bsz*starts, n_unroll, *rest)
     finally:
-        model.covariates = saved
+        model.covariates, model.lap = saved
     target = torch.stack([fine[:, s + 1:s + 1 + n_unroll] for s in range(starts)], dim=1)
     return ((pred - target.reshape(bsz * starts, n_unroll, *rest)) ** 2).mean()
 
 
 def _repeat(cov, bsz, times):
     """Align per-member covariates (B, N, C) with B*times start states (member-major)."""
-    if cov is not None and cov.ndim == 3 and cov.shape[0] == bsz and bsz > 1:
-        return cov.repeat_interleave(times, dim=0)
-    return cov
+    return repeat_members(cov, bsz, times)
 
 
 def precomputed_pairs(model: CorrectedSolver, fine: torch.Tensor, covariates=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(coarse step of every fine state, next fine state), computed once without gradients:
     shapes (B, K, N) each."""
     _check_fine(fine)
+    covariates = model.covariates if covariates is None else covariates
     bsz, kp1, rest = fine.shape[0], fine.shape[1], tuple(fine.shape[2:])
-    with torch.no_grad():
-        cov = _repeat(covariates, bsz, kp1 - 1)
-        inputs = model.coarse_step(fine[:, :-1].reshape(bsz * (kp1 - 1), *rest), cov).reshape(bsz, kp1 - 1, *rest)
+    saved = model.lap
+    model.lap = _repeat(model.lap, bsz, kp1 - 1)
+    try:
+        with torch.no_grad():
+            cov = _repeat(covariates, bsz, kp1 - 1)
+            inputs = model.coarse_step(fine[:, :-1].reshape(bsz * (kp1 - 1), *rest), cov).reshape(bsz, kp1 - 1, *rest)
+    finally:
+        model.lap = saved
     return inputs.detach(), fine[:, 1:].detach()
 
 
 def precomputed_loss(model: CorrectedSolver, inputs: torch.Tensor, targets: torch.Tensor, covariates=None) -> torch.Tensor:
     bsz, k, rest = inputs.shape[0], inputs.shape[1], tuple(inputs.shape[2:])
-    cov = _repeat(covariates, bsz, k)
-    pred = model.correct(inputs.reshape(bsz * k, *rest), cov).reshape(bsz, k, *rest)
+    cov = _repeat(model.covariates if covariates is None else covariates, bsz, k)
+    saved = model.lap
+    model.lap = _repeat(model.lap, bsz, k)
+    try:
+        pred = model.correct(inputs.reshape(bsz * k, *rest), cov).reshape(bsz, k, *rest)
+    finally:
+        model.lap = saved
     return ((pred - targets) ** 2).mean()
 
 
-def _select(cov, idx):
-    if cov is None or cov.ndim < 3 or cov.shape[0] == 1:
+def _select(cov, idx, n_items):
+    if cov is None or cov.ndim < 3 or cov.shape[0] != n_items or n_items == 1:
         return cov
     return cov[idx]
 
@@ -131,20 +146,34 @@ def train_sol(model: CorrectedSolver, fine: torch.Tensor, *, n_unroll: int = 4, 
     fine: (B, K+1, N) fine-solver trajectories at the coarse step times (one item per member B).
     covariates: (B, N, C) per member or shared (1, N, C)/None. train_kw: ``train_loop`` options.
     """
-    def loss_fn(idx):
-        return sol_loss(model, fine[idx], n_unroll, _select(covariates, idx))
+    full_lap, n = model.lap, fine.shape[0]
+    covariates = model.covariates if covariates is None else covariates
 
-    return train_loop(model.correction, loss_fn, fine.shape[0], **train_kw)
+    def loss_fn(idx):
+        model.lap = _select(full_lap, idx, n)
+        try:
+            return sol_loss(model, fine[idx], n_unroll, _select(covariates, idx, n))
+        finally:
+            model.lap = full_lap
+
+    return train_loop(model.correction, loss_fn, n, **train_kw)
 
 
 def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=None, **train_kw) -> TrainResult:
     """Train the same correction on pre-computed one-step targets (no solver interaction)."""
+    covariates = model.covariates if covariates is None else covariates
     inputs, targets = precomputed_pairs(model, fine, covariates)
 
-    def loss_fn(idx):
-        return precomputed_loss(model, inputs[idx], targets[idx], _select(covariates, idx))
+    full_lap, n = model.lap, fine.shape[0]
 
-    return train_loop(model.correction, loss_fn, fine.shape[0], **train_kw)
+    def loss_fn(idx):
+        model.lap = _select(full_lap, idx, n)
+        try:
+            return precomputed_loss(model, inputs[idx], targets[idx], _select(covariates, idx, n))
+        finally:
+            model.lap = full_lap
+
+    return train_loop(model.correction, loss_fn, n, **train_kw)
 
 
 def time_call(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -52,7 +52,7 @@ def split_validation(n_items: int, val_fraction: float, seed: int = 0) -> tuple[
 
 
 def train_loop(
-    parameters: Iterable[torch.nn.Parameter] | torch.nn.Module,
+    parameters: Iterable[torch.nn.Parameter] | Iterable[dict] | torch.nn.Module,
     loss_fn: Callable[[Sequence[int]], torch.Tensor],
     n_items: int,
     *,
@@ -68,7 +68,8 @@ def train_loop(
 ) -> TrainResult:
     """Minimise ``loss_fn(indices)`` (mean loss over the given training items) with Adam.
 
-    parameters: the tensors to train (or a module, whose parameters are used).
+    parameters: the tensors to train, a module (its parameters), or Adam parameter groups
+        ([{"params": [...], "lr": ...}, ...]) e.g. a faster rate for per-subject physical parameters.
     val_fraction / patience: hold out that fraction of the items for validation; stop when the
         validation loss has not improved for ``patience`` epochs and restore the best parameters.
         Without validation, the final parameters are kept.
@@ -76,17 +77,23 @@ def train_loop(
     time_limit_s: stop after this wall time (the demo's budget guard), keeping the best so far.
     A non-finite loss stops training and restores the last finite-loss parameters.
     """
+    groups = None
     if isinstance(parameters, torch.nn.Module):
         params = [p for p in parameters.parameters() if p.requires_grad]
     else:
-        params = [p for p in parameters if p.requires_grad]
+        parameters = list(parameters)
+        if parameters and isinstance(parameters[0], dict):
+            groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in parameters]
+            params = [p for g in groups for p in g["params"]]
+        else:
+            params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameters require gradients")
     if n_items < 1:
         raise ValueError("no training items")
     train_idx, val_idx = split_validation(n_items, val_fraction, seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(groups if groups is not None else params, lr=lr, weight_decay=weight_decay)
 
     def snapshot():
         return [p.detach().clone() for p in params]
