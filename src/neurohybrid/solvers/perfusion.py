@@ -10,7 +10,8 @@ beta (p - p_v) is a flow in ml/100 ml/min):
   factor of the voxel's arterial territory (1 = patent, 0 = fully occluded);
 * beta (per minute): exchange into the venous compartment; CBF = beta (p - p_v);
 * K (mm^2/min, scalar or per voxel): lets blood redistribute between neighbouring voxels
-  (a crude stand-in for leptomeningeal collaterals); sqrt(K / beta) is the collateral length.
+  (a crude stand-in for leptomeningeal collaterals); sqrt(K / beta) is the collateral length
+  (default K = 1 mm^2/min, beta = 1 /min: 1 mm, so healthy maps stay close to 56 / 21).
 
 With K = 0 the CBF equals s exactly, so a healthy brain is calibrated by construction (GM ~ 56,
 WM ~ 21, smoothed over sqrt(K/beta) mm by the Darcy term); the solver integrates
@@ -102,7 +103,7 @@ def darcy_operator(mask, permeability, beta, spacing):
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
 
 
-def darcy_perfusion(mask, permeability=10.0, inflow_territory=None, inflow_scale=1.0, *, gm=None, wm=None,
+def darcy_perfusion(mask, permeability=1.0, inflow_territory=None, inflow_scale=1.0, *, gm=None, wm=None,
                     spacing=(1.0, 1.0, 1.0), beta=1.0, cbf_gm=NORMAL_CBF_GM, cbf_wm=NORMAL_CBF_WM,
                     solver="auto", tol=1e-10) -> np.ndarray:
     """CBF map (ml/100 ml/min) of the one-compartment Darcy model; 0 outside mask.
