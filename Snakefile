@@ -11,13 +11,14 @@ min_version("8.0")
 configfile: "config/config.yaml"
 
 
+# common.smk checks config and participants first, so an error names the key or row in one line
+include: "workflow/rules/common.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"
-
-
-include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:

@@ -15,6 +15,30 @@ from snakemake.exceptions import WorkflowError
 DISORDERS = ["glioma", "alzheimer", "stroke"]
 TRAINED_FAMILIES = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
 
+def schema_path(name):
+    """A schema shipped with the workflow, wherever snakemake is run from (--directory)."""
+    return os.path.join(workflow.basedir, "workflow", "schemas", name)
+
+
+def check_config(config):
+    """Stop with one line naming the offending key (snakemake's validate prints the whole schema)."""
+    with open(schema_path("config.schema.yaml")) as fh:
+        validator = jsonschema.Draft202012Validator(yaml.safe_load(fh))
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(p) for p in error.path)
+        if error.validator == "additionalProperties":
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            key = ".".join([*map(str, error.path), unknown[0]]) if unknown else key
+            message = "unknown key (not in workflow/schemas/config.schema.yaml)"
+        else:
+            message = error.message
+        raise WorkflowError(f"invalid config: key '{key or '(top level)'}': {message}")
+
+
+check_config(config)
+
 # ---------------------------------------------------------------------------------------------
 # where things live
 
@@ -36,11 +60,6 @@ RESOLVED_CONFIG = f"{OUT}/config.yaml"
 SUBJECT_INPUTS = f"{INPUTS}/sub-{{subject}}/sub-{{subject}}_desc-modelinputs"
 SUBJECT_TARGET = f"{TARGETS}/sub-{{subject}}/sub-{{subject}}_desc-target"
 SLOPPY = bool(config["sloppy"])
-
-
-def schema_path(name):
-    """A schema shipped with the workflow, wherever snakemake is run from (--directory)."""
-    return os.path.join(workflow.basedir, "workflow", "schemas", name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Dry runs: the DAG's shape on the default (demo) config and on a hand-made BIDS folder, config
+and participants validation, and `snakemake --lint`. No job runs here."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections import Counter
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import DEFAULT_CONFIG, REPO, snakemake, write_config, write_participants
+
+TRAINED = {"data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"}
+
+
+def shell_commands(stdout: str) -> list[list[str]]:
+    """The `neurohybrid ...` commands a dry run (-n -p) would execute, as argument lists."""
+    commands = []
+    for line in stdout.splitlines():
+        if line.startswith("Shell command: "):
+            command = shlex.split(line.removeprefix("Shell command: ").split(" > ")[0])
+            if command[0] == "neurohybrid":  # run: rules print "None"
+                commands.append(command)
+    return commands
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def step(args: list[str]) -> str:
+    return " ".join(args[1:3]) if args[1] in ("preprocess", "cohort") else args[1]
+
+
+def dry_run(tmp_path, config_path):
+    result = snakemake(tmp_path, config_path, "--dry-run", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return shell_commands(result.stdout)
+
+
+def test_default_config_dag(tmp_path):
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    participants = pd.read_csv(REPO / config["participants"], sep="\t")
+    subjects = {p.removeprefix("sub-"): d for p, d in zip(participants.participant_id, participants.disorder)}
+    families = config["models"]["families"]
+    cfg = write_config(tmp_path / "config.yaml", participants=str(REPO / config["participants"]))
+
+    commands = dry_run(tmp_path, cfg)
+    counts = Counter(step(c) for c in commands)
+    n_ad = sum(d == "alzheimer" for d in subjects.values())
+    n_trained = len([f for f in families if f in TRAINED])
+    folds = config["models"]["n_folds"]
+    assert counts == {
+        "synth": 1,
+        "preprocess anat": len(subjects),
+        "preprocess lesions": len(subjects) - n_ad,
+        "preprocess pet": n_ad,
+        "preprocess connectome": n_ad,
+        "inputs": len(subjects),
+        "train": n_trained * folds * 3,
+        "forecast": len(subjects) * len(families),
+        "evaluate": len(subjects) * len(families),
+        "cohort table": 1,
+        "cohort stats": 1,
+        "cohort figures": 1,
+    }
+
+    # the demo cohort is generated inside output_dir, and evaluation (only) reads its ground truth
+    synth = next(c for c in commands if c[1] == "synth")
+    assert option(synth, "--out") == "results/sourcedata/bids"
+    for c in commands:
+        if c[1] == "evaluate":
+            assert option(c, "--truth") == "results/groundtruth"
+        elif c[1] != "cohort":
+            assert "results/groundtruth" not in c[2:] or c[1] == "synth", c
+
+    # every subject is preprocessed with its disorder's model grid, from the generated BIDS
+    for c in commands:
+        if step(c) == "preprocess anat":
+            subject = option(c, "--subject")
+            assert option(c, "--bids") == "results/sourcedata/bids"
+            assert float(option(c, "--model-voxel-mm")) == config[subjects[subject]]["model_voxel_mm"]
+
+    # split guarantee: a forecast uses the fold model trained on its disorder's other subjects only
+    trained_on = {option(c, "--out"): set(option(c, "--subjects").split(",")) for c in commands if c[1] == "train"}
+    for c in commands:
+        if c[1] != "forecast":
+            continue
+        subject, family = option(c, "--subject"), option(c, "--family")
+        assert option(c, "--disorder") == subjects[subject]
+        model = option(c, "--trained")
+        if family in TRAINED:
+            assert model in trained_on, c
+            assert subject not in trained_on[model]
+            assert f"/{subjects[subject]}/" in model
+            assert all(subjects[s] == subjects[subject] for s in trained_on[model])
+        else:
+            assert model is None
+    # each fold's model is trained on at least one subject, and every subject is tested exactly once
+    for model, train in trained_on.items():
+        assert train
+    tested = Counter((option(c, "--subject"), option(c, "--family")) for c in commands if c[1] == "forecast")
+    assert set(tested.values()) == {1}
+
+
+def write_bids(root, subjects):
+    """A tiny raw BIDS folder by hand (files only need to exist for a dry run)."""
+    (root).mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "hand-made", "BIDSVersion": "1.9.0"}')
+    for subject, disorder, sessions in subjects:
+        sub = root / f"sub-{subject}"
+        sub.mkdir()
+        (sub / f"sub-{subject}_sessions.tsv").write_text(
+            "session_id\tday\n" + "".join(f"ses-{s}\t{i}\n" for i, s in enumerate(sessions)))
+        for s in sessions:
+            anat = sub / f"ses-{s}" / "anat"
+            anat.mkdir(parents=True)
+            (anat / f"sub-{subject}_ses-{s}_T1w.nii.gz").write_bytes(b"")
+            if disorder == "alzheimer":
+                pet = sub / f"ses-{s}" / "pet"
+                pet.mkdir()
+                (pet / f"sub-{subject}_ses-{s}_trc-AV1451_pet.nii.gz").write_bytes(b"")
+            else:
+                lesions = root / "derivatives" / "lesions" / f"sub-{subject}" / f"ses-{s}" / "anat"
+                lesions.mkdir(parents=True)
+                for desc in (["T1Gd", "FLAIR"] if disorder == "glioma" else ["infarct"]):
+                    (lesions / f"sub-{subject}_ses-{s}_space-T1w_desc-{desc}_mask.nii.gz").write_bytes(b"")
+
+
+def test_user_bids_dag(tmp_path):
+    bids = tmp_path / "mybids"
+    layout = [("gbm1", "glioma", ["pre", "post"]), ("gbm2", "glioma", ["a", "b", "c"]),
+              ("tau1", "alzheimer", ["y0", "y1", "y2"]), ("tau2", "alzheimer", ["y0", "y1", "y2"]),
+              ("isc1", "stroke", ["acute", "followup"]), ("isc2", "stroke", ["acute", "followup"])]
+    write_bids(bids, layout)
+    # a subject without its first T1w still gets its jobs: the command, not the DAG, reports the
+    # missing file (naming subject and file), so --keep-going can finish the rest of the cohort
+    (bids / "sub-isc2" / "ses-acute" / "anat" / "sub-isc2_ses-acute_T1w.nii.gz").unlink()
+    participants = write_participants(tmp_path / "participants.tsv", [(s, d) for s, d, _ in layout])
+    cfg = write_config(tmp_path / "config.yaml", bids_dir=str(bids), participants=str(participants),
+                       output_dir="out", models={"families": ["persistence", "mechanistic", "residual"], "n_folds": 2})
+    result = snakemake(tmp_path, cfg, "--dry-run", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = shell_commands(result.stdout)
+    counts = Counter(step(c) for c in commands)
+    assert "synth" not in counts
+    assert counts["preprocess anat"] == 6 and counts["preprocess lesions"] == 4 and counts["preprocess pet"] == 2
+    assert counts["train"] == 3 * 2 and counts["forecast"] == 6 * 3
+    for c in commands:
+        if "--bids" in c:
+            assert option(c, "--bids") == str(bids)
+        if c[1] == "evaluate":
+            assert "--truth" not in c  # no ground truth outside the demo
+        if c[1] == "forecast":
+            assert option(c, "--out-dir") == f"out/forecasts/sub-{option(c, '--subject')}"
+    # the user's raw files are inputs of the jobs that read them (provenance, reruns on change)
+    anat_job = re.search(r"rule preprocess_anat:\n\s*input: ([^\n]*)\n(?:.*\n){0,8}?\s*wildcards: subject=gbm2",
+                         result.stdout)
+    assert anat_job, result.stdout[:2000]
+    for s in ("a", "b", "c"):
+        assert f"sub-gbm2_ses-{s}_T1w.nii.gz" in anat_job.group(1)
+
+
+def model_job_resources(stdout):
+    jobs = re.findall(r"rule (train_model|forecast|preprocess_anat):\n(?:\s+\S.*\n)*?\s+resources: ([^\n]*)", stdout)
+    assert {rule for rule, _ in jobs} == {"train_model", "forecast", "preprocess_anat"}
+    return jobs
+
+
+def test_device_cuda_requests_a_gpu(tmp_path):
+    """Model jobs ask for a GPU only with device: cuda (the default config's 'auto' asks for none)."""
+    participants = write_participants(tmp_path / "p.tsv", [("g1", "glioma"), ("g2", "glioma")])
+    results = {}
+    for device in ("auto", "cuda"):
+        cfg = write_config(tmp_path / f"{device}.yaml", participants=str(participants), device=device,
+                           models={"families": ["residual"]})
+        result = snakemake(tmp_path, cfg, "--dry-run", "--cores", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        results[device] = model_job_resources(result.stdout)
+    for device, gpus in (("auto", "gpu=0"), ("cuda", "gpu=1")):
+        for rule, resources in results[device]:
+            if rule == "preprocess_anat":
+                assert "gpu" not in resources
+            else:
+                assert gpus in resources, (device, rule, resources)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"models": {"n_folds": 1}}, "key 'models.n_folds': 1 is less than the minimum of 2"),
+        ({"glioma": {"model_voxel_mm": 4.0, "typo": 1}}, "key 'glioma.typo': unknown key"),
+    ],
+)
+def test_invalid_config_key_stops_before_any_job(tmp_path, override, expected):
+    cfg = write_config(tmp_path / "config.yaml", participants=str(REPO / "config" / "participants.tsv"),
+                       output_dir="out", **override)
+    result = snakemake(tmp_path, cfg, "--cores", "1")
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ("sub-g1\tglioma\nsub-g2\tmigraine\n", "row 3 (participant_id 'sub-g2'): disorder: 'migraine' is not one of"),
+        ("sub-g1\tglioma\ng1\tglioma\n", "row 3 (participant_id 'g1'): duplicate of row 2"),
+    ],
+)
+def test_invalid_participants_row_stops_before_any_job(tmp_path, rows, expected):
+    table = tmp_path / "participants.tsv"
+    table.write_text("participant_id\tdisorder\n" + rows)
+    cfg = write_config(tmp_path / "config.yaml", participants=str(table), output_dir="out")
+    result = snakemake(tmp_path, cfg, "--cores", "1")
+    assert result.returncode != 0
+    assert f"participants table {table}, {expected}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    cfg = write_config(tmp_path / "config.yaml", participants=str(REPO / "config" / "participants.tsv"))
+    result = snakemake(tmp_path, cfg, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
