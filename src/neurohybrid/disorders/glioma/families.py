@@ -1,0 +1,548 @@
+"""The glioma model families (see ``neurohybrid.disorders.base.FAMILIES``).
+
+Hybrids start from the calibrated mechanistic state at the last observed session (the mechanistic fit
+reproduces the observed sessions) and differ in how they advance it to the forecast day:
+
+* residual (APHYNITY, parallel): du/dt = f_FK(u; D_w, rho) + g_phi(u, wm, gm), g a small 3D CNN,
+  trained across subjects with loss = soft Dice + lambda * mean ||g||^2 (``hybrid.residual``).
+* ude: the same equation with a pointwise MLP g (``hybrid.neural_ode``), no penalty, torchdiffeq.
+* sol / sol_precomputed (series): a 2x coarser grid stepping `sol_step_days` at a time, its state
+  corrected after each step by a CNN; SOL-n unrolls n steps against the fine (Numba) solver, the
+  pre-computed variant learns one-step targets (``hybrid.solver_in_loop``). Same network class.
+* amortised (series): a CNN maps the first session's masks + tissue to (D_w, rho); only t0 is fitted.
+* amortised_residual (parallel-series): amortised parameters + the residual correction.
+* data_driven: a CNN from the last masks, tissue and the time gap to the follow-up masks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurohybrid.disorders.base import Family, Forecast, SubjectData
+from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders.glioma import mechanistic as mech
+from neurohybrid.disorders.glioma.inputs import cropped_target
+from neurohybrid.disorders.glioma.networks import (GridCorrection, ParamNet, TinyCNN, VoxelCorrection,
+                                                   flat_covariates, soft_dice_loss)
+from neurohybrid.errors import InputError
+
+GAP_SCALE_DAYS = 100.0
+
+
+def _observe(u: np.ndarray, fit) -> dict:
+    from neurohybrid.solvers.glioma import observe
+
+    t1, fl = observe(np.asarray(u), fit.theta_t1gd, min(fit.theta_flair, fit.theta_t1gd))
+    return dict(t1gd=np.asarray(t1, bool), flair=np.asarray(fl, bool))
+
+
+def _spacing(inputs: SubjectData):
+    return tuple(float(v) for v in inputs.meta["voxel_mm"])
+
+
+def _check_trained(trained, name):
+    if not trained or "state_dict" not in trained:
+        raise InputError(f"family {name} needs a trained checkpoint with a state_dict")
+
+
+class GliomaFamily(Family):
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.s = mech.settings(config)
+
+    def tensor(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
+
+    def train_kw(self, s=None):
+        s = s or self.s
+        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=float(s["time_limit_s"]),
+                    seed=int((self.config or {}).get("seed", 0)))
+
+
+class Persistence(GliomaFamily):
+    name = "persistence"
+
+    def forecast(self, inputs, trained):
+        t = time.perf_counter()
+        out = dict(t1gd=inputs.arrays["t1gd"][-1].astype(bool), flair=inputs.arrays["flair"][-1].astype(bool))
+        return Forecast(out, {"carried_session": inputs.meta["sessions"][-1]}, 0.0, time.perf_counter() - t)
+
+
+class Mechanistic(GliomaFamily):
+    name = "mechanistic"
+
+    def forecast(self, inputs, trained):
+        fit = mech.calibrate_inputs(inputs, self.s, seed=int((self.config or {}).get("seed", 0)))
+        d_last, d_target = mech.forecast_days(inputs)
+        t = time.perf_counter()
+        # saving at the last session too keeps the step schedule identical to the hybrids' (they
+        # restart from that state), so a hybrid with a zero correction reproduces this exactly
+        u = mech.state_at(inputs, fit, [d_last, d_target], self.s)[-1]
+        return Forecast(dict(celldensity=u, **_observe(u, fit)), fit.parameters(), fit.seconds, time.perf_counter() - t,
+                        {"uncertainty": "spread of Nelder-Mead restarts reaching the best loss (log scale)"})
+
+
+# ---------------------------------------------------------------------------------------------
+# data-driven
+# ---------------------------------------------------------------------------------------------
+
+def _dd_features(wm, gm, t1, fl, gap) -> np.ndarray:
+    return np.stack([wm, gm, t1, fl, np.full(wm.shape, gap / GAP_SCALE_DAYS, np.float32)]).astype(np.float32)
+
+
+def _prior_logits(t1, fl) -> np.ndarray:
+    # the CNN predicts a change from "no change": persistence is its starting point
+    return (3.0 * (2.0 * np.stack([t1, fl]).astype(np.float32) - 1.0)).astype(np.float32)
+
+
+class DataDriven(GliomaFamily):
+    name = "data_driven"
+    trains_across_subjects = True
+
+    def net(self):
+        return TinyCNN(5, 2, int(self.s["channels"]), 3, zero_init=True).to(self.device)
+
+    def train(self, pairs):
+        from neurohybrid.hybrid.training import train_loop
+
+        items = []
+        for inputs, target in pairs:
+            a = inputs.arrays
+            tgt = cropped_target(inputs, target)
+            box = grid.tumour_box([a["flair"][-1], tgt["flair"]], a["wm"].shape, int(self.s["train_margin"]) + 2)
+            gap = float(inputs.meta["target_day"]) - float(inputs.meta["days"][-1])
+            x = _dd_features(a["wm"][box], a["gm"][box], a["t1gd"][-1][box], a["flair"][-1][box], gap)
+            items.append((self.tensor(x)[None], self.tensor(_prior_logits(a["t1gd"][-1][box], a["flair"][-1][box]))[None],
+                          self.tensor(np.stack([tgt["t1gd"][box], tgt["flair"][box]]))[None]))
+        net = self.net()
+
+        def loss_fn(idx):
+            total = 0.0
+            for i in idx:
+                x, prior, y = items[i]
+                logits = net(x) + prior
+                total = total + F.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(torch.sigmoid(logits), y)
+            return total / len(idx)
+
+        result = train_loop(net, loss_fn, len(items), **self.train_kw())
+        return {"state_dict": net.state_dict(), "history": result.history, "settings": self.s}
+
+    def forecast(self, inputs, trained):
+        _check_trained(trained, self.name)
+        net = self.net()
+        net.load_state_dict(trained["state_dict"])
+        t = time.perf_counter()
+        a = inputs.arrays
+        gap = float(inputs.meta["target_day"]) - float(inputs.meta["days"][-1])
+        with torch.no_grad():
+            x = self.tensor(_dd_features(a["wm"], a["gm"], a["t1gd"][-1], a["flair"][-1], gap))[None]
+            logits = (net(x) + self.tensor(_prior_logits(a["t1gd"][-1], a["flair"][-1]))[None])[0].cpu().numpy()
+        tissue = (a["wm"] + a["gm"]) > 0
+        out = dict(t1gd=(logits[0] > 0) & tissue, flair=((logits[1] > 0) | (logits[0] > 0)) & tissue)
+        return Forecast(out, {"gap_days": gap}, 0.0, time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel hybrids: residual (APHYNITY) and UDE, from the mechanistic state at the last session
+# ---------------------------------------------------------------------------------------------
+
+class _Case:
+    """One subject prepared for a hybrid: tissue, the mechanistic state at the last session, the gap."""
+
+    def __init__(self, wm, gm, u_last, gap, fit, spacing, target=None):
+        self.wm, self.gm, self.u_last, self.gap, self.fit, self.spacing, self.target = wm, gm, u_last, gap, fit, spacing, target
+
+
+def _mech_rhs(wm_t, gm_t, spacing, fit, s):
+    from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch
+
+    shape = tuple(wm_t.shape)
+    coeffs = glioma_coefficients_torch(wm_t, gm_t, spacing, fit.dw, float(s["dg_ratio"]))
+
+    def rhs(u):
+        u3 = u.reshape(-1, *shape)
+        # the solver's torch twin exposes one Euler step; its increment over a unit step is the RHS
+        return (glioma_step_torch(u3, coeffs, 1.0, fit.rho) - u3).reshape(u.shape[0], -1)
+
+    return rhs
+
+
+def _euler_step_size(wm, gm, spacing, fit, gap, s) -> float:
+    """The Numba solver's step for this segment (same stable_dt and equal split of the segment)."""
+    from neurohybrid.solvers.glioma import stable_dt
+
+    dmax = float((fit.dw * np.asarray(wm, np.float32) + fit.dw * float(s["dg_ratio"]) * np.asarray(gm, np.float32)).max())
+    dt = stable_dt(dmax, spacing, fit.rho, max_rho_dt=float(s["max_rho_dt"]))
+    n = max(1, math.ceil(gap / dt - 1e-9))
+    return gap / n
+
+
+def _rollout(model, case: _Case, s, device, *, penalty: bool):
+    """u at the forecast day (X, Y, Z) and the mean per-voxel ||g||^2 along the path (or None)."""
+    wm_t = torch.as_tensor(case.wm, dtype=torch.float32, device=device)
+    gm_t = torch.as_tensor(case.gm, dtype=torch.float32, device=device)
+    u0 = torch.as_tensor(case.u_last, dtype=torch.float32, device=device).reshape(1, -1)
+    model.dynamics.mechanistic = _mech_rhs(wm_t, gm_t, case.spacing, case.fit, s)
+    corr = model.dynamics.correction
+    if isinstance(corr, GridCorrection):
+        corr.set_shape(case.wm.shape)
+    model.step_size = _euler_step_size(case.wm, case.gm, case.spacing, case.fit, case.gap, s)
+    cov = flat_covariates(wm_t, gm_t)
+    out = model(u0, [case.gap], covariates=cov, t0=0.0)
+    if isinstance(out, tuple):
+        pred, pen = out
+        pen = pen.mean() / u0.shape[1]
+    else:
+        pred, pen = out, None
+    return pred[0, -1].reshape(case.wm.shape), (pen if penalty else None)
+
+
+def _mask_loss(u, target, fit, tau, device):
+    t1 = torch.as_tensor(target["t1gd"], dtype=torch.float32, device=device)
+    fl = torch.as_tensor(target["flair"], dtype=torch.float32, device=device)
+    return (soft_dice_loss(torch.sigmoid((u - fit.theta_t1gd) / tau), t1)
+            + soft_dice_loss(torch.sigmoid((u - fit.theta_flair) / tau), fl))
+
+
+class _ParallelHybrid(GliomaFamily):
+    """Shared training/forecast of the residual and UDE families."""
+
+    trains_across_subjects = True
+    uses_penalty = True
+    amortised = False
+
+    def model(self):
+        raise NotImplementedError
+
+    # how the mechanistic parameters are obtained (calibrated, or amortised + t0)
+    def fit_subject(self, inputs, trained):
+        return mech.calibrate_inputs(inputs, self.s, seed=int((self.config or {}).get("seed", 0)))
+
+    def case(self, inputs, fit, target=None) -> _Case:
+        d_last, d_target = mech.forecast_days(inputs)
+        a = inputs.arrays
+        u_last = mech.state_at(inputs, fit, [d_last], self.s)[0]
+        wm, gm = a["wm"], a["gm"]
+        tgt = None
+        if target is not None:
+            tgt = cropped_target(inputs, target)
+            box = grid.tumour_box([a["flair"][-1], tgt["flair"]], wm.shape, int(self.s["train_margin"]))
+            wm, gm, u_last = wm[box], gm[box], u_last[box]
+            tgt = {k: v[box] for k, v in tgt.items()}
+        return _Case(np.ascontiguousarray(wm), np.ascontiguousarray(gm), np.ascontiguousarray(u_last),
+                     d_target - d_last, fit, _spacing(inputs), tgt)
+
+    def train_correction(self, cases, extra=None):
+        from neurohybrid.hybrid.training import train_loop
+
+        model = self.model()
+        lam = float(self.s["aphynity_lambda"])
+        tau = float(self.s["soft_tau"])
+
+        def loss_fn(idx):
+            total = 0.0
+            for i in idx:
+                c = cases[i]
+                u, pen = _rollout(model, c, self.s, self.device, penalty=self.uses_penalty)
+                total = total + _mask_loss(u, c.target, c.fit, tau, self.device) + (lam * pen if pen is not None else 0.0)
+            return total / len(idx)
+
+        result = train_loop(model.dynamics.correction, loss_fn, len(cases), **self.train_kw())
+        return {"state_dict": model.dynamics.correction.state_dict(), "history": result.history, "settings": self.s,
+                **(extra or {})}
+
+    def train(self, pairs):
+        cases = [self.case(inputs, self.fit_subject(inputs, None), target) for inputs, target in pairs]
+        return self.train_correction(cases)
+
+    def forecast(self, inputs, trained):
+        _check_trained(trained, self.name)
+        fit = self.fit_subject(inputs, trained)
+        t = time.perf_counter()
+        case = self.case(inputs, fit)
+        model = self.model()
+        model.dynamics.correction.load_state_dict(trained["state_dict"])
+        with torch.no_grad():
+            u, _ = _rollout(model, case, self.s, self.device, penalty=False)
+        u = np.clip(u.cpu().numpy(), 0.0, 1.0)
+        params = fit.parameters()
+        return Forecast(dict(celldensity=u, **_observe(u, fit)), params, fit.seconds, time.perf_counter() - t)
+
+
+class Residual(_ParallelHybrid):
+    name = "residual"
+
+    def model(self):
+        from neurohybrid.hybrid.residual import ParallelResidual
+
+        corr = GridCorrection(2, int(self.s["channels"]), scale=0.01).to(self.device)
+        return ParallelResidual(None, corr, method="euler")
+
+
+class UDE(_ParallelHybrid):
+    name = "ude"
+    uses_penalty = False
+
+    def model(self):
+        from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE
+
+        corr = VoxelCorrection(2, hidden=int(self.s["channels"]) * 2, scale=0.01).to(self.device)
+        return NeuralODE(HybridDynamics(lambda u: torch.zeros_like(u), corr), method="euler")
+
+
+# ---------------------------------------------------------------------------------------------
+# amortised inference (series) and amortised + residual (parallel-series)
+# ---------------------------------------------------------------------------------------------
+
+def _amortised_image(inputs, s) -> np.ndarray:
+    a = inputs.arrays
+    box = grid.tumour_box([a["flair"][0]], a["wm"].shape, int(s["calib_margin"]))
+    return np.stack([a["t1gd"][0][box], a["flair"][0][box], a["wm"][box], a["gm"][box]]).astype(np.float32)
+
+
+def _label(params, s) -> np.ndarray:
+    return np.array([np.log(params[0] / float(s["prior_dw"])), np.log(params[1] / float(s["prior_rho"]))], np.float32)
+
+
+def train_amortised(family: GliomaFamily, pairs) -> dict:
+    """Labels: each training subject's (D_w, rho) calibrated on ALL its sessions (its target is
+    training data); the network learns to predict them from the first session alone."""
+    from neurohybrid.hybrid.training import train_loop
+
+    s = family.s
+    xs, ys, labels = [], [], []
+    for inputs, target in pairs:
+        a = inputs.arrays
+        tgt = cropped_target(inputs, target)
+        days = list(inputs.meta["days"]) + [float(inputs.meta["target_day"])]
+        fit = mech.calibrate(a["wm"], a["gm"], np.concatenate([a["t1gd"], tgt["t1gd"][None]]),
+                             np.concatenate([a["flair"], tgt["flair"][None]]), days, _spacing(inputs), s)
+        labels.append({"subject": inputs.subject, "dw": fit.dw, "rho": fit.rho})
+        xs.append(family.tensor(_amortised_image(inputs, s))[None])
+        ys.append(family.tensor(_label((fit.dw, fit.rho), s))[None])
+    net = ParamNet(4, 2, int(s["channels"])).to(family.device)
+
+    def loss_fn(idx):
+        return sum(((net(xs[i]) - ys[i]) ** 2).mean() for i in idx) / len(idx)
+
+    kw = family.train_kw()
+    kw["epochs"] = 4 * kw["epochs"]  # a handful of scalars: cheap epochs
+    result = train_loop(net, loss_fn, len(xs), **kw)
+    return {"amortised_state_dict": net.state_dict(), "amortised_history": result.history, "labels": labels}
+
+
+def amortised_parameters(family: GliomaFamily, inputs, trained) -> dict:
+    s = family.s
+    net = ParamNet(4, 2, int(s["channels"])).to(family.device)
+    net.load_state_dict(trained["amortised_state_dict"])
+    with torch.no_grad():
+        z = net(family.tensor(_amortised_image(inputs, s))[None])[0].cpu().numpy()
+    dw = float(np.clip(float(s["prior_dw"]) * np.exp(z[0]), *mech.DW_BOUNDS))
+    rho = float(np.clip(float(s["prior_rho"]) * np.exp(z[1]), *mech.RHO_BOUNDS))
+    return {"dw": dw, "rho": rho}
+
+
+class Amortised(GliomaFamily):
+    name = "amortised"
+    trains_across_subjects = True
+
+    def train(self, pairs):
+        out = train_amortised(self, pairs)
+        return {"state_dict": out["amortised_state_dict"], **out, "settings": self.s}
+
+    def forecast(self, inputs, trained):
+        _check_trained(trained, self.name)
+        start = time.perf_counter()
+        params = amortised_parameters(self, inputs, trained)
+        amortised_s = time.perf_counter() - start
+        fit = mech.calibrate_inputs(inputs, self.s, fixed=params)  # t0 only: D_w, rho come from the network
+        d_last, d_target = mech.forecast_days(inputs)
+        t = time.perf_counter()
+        u = mech.state_at(inputs, fit, [d_last, d_target], self.s)[-1]
+        return Forecast(dict(celldensity=u, **_observe(u, fit)), {**fit.parameters(), "amortised_seconds": amortised_s},
+                        fit.seconds + amortised_s, time.perf_counter() - t)
+
+
+class AmortisedResidual(_ParallelHybrid):
+    name = "amortised_residual"
+
+    def model(self):
+        return Residual.model(self)
+
+    def fit_subject(self, inputs, trained):
+        return mech.calibrate_inputs(inputs, self.s, fixed=amortised_parameters(self, inputs, trained))
+
+    def train(self, pairs):
+        amortised = train_amortised(self, pairs)
+        cases = [self.case(inputs, self.fit_subject(inputs, amortised), target) for inputs, target in pairs]
+        return self.train_correction(cases, amortised)
+
+
+# ---------------------------------------------------------------------------------------------
+# solver in the loop (series): coarse grid + learned correction
+# ---------------------------------------------------------------------------------------------
+
+class CoarseGliomaStep:
+    """Advance the coarse grid (2x the voxel size) by `delta` days with its own stable Euler steps.
+
+    u: (M, X, Y, Z); covariates (M, N, 4): wm, gm, D_w, rho per voxel (per-member parameters ride
+    in the covariates so that ``hybrid.solver_in_loop`` keeps them aligned with repeated members).
+    """
+
+    def __init__(self, spacing, delta, s):
+        self.spacing = tuple(2.0 * h for h in spacing)
+        self.delta = float(delta)
+        self.s = s
+
+    def __call__(self, u, covariates):
+        from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch, stable_dt
+
+        m, shape = u.shape[0], tuple(u.shape[1:])
+        cov = covariates.expand(m, *covariates.shape[-2:])
+        wm, gm = cov[..., 0].reshape(m, *shape), cov[..., 1].reshape(m, *shape)
+        dw = cov[:, 0, 2].reshape(m, 1, 1, 1)
+        rho = cov[:, 0, 3].reshape(m, 1, 1, 1)
+        dg = float(self.s["dg_ratio"])
+        dmax = float((dw * (wm + dg * gm)).max())
+        dt = stable_dt(dmax, self.spacing, float(rho.max()), max_rho_dt=float(self.s["max_rho_dt"]))
+        n = max(1, math.ceil(self.delta / dt - 1e-9))
+        coeffs = glioma_coefficients_torch(wm, gm, self.spacing, dw, dg)
+        for _ in range(n):
+            u = glioma_step_torch(u, coeffs, self.delta / n, rho)
+        return u
+
+
+def _pool(a: np.ndarray) -> np.ndarray:
+    """2x2x2 average pooling after padding to even sizes (edge values repeated)."""
+    pad = [(0, s % 2) for s in a.shape]
+    a = np.pad(a, pad, mode="edge")
+    x, y, z = a.shape
+    return a.reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+
+
+def _sol_covariates(wm_c, gm_c, dw, rho):
+    n = wm_c.size
+    return np.stack([wm_c.ravel(), gm_c.ravel(), np.full(n, dw, np.float32), np.full(n, rho, np.float32)], -1)[None]
+
+
+class SolverInLoop(GliomaFamily):
+    name = "sol"
+    trains_across_subjects = True
+    precomputed = False
+
+    def model(self, spacing, delta):
+        from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
+
+        corr = GridCorrection(4, int(self.s["channels"]), scale=0.01).to(self.device)
+        return CorrectedSolver(CoarseGliomaStep(spacing, delta, self.s), corr)
+
+    def training_data(self, pairs):
+        """Fine (Numba) trajectories from each training subject's calibrated state at its last
+        session, sampled every `sol_step_days`, pooled onto the coarse grid, in a fixed-size box
+        around the tumour (one shape for the whole batch)."""
+        s = self.s
+        half = int(s["sol_box_vox"]) // 2
+        fines, covs, spacings = [], [], []
+        for inputs, _ in pairs:
+            a = inputs.arrays
+            fit = mech.calibrate_inputs(inputs, s, seed=int((self.config or {}).get("seed", 0)))
+            d_last, _ = mech.forecast_days(inputs)
+            u_last = mech.state_at(inputs, fit, [d_last], s)[0]
+            center = np.argwhere(a["flair"][-1] | a["t1gd"][-1]).mean(axis=0) if (a["flair"][-1].any() or a["t1gd"][-1].any()) else np.array(fit.center)
+            box = []
+            for c, n in zip(center, a["wm"].shape):
+                size = min(2 * half, n - n % 2)
+                lo = int(np.clip(round(c) - half, 0, n - size))
+                box.append(slice(lo, lo + size))
+            box = tuple(box)
+            wm, gm, u0 = a["wm"][box], a["gm"][box], u_last[box]
+            delta = float(s["sol_step_days"])
+            steps = int(s["sol_train_steps"])
+            states = mech.simulate(np.ascontiguousarray(wm), np.ascontiguousarray(gm), np.ascontiguousarray(u0),
+                                   _spacing(inputs), fit.dw, fit.rho, [delta * k for k in range(1, steps + 1)], s)
+            fines.append(np.stack([_pool(u0)] + [_pool(u) for u in states]))
+            covs.append(_sol_covariates(_pool(wm), _pool(gm), fit.dw, fit.rho)[0])
+            spacings.append(_spacing(inputs))
+        if any(np.abs(np.subtract(sp, spacings[0])).max() > 1e-6 for sp in spacings):
+            raise InputError("training subjects have different voxel sizes: SOL needs one grid")
+        return self.tensor(np.stack(fines)), self.tensor(np.stack(covs)), spacings[0]
+
+    def train(self, pairs):
+        from neurohybrid.hybrid.solver_in_loop import train_precomputed, train_sol
+
+        fine, cov, spacing = self.training_data(pairs)
+        model = self.model(spacing, float(self.s["sol_step_days"]))
+        model.correction.set_shape(fine.shape[2:])
+        if self.precomputed:
+            result = train_precomputed(model, fine, covariates=cov, **self.train_kw())
+        else:
+            result = train_sol(model, fine, n_unroll=int(self.s["sol_unroll"]), covariates=cov, **self.train_kw())
+        return {"state_dict": model.correction.state_dict(), "history": result.history, "settings": self.s,
+                "training_target": "precomputed one-step" if self.precomputed else f"SOL-{int(self.s['sol_unroll'])} unrolled"}
+
+    def forecast(self, inputs, trained):
+        from neurohybrid.hybrid.solver_in_loop import time_call
+
+        _check_trained(trained, self.name)
+        s = self.s
+        fit = mech.calibrate_inputs(inputs, s, seed=int((self.config or {}).get("seed", 0)))
+        d_last, d_target = mech.forecast_days(inputs)
+        gap = d_target - d_last
+        a = inputs.arrays
+        u_last = mech.state_at(inputs, fit, [d_last], s)[0]
+        n_macro = max(1, math.ceil(gap / float(s["sol_step_days"]) - 1e-9))
+        model = self.model(_spacing(inputs), gap / n_macro)
+        model.correction.load_state_dict(trained["state_dict"])
+        wm_c, gm_c = _pool(a["wm"]), _pool(a["gm"])
+        model.correction.set_shape(wm_c.shape)
+        model.set_context(self.tensor(_sol_covariates(wm_c, gm_c, fit.dw, fit.rho)))
+        u0_c = self.tensor(_pool(u_last))[None]
+        tissue = (a["wm"] + a["gm"]) > 0
+
+        def upsample(uc):
+            up = F.interpolate(uc[None], scale_factor=2, mode="trilinear", align_corners=False)[0, 0]
+            x, y, z = a["wm"].shape
+            return np.clip(up[:x, :y, :z].cpu().numpy(), 0, 1) * tissue
+
+        def run_sol():
+            return model.rollout(u0_c, n_macro)[:, -1]
+
+        def run_coarse():
+            u = u0_c
+            for _ in range(n_macro):
+                u = model.coarse_step(u, model.covariates)
+            return u
+
+        def run_fine():
+            return mech.simulate(a["wm"], a["gm"], u_last, _spacing(inputs), fit.dw, fit.rho, [gap], s)[-1]
+
+        t = time.perf_counter()
+        with torch.no_grad():
+            u = upsample(run_sol())
+            u_coarse = upsample(run_coarse())
+        inference = time.perf_counter() - t
+        u_fine = run_fine()
+        sol_cost = time_call(run_sol, repeats=2)
+        fine_cost = time_call(run_fine, repeats=2)
+
+        def rel(x):
+            return float(np.linalg.norm(x - u_fine) / max(np.linalg.norm(u_fine), 1e-12))
+
+        extra = dict(sol_error=rel(u), coarse_error=rel(u_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
+                     sol_macro_steps=n_macro, sol_error_metric="relative L2 error of the density vs the fine Numba solver",
+                     training_target=trained.get("training_target"))
+        return Forecast(dict(celldensity=u.astype(np.float32), **_observe(u, fit)), fit.parameters(), fit.seconds, inference, extra)
+
+
+class SolverPrecomputed(SolverInLoop):
+    name = "sol_precomputed"
+    precomputed = True
+
+
+FAMILIES = {f.name: f for f in (Persistence, Mechanistic, DataDriven, Residual, UDE, SolverInLoop, SolverPrecomputed,
+                                Amortised, AmortisedResidual)}

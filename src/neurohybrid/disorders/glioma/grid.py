@@ -1,0 +1,155 @@
+"""Template-space grid handling shared by the voxel-wise disorders (glioma, stroke).
+
+Every subject's model inputs live on the same `res-model` template grid, cropped to one fixed box
+around the template brain, so cross-subject networks see arrays of one shape and forecasts can be
+written back onto the full grid from the offset stored in the inputs' json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from neurohybrid.errors import InputError
+from neurohybrid.io import check_same_grid, load_volume
+from neurohybrid.io.tsv import read_table
+
+SPACE = "MNI152NLin2009cSym"
+
+
+def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def template_box(shape, affine, margin: int = 2) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(offset, size) of the crop box: the template brain's bounding box plus `margin` voxels.
+
+    The box depends only on the grid, so it is the same for every subject. When the grid is not the
+    template's res-model grid (other field of view, e.g. small synthetic test grids) there is no
+    template brain to crop to and the whole grid is kept.
+    """
+    shape = tuple(int(s) for s in shape)
+    vox = voxel_size(affine)
+    if max(vox) - min(vox) < 1e-3:
+        try:
+            from neurohybrid.anatomy.templates import load_template
+
+            brain = load_template("brain", round(vox[0], 4))
+        except Exception:  # template unavailable: keep the whole grid rather than guess a box
+            brain = None
+        if brain is not None and tuple(brain.shape) == shape and np.allclose(brain.affine, affine, atol=1e-3):
+            idx = np.argwhere(np.asarray(brain.dataobj) > 0)
+            lo = np.maximum(idx.min(axis=0) - margin, 0)
+            hi = np.minimum(idx.max(axis=0) + 1 + margin, shape)
+            return tuple(int(v) for v in lo), tuple(int(v) for v in hi - lo)
+    return (0, 0, 0), shape
+
+
+def crop(arr: np.ndarray, offset, size) -> np.ndarray:
+    sl = tuple(slice(o, o + s) for o, s in zip(offset, size))
+    return np.ascontiguousarray(arr[(...,) + sl])
+
+
+def uncrop(arr: np.ndarray, offset, full_shape, fill=0) -> np.ndarray:
+    out = np.full(tuple(full_shape), fill, dtype=arr.dtype)
+    sl = tuple(slice(o, o + s) for o, s in zip(offset, arr.shape))
+    out[sl] = arr
+    return out
+
+
+def preproc_anat(preproc: Path, subject: str, label: str) -> Path:
+    return preproc / f"sub-{subject}" / "anat" / f"sub-{subject}_space-{SPACE}_res-model_label-{label}_probseg.nii.gz"
+
+
+def preproc_mask(preproc: Path, subject: str, session: str, desc: str) -> Path:
+    return (preproc / f"sub-{subject}" / f"ses-{session}" / "anat"
+            / f"sub-{subject}_ses-{session}_space-{SPACE}_res-model_desc-{desc}_mask.nii.gz")
+
+
+def preproc_cbf(preproc: Path, subject: str, session: str) -> Path:
+    return (preproc / f"sub-{subject}" / f"ses-{session}" / "perf"
+            / f"sub-{subject}_ses-{session}_space-{SPACE}_res-model_cbf.nii.gz")
+
+
+class GridReader:
+    """Loads a subject's res-model volumes, checking they all share the first one's grid."""
+
+    def __init__(self, subject: str):
+        self.subject = subject
+        self.reference = None
+
+    def load(self, path: Path, *, value_range=None, binary=False) -> np.ndarray:
+        data, affine = load_volume(path, subject=self.subject, value_range=value_range)
+        if self.reference is None:
+            self.reference = (str(path), data, affine)
+        else:
+            check_same_grid(self.reference, (str(path), data, affine), subject=self.subject)
+        if binary:
+            values = np.unique(data)
+            if not np.all(np.isin(values, (0.0, 1.0))):
+                raise InputError(f"mask must hold only 0 and 1, found values {values[:5].tolist()}...", file=path, subject=self.subject)
+            return data > 0.5
+        return data
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.reference[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.reference[1].shape)
+
+
+def read_sessions(bids: Path, subject: str, time_column: str) -> list[tuple[str, float]]:
+    """(session label, time) sorted by time, from <bids>/sub-S/sub-S_sessions.tsv."""
+    path = bids / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+    table = read_table(path, subject=subject, required=["session_id", time_column])
+    rows = []
+    for sid, t in zip(table["session_id"], table[time_column]):
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if not np.isfinite(t):
+            raise InputError(f"session {sid} has no valid {time_column}", file=path, subject=subject)
+        rows.append((str(sid).removeprefix("ses-"), t))
+    rows.sort(key=lambda r: r[1])
+    if len({r[1] for r in rows}) != len(rows):
+        raise InputError(f"two sessions share the same {time_column}", file=path, subject=subject)
+    return rows
+
+
+def settings(config: dict, disorder: str, defaults: dict, sloppy_overrides: dict) -> dict:
+    """Model settings: code defaults, then config `models:`, then config `<disorder>:`; `sloppy: true`
+    (top level or in either section) applies the fast overrides to keys the config did not set."""
+    config = config or {}
+    models = config.get("models") or {}
+    section = config.get(disorder) or {}
+    out = dict(defaults)
+    explicit = set()
+    for src in (models, section):
+        for key in defaults:
+            if key in src:
+                out[key] = type(defaults[key])(src[key]) if defaults[key] is not None else src[key]
+                explicit.add(key)
+    sloppy = bool(config.get("sloppy", False) or models.get("sloppy", False) or section.get("sloppy", False))
+    if sloppy:
+        for key, value in sloppy_overrides.items():
+            if key not in explicit:
+                out[key] = value
+    out["sloppy"] = sloppy
+    return out
+
+
+def tumour_box(masks: list[np.ndarray], shape, margin: int) -> tuple[slice, slice, slice]:
+    """Box around the union of masks, enlarged by `margin` voxels (clipped to the grid)."""
+    union = np.zeros(shape, bool)
+    for m in masks:
+        union |= m
+    if not union.any():
+        return tuple(slice(0, s) for s in shape)
+    idx = np.argwhere(union)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + 1 + margin, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

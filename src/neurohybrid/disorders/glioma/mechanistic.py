@@ -1,0 +1,231 @@
+"""Per-subject calibration of the Fisher-Kolmogorov glioma model on the earlier sessions.
+
+Unknowns: D_w (mm^2/day), rho (1/day), t0 (days from the seed to the first session) and, when
+``fit_thresholds`` is set, the T1Gd/FLAIR visibility thresholds. The seed sits at the centroid of the
+first session's T1Gd mask (FLAIR when T1Gd is empty): the enhancing core is where the tumour has been
+longest. The loss compares the model's soft observation sigmoid((u - theta) / tau) with the observed
+masks by soft Dice (smooth in the parameters, unlike hard Dice, so Nelder-Mead does not stall on
+plateaus), plus a weak log-normal prior on D_w and rho: with a single earlier session the front speed
+2 sqrt(D_w rho) and t0 trade off, and the prior picks the literature-typical member of that family.
+
+The search is derivative-free (``neurohybrid.hybrid.calibration.calibrate_derivative_free``, Nelder-
+Mead with restarts) on the Numba solver, simulated only in a box around the tumour (the far brain
+never reaches the observation thresholds within the fitted times), which keeps one loss
+evaluation at milliseconds. Uncertainty: the spread of the restarts that reach the best loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from neurohybrid.disorders.glioma import grid
+from neurohybrid.errors import InputError
+
+DEFAULTS = dict(
+    crop_margin=3, theta_t1gd=0.7, theta_flair=0.25, dg_ratio=0.1, max_rho_dt=0.05, soft_tau=0.02,
+    seed_sigma_mm=2.0, calib_restarts=3, calib_iters=60, calib_margin=6, fit_thresholds=False,
+    prior_dw=0.1, prior_rho=0.05, prior_weight=0.02,
+    epochs=25, lr=0.01, channels=8, aphynity_lambda=0.1, train_margin=4,
+    sol_step_days=10.0, sol_unroll=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=60.0, threads=1,
+)
+SLOPPY = dict(calib_restarts=2, calib_iters=25, epochs=6, sol_train_steps=4, sol_box_vox=16, time_limit_s=15.0)
+
+DW_BOUNDS = (0.01, 1.0)
+RHO_BOUNDS = (0.005, 0.5)
+T0_BOUNDS = (1.0, 1500.0)
+
+
+def settings(config: dict) -> dict:
+    return grid.settings(config, "glioma", DEFAULTS, SLOPPY)
+
+
+@dataclasses.dataclass
+class GliomaFit:
+    dw: float
+    rho: float
+    t0: float
+    theta_t1gd: float
+    theta_flair: float
+    center: tuple[float, float, float]
+    loss: float = float("nan")
+    seconds: float = 0.0
+    sd_log: dict = dataclasses.field(default_factory=dict)
+
+    def parameters(self) -> dict:
+        out = dict(dw=self.dw, rho=self.rho, t0_days=self.t0, theta_t1gd=self.theta_t1gd,
+                   theta_flair=self.theta_flair, seed_voxel=list(self.center), calibration_loss=self.loss,
+                   calibration_seconds=self.seconds)
+        out.update({f"{k}_log_sd": v for k, v in self.sd_log.items()})
+        return out
+
+
+def seed_center(t1gd: np.ndarray, flair: np.ndarray) -> tuple[float, float, float]:
+    mask = t1gd if t1gd.any() else flair
+    if not mask.any():
+        raise InputError("no tumour voxel in the first session to seed the model from")
+    return tuple(float(c) for c in np.argwhere(mask).mean(axis=0))
+
+
+def initial_density(shape, spacing, center, s: dict) -> np.ndarray:
+    from neurohybrid.solvers.glioma import gaussian_seed
+
+    return gaussian_seed(shape, spacing, center, sigma_mm=float(s["seed_sigma_mm"]), amplitude=1.0).astype(np.float32)
+
+
+def simulate(wm, gm, u0, spacing, dw, rho, times, s: dict) -> list[np.ndarray]:
+    """Numba solver states at the given (sorted, > 0) model times."""
+    from neurohybrid.solvers.glioma import simulate_glioma
+
+    times = [float(t) for t in times]
+    return simulate_glioma(wm, gm, u0, spacing=spacing, dw=dw, rho=rho, days=times[-1], dg_ratio=float(s["dg_ratio"]),
+                           save_days=times, max_rho_dt=float(s["max_rho_dt"]), threads=int(s["threads"]))
+
+
+def soft_dice_np(p: np.ndarray, m: np.ndarray) -> float:
+    return 1.0 - 2.0 * float((p * m).sum()) / (float(p.sum() + m.sum()) + 1e-6)
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
+    """Fit (D_w, rho, t0[, thresholds]) to the sessions' masks t1gd/flair (S, X, Y, Z) at `days`.
+
+    fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
+    D_w and rho).
+    """
+    from neurohybrid.hybrid.calibration import Bounds
+
+    start = time.perf_counter()
+    t1gd, flair = np.asarray(t1gd, bool), np.asarray(flair, bool)
+    days = np.asarray(days, float) - float(days[0])
+    center = seed_center(t1gd[0], flair[0])
+    box = grid.tumour_box(list(flair) + list(t1gd), wm.shape, int(s["calib_margin"]))
+    wm_b, gm_b = np.ascontiguousarray(wm[box], np.float32), np.ascontiguousarray(gm[box], np.float32)
+    c_box = tuple(c - sl.start for c, sl in zip(center, box))
+    u0 = initial_density(wm_b.shape, spacing, c_box, s)
+    obs_t1, obs_fl = t1gd[(slice(None),) + box].astype(np.float32), flair[(slice(None),) + box].astype(np.float32)
+    tau = float(s["soft_tau"])
+    fit_thr = bool(s["fit_thresholds"]) and fixed is None
+    prior_w = float(s["prior_weight"])
+    lp_dw, lp_rho = np.log(float(s["prior_dw"])), np.log(float(s["prior_rho"]))
+
+    # initial t0 from the front speed of the prior parameters and the first FLAIR radius
+    vol = float(flair[0].sum() or t1gd[0].sum()) * float(np.prod(spacing))
+    radius = (3.0 * vol / (4.0 * np.pi)) ** (1.0 / 3.0)
+
+    def unpack(theta):
+        theta = list(theta)
+        if fixed is not None:
+            dw, rho, t0 = float(fixed["dw"]), float(fixed["rho"]), theta[0]
+            th1, thf = float(s["theta_t1gd"]), float(s["theta_flair"])
+        else:
+            dw, rho, t0 = theta[:3]
+            th1, thf = (theta[3], theta[4]) if fit_thr else (float(s["theta_t1gd"]), float(s["theta_flair"]))
+        return dw, rho, t0, th1, min(thf, th1 - 0.05)
+
+    def loss(theta):
+        dw, rho, t0, th1, thf = unpack(theta)
+        try:
+            states = simulate(wm_b, gm_b, u0, spacing, dw, rho, t0 + days, s)
+        except InputError:
+            return np.inf
+        val = 0.0
+        for k, u in enumerate(states):
+            val += soft_dice_np(_sigmoid((u - th1) / tau), obs_t1[k]) + soft_dice_np(_sigmoid((u - thf) / tau), obs_fl[k])
+        val /= len(states)
+        if fixed is None:
+            val += prior_w * ((np.log(dw) - lp_dw) ** 2 + (np.log(rho) - lp_rho) ** 2)
+        return val
+
+    if fixed is not None:
+        speed = 2.0 * np.sqrt(float(fixed["dw"]) * float(fixed["rho"]))
+        init = [float(np.clip(radius / speed + 2.0 / float(fixed["rho"]), *T0_BOUNDS))]
+        bounds = Bounds([T0_BOUNDS[0]], [T0_BOUNDS[1]], [True])
+    else:
+        dw0, rho0 = float(s["prior_dw"]), float(s["prior_rho"])
+        t00 = float(np.clip(radius / (2.0 * np.sqrt(dw0 * rho0)) + 2.0 / rho0, *T0_BOUNDS))
+        lo, hi, logs = [DW_BOUNDS[0], RHO_BOUNDS[0], T0_BOUNDS[0]], [DW_BOUNDS[1], RHO_BOUNDS[1], T0_BOUNDS[1]], [True] * 3
+        init = [dw0, rho0, t00]
+        if fit_thr:
+            lo += [0.4, 0.1]
+            hi += [0.95, 0.4]
+            logs += [False, False]
+            init += [float(s["theta_t1gd"]), float(s["theta_flair"])]
+        bounds = Bounds(lo, hi, logs)
+    result = nelder_mead_restarts(loss, bounds, init, n_restarts=int(s["calib_restarts"]),
+                                  max_evals=int(s["calib_iters"]), seed=seed)
+    dw, rho, t0, th1, thf = unpack(result.theta)
+    names = ["t0"] if fixed is not None else ["dw", "rho", "t0"] + (["theta_t1gd", "theta_flair"] if fit_thr else [])
+    good = np.array([t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * 1.05 + 1e-9])
+    sd_log = {}
+    for i, n in enumerate(names):
+        vals = np.log(good[:, i]) if bounds.log[i] else good[:, i]
+        sd_log[n] = float(np.std(vals)) if len(good) > 1 else 0.0
+    return GliomaFit(float(dw), float(rho), float(t0), float(th1), float(thf), center, float(result.loss),
+                     time.perf_counter() - start, sd_log)
+
+
+def nelder_mead_restarts(loss, bounds, init, *, n_restarts: int, max_evals: int, seed: int = 0, step: float = 0.35):
+    """Nelder-Mead from `init` and n_restarts-1 seeded jittered starts, in log space (for log bounds)
+    with an explicit initial simplex of `step` per axis, clipped to the bounds.
+
+    Written here rather than using ``hybrid.calibration.calibrate_derivative_free`` because that
+    one searches a logit-transformed space where scipy's default initial simplex (5% of each
+    coordinate, 0.00025 at the centre) is too small to leave the start: the search stalled at init.
+    Returns a ``hybrid.calibration.CalibrationResult``.
+    """
+    from scipy.optimize import minimize
+
+    from neurohybrid.hybrid.calibration import CalibrationResult
+
+    start_time = time.perf_counter()
+    logs = np.asarray(bounds.log, bool)
+    lo = np.where(logs, np.log(bounds.lower), bounds.lower)
+    hi = np.where(logs, np.log(bounds.upper), bounds.upper)
+    to_nat = lambda x: np.where(logs, np.exp(np.clip(x, lo, hi)), np.clip(x, lo, hi))  # noqa: E731
+    x_init = np.where(logs, np.log(np.asarray(init, float)), np.asarray(init, float))
+    rng = np.random.default_rng(seed)
+    width = np.where(logs, step, step * (hi - lo) / 4.0)
+    starts = [x_init] + [np.clip(x_init + rng.normal(0.0, 2.0, x_init.size) * width, lo, hi) for _ in range(max(0, n_restarts - 1))]
+    runs = []
+    for x0 in starts:
+        hist = []
+
+        def f(x):
+            # outside the box: the loss at the clipped point plus a quadratic wall, so NM comes back
+            val = float(loss(to_nat(x))) + 10.0 * float(np.sum((x - np.clip(x, lo, hi)) ** 2))
+            hist.append(val)
+            return val if np.isfinite(val) else 1e6
+
+        simplex = np.vstack([x0] + [x0 + np.eye(x0.size)[i] * width[i] for i in range(x0.size)])
+        res = minimize(f, x0, method="Nelder-Mead",
+                       options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-5})
+        runs.append((to_nat(res.x), float(res.fun), hist))
+    best = min(runs, key=lambda r: r[1])
+    return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2], time.perf_counter() - start_time,
+                             "nelder-mead (log space, restarts)")
+
+
+def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
+    a = inputs.arrays
+    return calibrate(a["wm"], a["gm"], a["t1gd"], a["flair"], inputs.meta["days"], tuple(inputs.meta["voxel_mm"]), s,
+                     fixed=fixed, seed=seed)
+
+
+def state_at(inputs, fit: GliomaFit, s: dict, rel_days: list[float]) -> list[np.ndarray]:
+    """Model states on the whole crop at days relative to the first session."""
+    a = inputs.arrays
+    spacing = tuple(inputs.meta["voxel_mm"])
+    u0 = initial_density(a["wm"].shape, spacing, fit.center, s)
+    return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s)
+
+
+def forecast_days(inputs) -> tuple[float, float]:
+    """(day of the last input session, day to forecast), both relative to the first session."""
+    d0 = float(inputs.meta["days"][0])
+    return float(inputs.meta["days"][-1]) - d0, float(inputs.meta["target_day"]) - d0
