@@ -269,6 +269,15 @@ def trained_model(wildcards):
     return rules.train_model.output[0].format(disorder=disorder, fold=fold_of(wildcards.subject), family=wildcards.family)
 
 
+def persistence_reference(wildcards):
+    """Alzheimer's scores include the error relative to "no change", read from the persistence
+    forecast beside the scored one: make it a real dependency so the metric never depends on
+    which job happened to finish first."""
+    if DISORDER_OF[wildcards.subject] == "alzheimer" and "persistence" in FAMILIES:
+        return f"{FORECASTS}/sub-{wildcards.subject}/sub-{wildcards.subject}_model-persistence_desc-fit.json"
+    return []
+
+
 def cohort_figure(name, caption, label):
     """A cohort figure as a report item (caption paths are relative to the rule files)."""
     return report(

@@ -7,6 +7,7 @@ rule evaluate:
         fit=rules.forecast.output[0],
         target=f"{SUBJECT_TARGET}.npz",
         truth=truth_dir(),
+        reference=persistence_reference,
     output:
         f"{METRICS}/sub-{{subject}}/sub-{{subject}}_model-{{family}}_metrics.tsv",
     params:

@@ -1,0 +1,166 @@
+"""The whole pipeline on a tiny demo cohort (sloppy mode: coarse grids, short registration,
+few iterations), then the same pipeline on a user-style BIDS folder with one corrupt subject and
+--keep-going. Needs every `neurohybrid` command the rules call: synth, preprocess
+{anat,lesions,pet,connectome}, inputs, train, forecast, evaluate, cohort {table,stats,figures}."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import snakemake, write_config, write_participants
+
+SUBJECTS = [("glioma01", "glioma"), ("glioma02", "glioma"), ("ad01", "alzheimer"), ("ad02", "alzheimer"),
+            ("stroke01", "stroke"), ("stroke02", "stroke")]
+FAMILIES = ["persistence", "mechanistic", "residual"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(path, participants, **overrides):
+    coarse = {"model_voxel_mm": 8.0}
+    return write_config(
+        path, participants=str(participants), sloppy=True, seed=7, device="cpu",
+        synth={"voxel_mm": 4.0},
+        preprocessing={"fast": True, "resources": {"threads": 1, "mem_mb": 2000, "runtime": 10}},
+        models={"families": FAMILIES, "n_folds": 2, "epochs": 2, "restarts": 1, "fit_iterations": 5},
+        glioma=coarse, alzheimer=coarse, stroke=coarse, **overrides)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    participants = write_participants(work / "participants.tsv", SUBJECTS)
+    cfg = tiny_config(work / "config.yaml", participants)
+    result = snakemake(work, cfg, "--cores", "2", timeout=900)
+    return work, cfg, result
+
+
+def test_demo_pipeline_completes_with_sane_outputs(demo_run):
+    work, cfg, result = demo_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = work / "results"
+
+    # provenance beside the derivatives
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "neurohybrid"
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["sloppy"] is True and resolved["models"]["families"] == FAMILIES
+    assert resolved["participants"] == str(work / "participants.tsv")
+
+    # the generated cohort is BIDS, its ground truth kept apart, and no model read it
+    bids = out / "sourcedata" / "bids"
+    assert (bids / "dataset_description.json").is_file()
+    listed = pd.read_csv(bids / "participants.tsv", sep="\t")
+    assert sorted(listed.participant_id) == sorted(f"sub-{s}" for s, _ in SUBJECTS)
+    for subject, _ in SUBJECTS:
+        assert any((out / "groundtruth" / f"sub-{subject}").iterdir())
+    for log in (out / "logs" / "forecast").glob("*.log"):
+        assert "groundtruth" not in log.read_text()
+
+    # preprocessing: tissue probabilities, connectomes for the Alzheimer's subjects, QC figures
+    import nibabel as nib
+
+    for subject, disorder in SUBJECTS:
+        anat = out / "preproc" / f"sub-{subject}" / "anat"
+        gm = np.asarray(nib.load(anat / f"sub-{subject}_label-GM_probseg.nii.gz").dataobj)
+        assert gm.min() >= 0 and gm.max() <= 1 and gm.max() > 0.5
+        assert (out / "preproc" / f"sub-{subject}" / "figures" / f"sub-{subject}_desc-qc.png").read_bytes()[:8] == PNG
+        if disorder == "alzheimer":
+            conn = pd.read_csv(out / "preproc" / f"sub-{subject}" / "dwi" / f"sub-{subject}_atlas-DK_connectivity.tsv",
+                               sep="\t")
+            weights = conn.select_dtypes("number").to_numpy()
+            assert weights.shape[0] == weights.shape[1] and np.allclose(weights, weights.T) and weights.sum() > 0
+
+    # forecasts: the fold model of a cross-subject family was never trained on the forecast subject
+    for subject, disorder in SUBJECTS:
+        for family in FAMILIES:
+            fit = json.loads((out / "forecasts" / f"sub-{subject}" / f"sub-{subject}_model-{family}_desc-fit.json").read_text())
+            assert fit["model"] == family and fit["disorder"] == disorder
+            if family == "residual":
+                assert fit["trained_on"] and subject not in fit["trained_on"]
+                assert all(s.startswith(subject.rstrip("0123456789")) for s in fit["trained_on"])
+
+    # one tidy table with every subject x family, sane values
+    metrics = pd.read_csv(out / "cohort" / "metrics.tsv", sep="\t")
+    assert list(metrics.columns[:5]) == ["subject", "disorder", "model", "metric", "value"]
+    pairs = set(zip(metrics.subject, metrics.model))
+    assert pairs == {(s, f) for s, _ in SUBJECTS for f in FAMILIES}
+    for subject, disorder in SUBJECTS:
+        assert set(metrics.loc[metrics.subject == subject, "disorder"]) == {disorder}
+    dice = metrics[metrics.metric.str.startswith("dice")]
+    assert len(dice) == 2 * 3 * 2 + 2 * 3  # glioma T1Gd + FLAIR, stroke infarct
+    assert dice.value.between(0, 1).all()
+    rmse = metrics[metrics.metric == "rmse_suvr"]
+    assert len(rmse) == 2 * 3 and (rmse.value >= 0).all() and np.isfinite(rmse.value).all()
+    # "no change" relative to itself is exactly 1
+    rel = metrics[(metrics.metric == "rmse_rel_persistence") & (metrics.model == "persistence")]
+    assert len(rel) == 2 and np.allclose(rel.value, 1.0)
+    assert (metrics[metrics.metric == "fit_seconds"].value >= 0).all()
+
+    summary = pd.read_csv(out / "cohort" / "summary.tsv", sep="\t")
+    assert set(summary.disorder) == {"glioma", "alzheimer", "stroke"}
+    assert (out / "cohort" / "stats.tsv").is_file()
+    figures = sorted((out / "cohort" / "figures").glob("*.png"))
+    assert len(figures) == 8 and all(f.read_bytes()[:8] == PNG for f in figures)
+
+    # every job left a log and a benchmark
+    for rule in ("preprocess_anat", "model_inputs", "train_model", "forecast", "evaluate"):
+        assert list((out / "logs" / rule).iterdir()) and list((out / "benchmarks" / rule).iterdir())
+
+    # nothing left to do: a second run is a no-op
+    again = snakemake(work, cfg, "--dry-run", "--cores", "2")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_report_html(demo_run):
+    work, cfg, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    report = work / "results" / "report.html"
+    made = snakemake(work, cfg, "--report", str(report))
+    assert made.returncode == 0, made.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    for item in ("metrics.tsv", "summary.tsv", "boxplot_glioma.png", "sub-ad01_desc-qc.png"):
+        assert item in html
+    assert "paired Wilcoxon" in html  # a caption made it in
+
+
+def test_keep_going_with_a_corrupt_subject(demo_run, tmp_path):
+    """A user BIDS folder where one subject's T1w is not a NIfTI: that subject fails with an error
+    naming it and the file; with --keep-going the other subject still runs to its metrics."""
+    work, _, result = demo_run
+    source = work / "results" / "sourcedata" / "bids"
+    if not (source / "sub-stroke01").is_dir():
+        pytest.skip("the demo run did not generate its cohort (reported by the test above)")
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    for item in ("dataset_description.json", "sub-stroke01", "sub-glioma01"):
+        (shutil.copytree if (source / item).is_dir() else shutil.copy)(source / item, bids / item)
+    for subject in ("stroke01", "glioma01"):
+        shutil.copytree(source / "derivatives" / "lesions" / f"sub-{subject}",
+                        bids / "derivatives" / "lesions" / f"sub-{subject}")
+    broken = sorted((bids / "sub-glioma01").glob("ses-*/anat/sub-glioma01_ses-*_T1w.nii.gz"))[0]
+    broken.write_bytes(b"\x1f\x8b this is not a NIfTI image")
+
+    participants = write_participants(tmp_path / "participants.tsv", [("glioma01", "glioma"), ("stroke01", "stroke")])
+    cfg = tiny_config(tmp_path / "config.yaml", participants, bids_dir=str(bids), output_dir="out",
+                      models={"families": ["persistence"]})
+    run = snakemake(tmp_path, cfg, "--cores", "2", "--keep-going", timeout=600)
+    assert run.returncode != 0
+
+    out = tmp_path / "out"
+    assert (out / "metrics" / "sub-stroke01" / "sub-stroke01_model-persistence_metrics.tsv").is_file()
+    assert not (out / "metrics" / "sub-glioma01").exists()
+    assert not (out / "cohort" / "metrics.tsv").exists()  # the cohort table needs every subject
+    log = out / "logs" / "preprocess_anat" / "sub-glioma01.log"
+    assert "rule preprocess_anat" in run.stderr and str(log.relative_to(tmp_path)) in run.stderr
+    message = log.read_text()
+    assert "subject glioma01" in message and broken.name in message
+    assert "Traceback" not in message  # one clear line, not a stack trace
