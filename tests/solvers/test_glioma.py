@@ -118,7 +118,7 @@ def _cosine_problem(n, dt_factor, days):
 
 def test_convergence_order_against_exact_diffusion_mode():
     # Grid and time refined together (dt ~ h^2): error O(h^2) + O(dt) = O(h^2).
-    # Measured here: errors 1.9e-3, 4.7e-4, 1.2e-4 -> orders 2.00 and 2.00.
+    # Measured: RMS errors 3.9e-4, 9.6e-5, 2.4e-5 -> orders 2.01 and 2.00.
     errs = [_cosine_problem(n, dt_factor=0.5, days=10.0) for n in (2, 4, 8)]
     orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
     assert all(1.85 < p < 2.15 for p in orders), (errs, orders)
@@ -126,7 +126,7 @@ def test_convergence_order_against_exact_diffusion_mode():
 
 def test_self_convergence_order_with_growth_and_heterogeneous_tissue():
     # Full model (reaction + smoothly varying D): compare successive refinements, restricting the
-    # finer solution to the coarser grid by 2x2x2 averaging. Measured order ~2.0.
+    # finer solution to the coarser grid by 2x2x2 averaging. Measured: 1.29e-3, 3.23e-4 -> 2.00.
     def run(n):
         shape = (4 * n, 4 * n, 2 * n)
         h = 8.0 / shape[0]
@@ -187,7 +187,8 @@ def _second_moments(u, spacing=1.0):
 
 def test_tensor_spreads_along_its_principal_direction_at_the_right_rate():
     # Pure diffusion of a small blob in a large homogeneous box: the covariance of u grows as
-    # 2 D_tensor t (before the walls matter). Axis-aligned and 45-degree-rotated tensors.
+    # 2 D_tensor t (before the walls matter). Axis-aligned and 45-degree-rotated tensors; the
+    # rotated one checks the cross terms (measured growth xy = 0.250 for 0.25, xx = 0.350).
     shape = (31, 31, 15)
     wm, gm = np.ones(shape), np.zeros(shape)
     u0 = g.gaussian_seed(shape, (1, 1, 1), (15, 15, 7), sigma_mm=1.5)
@@ -197,7 +198,7 @@ def test_tensor_spreads_along_its_principal_direction_at_the_right_rate():
         tens = _rotated_tensor(shape, (3.0, 0.5, 0.5), angle)
         u = g.simulate_glioma(wm, gm, u0, dw=0.2, rho=0.0, days=days, tensor=tens)
         growth = (_second_moments(u) - cov0) / (2 * days)
-        assert np.allclose(growth, 0.2 * tens[0, 0, 0], atol=0.03 * 0.6), (angle, growth)
+        assert np.allclose(growth, 0.2 * tens[0, 0, 0], atol=0.005), (angle, growth)
     # the axis-aligned case against isotropic: spreads faster along x than y
     tens = _rotated_tensor(shape, (3.0, 0.5, 0.5), 0.0)
     u = g.simulate_glioma(wm, gm, u0, dw=0.2, rho=0.0, days=days, tensor=tens)

@@ -521,8 +521,11 @@ def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, d
             raise InputError(f"{name} contains NaN or infinite values")
         if (a < 0).any() or (a > 1 + 1e-6).any():
             raise InputError(f"{name} must lie in [0, 1]")
-    dw_v = _check_scalar("dw", float(dw), positive=True)
-    rho_v = _check_scalar("rho", float(rho))
+    def _value(x):
+        return float(x.detach()) if isinstance(x, torch.Tensor) else x
+
+    dw_v = _check_scalar("dw", _value(dw), positive=True)
+    rho_v = _check_scalar("rho", _value(rho))
     days = _check_scalar("days", days)
     spacing = _check_spacing(spacing)
     save = _check_save_days(save_days, days)
