@@ -46,7 +46,10 @@ def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
         csf = np.where(brain, np.clip(1.0 - gmd - wmd, 0.0, 1.0), 0.0)
         return nib.Nifti1Image(csf.astype(np.float32), gm.affine)
     img = nib.load(str(template_path(kind)))
-    img = nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    data = np.asarray(img.get_fdata(), dtype=np.float32)
+    if kind in ("gm", "wm"):
+        data /= 255.0  # nilearn ships the probability maps as uint8 0..255 (no scl_slope)
+    img = nib.Nifti1Image(data, img.affine)
     if abs(voxel_mm - 1.0) < 1e-9:
         return img
     from nilearn.image import resample_img
