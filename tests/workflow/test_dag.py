@@ -172,7 +172,7 @@ def model_job_resources(stdout):
 
 def test_device_cuda_requests_a_gpu(tmp_path):
     """Model jobs ask for a GPU only with device: cuda (the default config's 'auto' asks for none)."""
-    participants = write_participants(tmp_path / "p.tsv", [("g1", "glioma"), ("g2", "glioma")])
+    participants = write_participants(tmp_path / "p.tsv", [("glioma01", "glioma"), ("glioma02", "glioma")])
     results = {}
     for device in ("auto", "cuda"):
         cfg = write_config(tmp_path / f"{device}.yaml", participants=str(participants), device=device,
@@ -218,6 +218,15 @@ def test_invalid_participants_row_stops_before_any_job(tmp_path, rows, expected)
     result = snakemake(tmp_path, cfg, "--cores", "1")
     assert result.returncode != 0
     assert f"participants table {table}, {expected}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_cohort_needs_the_generators_subject_ids(tmp_path):
+    table = write_participants(tmp_path / "p.tsv", [("glioma01", "glioma"), ("glioma03", "glioma")])
+    cfg = write_config(tmp_path / "config.yaml", participants=str(table), output_dir="out")
+    result = snakemake(tmp_path, cfg, "--cores", "1")
+    assert result.returncode != 0
+    assert f"participants table {table}, row 3 (participant_id 'sub-glioma03'): the demo cohort" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

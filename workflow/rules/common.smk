@@ -98,7 +98,27 @@ def load_participants(path):
     return table.set_index("subject", drop=False)
 
 
+DEMO_PREFIX = {"glioma": "glioma", "alzheimer": "ad", "stroke": "stroke"}
+
+
+def check_demo_participants(table, path):
+    """The generator numbers its subjects <prefix>01, <prefix>02, ... per disorder."""
+    for disorder, prefix in DEMO_PREFIX.items():
+        rows = table[table["disorder"] == disorder]
+        expected = [f"{prefix}{i + 1:02d}" for i in range(len(rows))]
+        if sorted(rows["subject"]) != expected:
+            wrong = sorted(set(rows["subject"]) - set(expected)) or expected
+            line = next((i + 2 for i, s in enumerate(table["subject"]) if s == wrong[0]), None)
+            where = f"row {line} (participant_id 'sub-{wrong[0]}')" if line else f"disorder {disorder}"
+            raise WorkflowError(
+                f"participants table {path}, {where}: the demo cohort (bids_dir empty) names its {disorder} "
+                f"subjects {prefix}01..{prefix}{len(rows):02d}; set bids_dir to use other subjects"
+            )
+
+
 PARTICIPANTS = load_participants(config["participants"])
+if DEMO:
+    check_demo_participants(PARTICIPANTS.reset_index(drop=True), config["participants"])
 SUBJECTS = sorted(PARTICIPANTS["subject"])
 DISORDER_OF = PARTICIPANTS["disorder"].to_dict()
 SUBJECTS_OF = {d: sorted(s for s in SUBJECTS if DISORDER_OF[s] == d) for d in DISORDERS}
@@ -163,23 +183,6 @@ def fold_ids(disorder):
 
 # ---------------------------------------------------------------------------------------------
 # sessions and raw files
-
-
-def sessions(subject):
-    """Session labels of a subject, in acquisition order.
-
-    From the subject's sessions.tsv when it exists (user BIDS), else its ses-* folders, else (demo
-    cohort, not generated yet) the number of sessions the generator writes for the disorder.
-    """
-    sub_dir = Path(BIDS) / f"sub-{subject}"
-    table = sub_dir / f"sub-{subject}_sessions.tsv"
-    if table.is_file():
-        labels = pd.read_csv(table, sep="\t", dtype=str)["session_id"]
-        return [s.removeprefix("ses-") for s in labels]
-    if sub_dir.is_dir():
-        return sorted(p.name.removeprefix("ses-") for p in sub_dir.glob("ses-*") if p.is_dir())
-    n = config[DISORDER_OF[subject]].get("demo_sessions", 2)
-    return [f"{i + 1:02d}" for i in range(n)]
 
 
 def sessions_table(subject):

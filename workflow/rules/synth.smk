@@ -1,12 +1,11 @@
 # The embedded demo cohort: virtual patients on real anatomy, generated only when bids_dir is "".
-# Its subjects come from the participants table and its session count from config, so the whole
-# DAG is known before the cohort exists.
+# Its subjects are the participants table's rows (glioma01.., ad01.., stroke01..), so the whole
+# DAG is known before the cohort exists. Ground truth goes to its own folder, read only by evaluation.
 
 if DEMO:
 
     rule synth_cohort:
         input:
-            config=RESOLVED_CONFIG,
             participants=config["participants"],
         output:
             description=f"{BIDS}/dataset_description.json",
@@ -15,17 +14,21 @@ if DEMO:
             truth=directory(TRUTH),
         params:
             bids=lambda wildcards, output: os.path.dirname(output.description),
+            counts=" ".join(f"--{d} {len(SUBJECTS_OF[d])}" for d in DISORDERS),
+            voxel=config["synth"].get("voxel_mm", 2.0),
+            dwi=min(config["synth"].get("dwi_subjects", 0), len(SUBJECTS_OF["alzheimer"])),
             seed=config["seed"],
+            sloppy="--sloppy" if SLOPPY else "",
         log:
             f"{LOGS}/synth_cohort.log",
         benchmark:
             f"{BENCH}/synth_cohort.tsv"
-        threads: resource("synth", "threads", 2)
+        threads: resource("synth", "threads", 1)
         resources:
             mem_mb=resource("synth", "mem_mb", 4000),
             runtime=resource("synth", "runtime", 30),
         conda:
             "../../envs/neurohybrid.yaml"
         shell:
-            "neurohybrid synth --out {params.bids} --truth {output.truth} --participants {input.participants}"
-            " --config {input.config} --seed {params.seed} --threads {threads} > {log} 2>&1"
+            "neurohybrid synth --out {params.bids} --truth {output.truth} {params.counts}"
+            " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --seed {params.seed} {params.sloppy} > {log} 2>&1"
