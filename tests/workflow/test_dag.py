@@ -192,7 +192,8 @@ def test_device_cuda_requests_a_gpu(tmp_path):
     "override, expected",
     [
         ({"models": {"n_folds": 1}}, "key 'models.n_folds': 1 is less than the minimum of 2"),
-        ({"glioma": {"model_voxel_mm": 4.0, "typo": 1}}, "key 'glioma.typo': unknown key"),
+        ({"preprocessing": {"backend": "ants", "fsat": True}}, "key 'preprocessing.fsat': unknown key"),
+        ({"glioma": {"model_voxel_mm": -4.0}}, "key 'glioma.model_voxel_mm': -4.0 is less than or equal to the minimum of 0"),
     ],
 )
 def test_invalid_config_key_stops_before_any_job(tmp_path, override, expected):

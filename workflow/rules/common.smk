@@ -215,15 +215,8 @@ def truth_dir():
 
 
 # ---------------------------------------------------------------------------------------------
-# per-rule threads and resources from config; runtime settings otherwise belong in profiles
-
-
-def resource(section, key, default):
-    return int(config.get(section, {}).get("resources", {}).get(key, default))
-
-
-def train_resource(key, default):
-    return int(config["models"].get("train_resources", {}).get(key, default))
+# per-job settings that depend on config (threads, memory and runtime are set in the rules and
+# adjusted per site in workflow/profiles/)
 
 
 def gpu_count():
@@ -297,17 +290,8 @@ def cohort_figure(name, caption, label):
 
 
 def provenance_config():
-    """The config as resolved for this run (file + --config overrides), minus scheduling hints.
-
-    Resources are left out so that changing them does not re-run the science.
-    """
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not k.endswith("resources")}
-        return value
-
-    return strip(dict(config))
+    """The config as resolved for this run: the config file(s) plus any --config overrides."""
+    return json.loads(json.dumps(config))
 
 
 def write_provenance(resolved, config_out, description_out):

@@ -26,10 +26,10 @@ rule preprocess_connectome:
         f"{BENCH}/preprocess_connectome/sub-{{subject}}.tsv"
     group:
         "subject"
-    threads: resource("preprocessing", "threads", 2)
+    threads: 2
     resources:
-        mem_mb=resource("preprocessing", "mem_mb", 4000),
-        runtime=resource("preprocessing", "runtime", 30),
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:

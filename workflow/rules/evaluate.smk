@@ -21,8 +21,8 @@ rule evaluate:
         f"{BENCH}/evaluate/sub-{{subject}}_model-{{family}}.tsv"
     threads: 1
     resources:
-        mem_mb=resource("evaluation", "mem_mb", 2000),
-        runtime=resource("evaluation", "runtime", 10),
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -47,8 +47,8 @@ rule cohort_table:
         f"{BENCH}/cohort_table.tsv"
     threads: 1
     resources:
-        mem_mb=resource("evaluation", "mem_mb", 2000),
-        runtime=resource("evaluation", "runtime", 10),
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -79,8 +79,8 @@ rule cohort_stats:
         f"{BENCH}/cohort_stats.tsv"
     threads: 1
     resources:
-        mem_mb=resource("evaluation", "mem_mb", 2000),
-        runtime=resource("evaluation", "runtime", 10),
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -111,8 +111,8 @@ rule cohort_figures:
         f"{BENCH}/cohort_figures.tsv"
     threads: 1
     resources:
-        mem_mb=resource("evaluation", "mem_mb", 2000),
-        runtime=resource("evaluation", "runtime", 10),
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:

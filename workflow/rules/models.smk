@@ -25,8 +25,8 @@ rule model_inputs:
         "subject"
     threads: 1
     resources:
-        mem_mb=resource("models", "mem_mb", 3000),
-        runtime=resource("models", "runtime", 30),
+        mem_mb=3000,
+        runtime=30,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -51,10 +51,10 @@ rule train_model:
         f"{LOGS}/train_model/{{disorder}}_fold-{{fold}}_model-{{family}}.log",
     benchmark:
         f"{BENCH}/train_model/{{disorder}}_fold-{{fold}}_model-{{family}}.tsv"
-    threads: train_resource("threads", 2)
+    threads: 2
     resources:
-        mem_mb=train_resource("mem_mb", 6000),
-        runtime=train_resource("runtime", 60),
+        mem_mb=6000,
+        runtime=60,
         gpu=gpu_count(),
     conda:
         "../../envs/neurohybrid.yaml"
@@ -79,10 +79,10 @@ rule forecast:
         f"{LOGS}/forecast/sub-{{subject}}_model-{{family}}.log",
     benchmark:
         f"{BENCH}/forecast/sub-{{subject}}_model-{{family}}.tsv"
-    threads: resource("models", "threads", 1)
+    threads: 1
     resources:
-        mem_mb=resource("models", "mem_mb", 3000),
-        runtime=resource("models", "runtime", 30),
+        mem_mb=3000,
+        runtime=30,
         gpu=gpu_count(),
     conda:
         "../../envs/neurohybrid.yaml"

@@ -41,10 +41,10 @@ rule preprocess_anat:
         f"{BENCH}/preprocess_anat/sub-{{subject}}.tsv"
     group:
         "subject"
-    threads: resource("preprocessing", "threads", 2)
+    threads: 2
     resources:
-        mem_mb=resource("preprocessing", "mem_mb", 4000),
-        runtime=resource("preprocessing", "runtime", 30),
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -76,8 +76,8 @@ rule preprocess_lesions:
         "subject"
     threads: 1
     resources:
-        mem_mb=resource("preprocessing", "mem_mb", 4000),
-        runtime=resource("preprocessing", "runtime", 30),
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:
@@ -103,8 +103,8 @@ rule preprocess_pet:
         "subject"
     threads: 1
     resources:
-        mem_mb=resource("preprocessing", "mem_mb", 4000),
-        runtime=resource("preprocessing", "runtime", 30),
+        mem_mb=4000,
+        runtime=30,
     conda:
         "../../envs/neurohybrid.yaml"
     shell:

@@ -7,7 +7,7 @@ rule provenance:
         config=RESOLVED_CONFIG,
         description=f"{OUT}/dataset_description.json",
     params:
-        # a changed config (not a changed resource request) re-runs this rule and what reads it
+        # a changed config re-runs this rule and, through results/config.yaml, everything that reads it
         resolved=provenance_config(),
     log:
         f"{LOGS}/provenance.log",

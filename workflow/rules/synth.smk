@@ -23,10 +23,10 @@ if DEMO:
             f"{LOGS}/synth_cohort.log",
         benchmark:
             f"{BENCH}/synth_cohort.tsv"
-        threads: resource("synth", "threads", 1)
+        threads: 1
         resources:
-            mem_mb=resource("synth", "mem_mb", 4000),
-            runtime=resource("synth", "runtime", 30),
+            mem_mb=4000,
+            runtime=30,
         conda:
             "../../envs/neurohybrid.yaml"
         shell:
