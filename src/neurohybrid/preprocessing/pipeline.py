@@ -1,0 +1,264 @@
+"""Per-subject preprocessing steps behind `neurohybrid preprocess ...` (see cli.py for the contract)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from neurohybrid.anatomy.atlas import load_dk_atlas
+from neurohybrid.anatomy.templates import load_template
+from neurohybrid.errors import InputError
+from neurohybrid.io import check_same_grid, load_image, save_volume, write_json, write_tsv
+from neurohybrid.preprocessing import layout
+from neurohybrid.preprocessing.layout import Derivatives
+
+log = logging.getLogger(__name__)
+
+
+def _registration_voxel_mm(img: nib.Nifti1Image) -> float:
+    """Template resolution used as the registration target: the subject's, in [1, 4] mm, 0.5 mm steps."""
+    vox = float(np.mean(nib.affines.voxel_sizes(img.affine)))
+    return float(np.clip(np.round(vox * 2) / 2, 1.0, 4.0))
+
+
+def _lesion_union(bids, sub, ses, ref_img, ref_path) -> np.ndarray | None:
+    found = layout.raw_lesions(bids, sub, ses)
+    if not found:
+        return None
+    union = np.zeros(ref_img.shape, bool)
+    ref = (str(ref_path), np.empty(ref_img.shape), ref_img.affine)
+    for kind, path in found.items():
+        img = load_image(path, subject=sub)
+        data = np.asarray(img.dataobj)
+        check_same_grid(ref, (str(path), data, img.affine), subject=sub)
+        union |= data > 0.5
+    return union
+
+
+def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ants", threads=None,
+             session=None) -> dict:
+    """Structural preprocessing of one subject; returns timings (s) per stage."""
+    bids, out = Path(bids), Path(out)
+    sub = layout.subject_label(subject)
+    ses = session or layout.sessions(bids, sub)[0]
+    t1_path = layout.raw_t1w(bids, sub, ses)
+    if not t1_path.exists():
+        raise InputError("missing modality: T1w image not found", file=t1_path, subject=sub)
+    t1_img = load_image(t1_path, subject=sub, ndim=3)
+    lesion = _lesion_union(bids, sub, ses, t1_img, t1_path)
+    layout.write_dataset_description(out)
+    if backend == "fsl":
+        from neurohybrid.preprocessing.fsl_backend import run_anat_fsl
+
+        return run_anat_fsl(t1_path, t1_img, sub, out, lesion=lesion, model_voxel_mm=model_voxel_mm, threads=threads)
+    if backend != "ants":
+        raise InputError(f"unknown backend {backend!r} (ants or fsl)", subject=sub)
+    return _run_anat_ants(t1_path, t1_img, sub, out, lesion=lesion, model_voxel_mm=model_voxel_mm,
+                          fast=fast, threads=threads)
+
+
+def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, threads) -> dict:
+    from neurohybrid.preprocessing import ants_backend as ab
+    from neurohybrid.preprocessing.parcellation import cerebellum_gm_template, regional_volumes
+    from neurohybrid.preprocessing.qc import qc_figure
+    from neurohybrid.preprocessing.segmentation import atropos_segment
+
+    ab.set_threads(threads)
+    sched = ab.schedule(fast)
+    d = Derivatives(out, sub)
+    times = {}
+    reg_mm = _registration_voxel_mm(t1_img)
+    tpl_t1 = load_template("t1", reg_mm)
+    tpl_brain = load_template("brain", reg_mm)
+    a_t1 = ab.to_ants(t1_img)
+    a_tpl = ab.to_ants(tpl_t1)
+    a_tpl_brain = ab.to_ants(tpl_brain)
+    with tempfile.TemporaryDirectory(prefix=f"nh-anat-{sub}-") as work:
+        work = Path(work)
+        t = time.perf_counter()
+        t1n = ab.n4(a_t1)
+        times["n4"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        # extraction only needs a coarse match (the mask is refined on intensities): FAST schedule
+        mask, _ = ab.extract_brain(t1n, a_tpl, a_tpl_brain, sched=ab.FAST, outprefix=str(work / "bet_"))
+        mask_np = mask.numpy() > 0
+        if mask_np.sum() == 0:
+            raise InputError("brain mask is empty after template-based extraction (is the image blank "
+                             "or not a T1w brain?)", file=t1_path, subject=sub)
+        times["brain_extraction"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        brain = t1n * mask
+        moving_mask = mask_np.copy()
+        if lesion is not None:
+            # cost-function masking: the lesion and a 1-voxel rim (oedema, partial volume) are excluded
+            moving_mask &= ~ndimage.binary_dilation(lesion, iterations=1)
+        reg = ab.register(a_tpl * a_tpl_brain, brain, sched=sched, fixed_mask=a_tpl_brain,
+                          moving_mask=t1n.new_image_like(moving_mask.astype(np.float32)),
+                          outprefix=str(work / "reg_"))
+        d.anat.mkdir(parents=True, exist_ok=True)
+        fwd, inv = ab.save_transforms(reg, d.xfm_forward_stem, d.xfm_inverse_stem)
+        times["registration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    priors = {k: ab.apply(ab.to_ants(load_template(k.lower(), reg_mm)), t1n, inv, invert=ab.INVERSE_INVERT) for k in ("CSF", "GM", "WM")}
+    probs = atropos_segment(t1n, mask, priors, iterations=5 if fast else 15)
+    times["segmentation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dk_img, regions = load_dk_atlas(reg_mm)
+    dseg = ab.apply(ab.to_ants(dk_img), t1n, inv, interpolator="genericLabel", invert=ab.INVERSE_INVERT).numpy()
+    dseg = np.where(mask_np, np.rint(dseg), 0).astype(np.int16)
+    cereb_t = cerebellum_gm_template(load_template("gm", reg_mm), dk_img).astype(np.float32)
+    cereb = ab.apply(ab.to_ants(nib.Nifti1Image(cereb_t, tpl_t1.affine)), t1n, inv, interpolator="genericLabel",
+                     invert=ab.INVERSE_INVERT).numpy()
+    cereb = (cereb > 0.5) & mask_np & (dseg == 0)
+    vox_vol = float(abs(np.linalg.det(t1_img.affine[:3, :3])))
+    volumes = regional_volumes(dseg, vox_vol, regions)
+    times["parcellation"] = time.perf_counter() - t
+
+    aff = t1_img.affine
+    save_volume(d.preproc_t1w, t1n.numpy(), aff)
+    save_volume(d.brain_mask, mask_np, aff, dtype=np.uint8)
+    for tissue, p in probs.items():
+        save_volume(d.probseg(tissue), p, aff)
+    save_volume(d.dseg, dseg, aff, dtype=np.int16)
+    save_volume(d.cerebellum, cereb, aff, dtype=np.uint8)
+    write_tsv(d.dseg_tsv, pd.DataFrame({"index": regions["id"], "name": regions["name"]}))
+    write_tsv(d.volumes, volumes)
+
+    t = time.perf_counter()
+    model_ref = ab.to_ants(load_template("t1", model_voxel_mm))
+    for tissue in ("GM", "WM"):
+        warped = ab.apply(t1n.new_image_like(probs[tissue].astype(np.float32)), model_ref, fwd).numpy()
+        save_volume(d.model_probseg(tissue), warped.clip(0, 1), load_template("t1", model_voxel_mm).affine)
+    times["model_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    qc_figure(d.qc_png, t1=t1n.numpy(), brain_mask=mask_np, template_gm=priors["GM"].numpy(), probs=probs,
+              dseg=dseg, title=f"sub-{sub}: {t1_path.name}")
+    times["qc"] = time.perf_counter() - t
+    log.info("sub-%s anat timings %s", sub, times)
+    return times
+
+
+# ---------------------------------------------------------------- later steps (need run_anat outputs)
+
+def _require(path: Path, sub: str, what: str) -> Path:
+    if not Path(path).exists():
+        raise InputError(f"{what} not found: run `neurohybrid preprocess anat` first", file=path, subject=sub)
+    return Path(path)
+
+
+def to_model_grid(img: nib.Nifti1Image, d: Derivatives, model_voxel_mm: float, *, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a subject-grid image onto the template grid at model_voxel_mm with the saved transforms.
+
+    Masks are interpolated linearly and thresholded at 0.5: with downsampling this keeps the
+    partial-volume-weighted extent, where nearest neighbour would alias thin structures.
+    """
+    import ants
+
+    from neurohybrid.preprocessing import ants_backend as ab
+
+    for p in d.forward_transforms:
+        _require(p, d.sub, "forward transform")
+    ref_img = load_template("t1", model_voxel_mm)
+    out = ants.apply_transforms(ab.to_ants(ref_img), ab.to_ants(img), [str(p) for p in d.forward_transforms],
+                                interpolator="linear").numpy()
+    return ((out >= 0.5) if binary else out), ref_img.affine
+
+
+def run_lesions(bids, subject, out, *, model_voxel_mm=2.0) -> list[Path]:
+    bids, out = Path(bids), Path(out)
+    sub = layout.subject_label(subject)
+    d = Derivatives(out, sub)
+    t1 = load_image(_require(d.preproc_t1w, sub, "preprocessed T1w"), subject=sub)
+    ref = (str(d.preproc_t1w), np.empty(t1.shape), t1.affine)
+    written = []
+    for ses in layout.sessions(bids, sub):
+        for kind, path in layout.raw_lesions(bids, sub, ses).items():
+            img = load_image(path, subject=sub)
+            check_same_grid(ref, (str(path), np.empty(img.shape), img.affine), subject=sub)
+            data, aff = to_model_grid(nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.float32), img.affine),
+                                      d, model_voxel_mm, binary=True)
+            save_volume(d.model_lesion(ses, kind), data, aff, dtype=np.uint8)
+            written.append(d.model_lesion(ses, kind))
+        cbf_path = layout.raw_cbf(bids, sub, ses)
+        if cbf_path.exists():
+            img = load_image(cbf_path, subject=sub)
+            check_same_grid(ref, (str(cbf_path), np.empty(img.shape), img.affine), subject=sub)
+            if np.asarray(img.dataobj).min() < 0:
+                raise InputError("CBF has negative values (expected ml/100 ml/min)", file=cbf_path, subject=sub)
+            data, aff = to_model_grid(img, d, model_voxel_mm, binary=False)
+            save_volume(d.model_cbf(ses), data.clip(0, None), aff)
+            written.append(d.model_cbf(ses))
+    if not written:
+        raise InputError("missing modality: no lesion masks (derivatives/lesions) and no CBF for any session",
+                         file=bids / f"sub-{sub}", subject=sub)
+    layout.write_dataset_description(out)
+    return written
+
+
+def run_pet(bids, subject, out) -> list[Path]:
+    from neurohybrid.preprocessing.parcellation import regional_suvr
+
+    bids, out = Path(bids), Path(out)
+    sub = layout.subject_label(subject)
+    d = Derivatives(out, sub)
+    dseg_img = load_image(_require(d.dseg, sub, "DK parcellation"), subject=sub)
+    cereb_img = load_image(_require(d.cerebellum, sub, "cerebellar GM reference mask"), subject=sub)
+    dseg = np.asarray(dseg_img.dataobj).astype(np.int64)
+    cereb = np.asarray(cereb_img.dataobj) > 0
+    _, regions = load_dk_atlas(1.0)
+    written = []
+    for ses in layout.sessions(bids, sub):
+        for path in layout.raw_pet(bids, sub, ses):
+            img = load_image(path, subject=sub, ndim=3)
+            data = img.get_fdata()
+            check_same_grid((str(d.dseg), dseg, dseg_img.affine), (str(path), data, img.affine), subject=sub)
+            table = regional_suvr(data, dseg, cereb, regions, subject=sub, file=path)
+            write_tsv(d.suvr(ses), table)
+            written.append(d.suvr(ses))
+    if not written:
+        raise InputError("missing modality: no PET image (ses-*/pet/*_pet.nii.gz) for any session",
+                         file=bids / f"sub-{sub}", subject=sub)
+    layout.write_dataset_description(out)
+    return written
+
+
+def run_connectome(bids, subject, out, *, method="auto", normative_csv=None, fast=False, threads=None) -> Path:
+    from neurohybrid.preprocessing import connectome as cx
+
+    bids, out = Path(bids), Path(out)
+    sub = layout.subject_label(subject)
+    d = Derivatives(out, sub)
+    dseg_img = load_image(_require(d.dseg, sub, "DK parcellation"), subject=sub)
+    _, regions = load_dk_atlas(1.0)
+    dwi = None
+    for ses in layout.sessions(bids, sub):
+        dwi = layout.raw_dwi(bids, sub, ses)
+        if dwi:
+            break
+    if method == "auto":
+        method = "dipy" if dwi else "normative"
+    if method in ("dipy", "mrtrix"):
+        if dwi is None:
+            raise InputError(f"missing modality: connectome method {method!r} needs DWI, none found",
+                             file=bids / f"sub-{sub}", subject=sub)
+        wm_img = load_image(_require(d.probseg("WM"), sub, "WM probability map"), subject=sub)
+        mask_img = load_image(_require(d.brain_mask, sub, "brain mask"), subject=sub)
+        result = cx.dwi_connectome(*dwi, dseg_img, wm_img, mask_img, regions, method=method, fast=fast,
+                                   threads=threads, subject=sub)
+    else:
+        result = cx.normative_for_subject(dseg_img, regions, csv=normative_csv, subject=sub)
+    cx.write_connectome(d.connectivity, result)
+    layout.write_dataset_description(out)
+    return d.connectivity
