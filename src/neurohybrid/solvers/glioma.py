@@ -243,9 +243,9 @@ def _check_maps(wm, gm, u0):
     for name, a, hi in (("wm", wm, 1.0), ("gm", gm, 1.0), ("u0", u0, 1.0)):
         if a.dtype == bool:
             continue
-        if not np.isfinite(a).all():
+        lo_v, hi_v = float(a.min()), float(a.max())  # NaN propagates through min/max
+        if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
             raise InputError(f"{name} contains NaN or infinite values")
-        lo_v, hi_v = float(a.min()), float(a.max())
         if lo_v < 0:
             raise InputError(f"{name} has negative values (min {lo_v:g}); probabilities and "
                              f"densities must lie in [0, 1]")
@@ -319,7 +319,11 @@ def _bbox(mask):
 
 
 def _pad1(a, value=0):
-    return np.pad(a, [(1, 1)] * 3 + [(0, 0)] * (a.ndim - 3), constant_values=value)
+    # C order matters: NIfTI data arrive Fortran-ordered, np.pad keeps that order, and the
+    # kernels' innermost loop runs over the last axis; an F-ordered array made every step ~5x
+    # slower (measured 9.9 vs 1.9 ms per step at 1 mm).
+    padded = np.pad(a, [(1, 1)] * 3 + [(0, 0)] * (a.ndim - 3), constant_values=value)
+    return np.ascontiguousarray(padded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,14 +354,22 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
         raise InputError(f"radiotherapy must be a Radiotherapy, got {type(radiotherapy).__name__}")
     dtype = np.float32 if u0.dtype == np.float32 else np.float64
 
-    d = diffusivity_field(wm.astype(dtype, copy=False), gm.astype(dtype, copy=False), dw, dg_ratio)
-    tissue = d > 0
+    # Crop first and do every full-size pass only once: at 1 mm the setup otherwise cost as much
+    # as the whole time loop.
+    tissue = wm > 0
+    if dg_ratio > 0:
+        tissue |= gm > 0
     if not tissue.any():
         raise InputError("empty brain: no voxel has white or grey matter (D > 0 nowhere)")
     box = _bbox(tissue)
-    t_box = tissue[box]
-    u_box = u0[box].astype(dtype)
-    u_box = np.where(t_box & (u_box >= _k.TINY[np.dtype(dtype).name]), u_box, 0).astype(dtype)  # see _k.TINY
+    t_box = np.ascontiguousarray(tissue[box])
+    d_box = diffusivity_field(np.ascontiguousarray(wm[box], dtype=dtype),
+                              np.ascontiguousarray(gm[box], dtype=dtype), dw, dg_ratio)
+    padded_shape = tuple(n + 2 for n in t_box.shape)
+    inner = (slice(1, -1),) * 3
+    a = np.zeros(padded_shape, dtype=dtype)  # C order: the kernels' inner loop is the last axis
+    a[inner] = u0[box]
+    a[inner][~t_box | (a[inner] < _k.TINY[np.dtype(dtype).name])] = 0  # see _k.TINY
 
     tens6 = None
     if tensor is not None:
@@ -366,13 +378,13 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
             raise InputError(f"shape mismatch: tensor {tens6.shape[:3]} vs maps {wm.shape}")
         if not np.isfinite(tens6).all():
             raise InputError("diffusion tensor field contains NaN or infinite values")
-        tens6 = (tens6[box] * d[box][..., None]).astype(dtype)
+        tens6 = (tens6[box] * d_box[..., None]).astype(dtype)
         tens6[~t_box] = 0
         if (tens6[..., :3] < 0).any():
             raise InputError("diffusion tensor field has negative diagonal entries in tissue")
         bound = stable_dt_tensor(tens6, spacing, rho, safety=safety, max_rho_dt=max_rho_dt)
     else:
-        bound = stable_dt(float(d.max()), spacing, rho, safety=safety, max_rho_dt=max_rho_dt)
+        bound = stable_dt(float(d_box.max()), spacing, rho, safety=safety, max_rho_dt=max_rho_dt)
     if dt is None:
         dt = bound
     else:
@@ -385,10 +397,11 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
 
     one, zero, half, tiny = dtype(1), dtype(0), dtype(0.5), dtype(_k.TINY[np.dtype(dtype).name])
     hx, hy, hz = (dtype(h) for h in spacing)
-    a = _pad1(u_box)
     b = np.zeros_like(a)
     if tens6 is None:
-        dm = _pad1(np.where(t_box, d[box], _k.OUTSIDE).astype(dtype), _k.OUTSIDE)
+        dm = np.full(padded_shape, _k.OUTSIDE, dtype=dtype)
+        dm[inner] = d_box
+        dm[inner][~t_box] = _k.OUTSIDE
         wx, wy, wz = (dtype(0.5 / h**2) for h in spacing)
 
         def step(src, dst, h, e_r):
@@ -396,7 +409,7 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
                            zero, one, tiny)
     else:
         tp = _pad1(t_box, False)
-        tens_p = np.ascontiguousarray(_pad1(tens6, 0))
+        tens_p = _pad1(tens6, 0)
         grad = np.zeros((3,) + a.shape, dtype=dtype)
 
         def step(src, dst, h, e_r):
@@ -404,7 +417,6 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
             _k.fk_step_tensor(src, dst, tens_p, tp, grad, hx, hy, hz, dtype(h), dtype(e_r),
                               dtype(e_r - 1.0), zero, one, half, tiny)
 
-    inner = (slice(1, -1),) * 3
     out, n_steps = [], 0
     with _numba_threads(threads):
         for kind, n, h in plan:
