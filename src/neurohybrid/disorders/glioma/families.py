@@ -159,6 +159,7 @@ class _Case:
 
 
 def _mech_rhs(wm_t, gm_t, spacing, fit, s):
+    """du/dt = div(D grad u) + rho u (1 - u) on (B, N) states (for torchdiffeq)."""
     from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch
 
     shape = tuple(wm_t.shape)
@@ -166,40 +167,63 @@ def _mech_rhs(wm_t, gm_t, spacing, fit, s):
 
     def rhs(u):
         u3 = u.reshape(-1, *shape)
-        # the solver's torch twin exposes one Euler step; its increment over a unit step is the RHS
-        return (glioma_step_torch(u3, coeffs, 1.0, fit.rho) - u3).reshape(u.shape[0], -1)
+        # the twin's step with rho = 0 is pure explicit diffusion; over a unit step its increment is div(D grad u)
+        div = glioma_step_torch(u3, coeffs, 1.0, 0.0) - u3
+        return (div + fit.rho * u3 * (1 - u3)).reshape(u.shape[0], -1)
 
     return rhs
 
 
-def _euler_step_size(wm, gm, spacing, fit, gap, s) -> float:
-    """The Numba solver's step for this segment (same stable_dt and equal split of the segment)."""
+def _step_plan(wm, gm, spacing, fit, gap, s) -> tuple[int, float]:
+    """(n, h): the Numba solver's steps for this segment (same stable_dt, equal split of the segment)."""
     from neurohybrid.solvers.glioma import stable_dt
 
     dmax = float((fit.dw * np.asarray(wm, np.float32) + fit.dw * float(s["dg_ratio"]) * np.asarray(gm, np.float32)).max())
     dt = stable_dt(dmax, spacing, fit.rho, max_rho_dt=float(s["max_rho_dt"]))
     n = max(1, math.ceil(gap / dt - 1e-9))
-    return gap / n
+    return n, gap / n
 
 
-def _rollout(model, case: _Case, s, device, *, penalty: bool):
-    """u at the forecast day (X, Y, Z) and the mean per-voxel ||g||^2 along the path (or None)."""
+def split_rollout(net, case, s, device, *, penalty: bool):
+    """Residual hybrid: the growth rate becomes a field rho(x) = rho exp(delta_phi(x)), delta a small
+    CNN of (u at the last session, wm, gm), i.e. du/dt = f_FK(u; D_w, rho) + F_a with
+    F_a = rho (e^delta - 1) u (1 - u). Integrated exactly like the solver (Strang: exact logistic
+    half steps around fused diffusion + reaction steps), so delta = 0 reproduces ``simulate_glioma``
+    step for step. The correction is computed once per rollout (a static field), which keeps training
+    at one CNN pass per subject. Returns (u (X, Y, Z), mean delta^2 over tissue, or None).
+
+    ``hybrid.residual.ParallelResidual`` is not used: it integrates the summed right-hand side with
+    torchdiffeq, which for a zero correction is not the solver's (split) scheme.
+    """
+    from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch
+
+    wm_t = torch.as_tensor(case.wm, dtype=torch.float32, device=device)
+    gm_t = torch.as_tensor(case.gm, dtype=torch.float32, device=device)
+    coeffs = glioma_coefficients_torch(wm_t, gm_t, case.spacing, case.fit.dw, float(s["dg_ratio"]))
+    tissue = ((wm_t + gm_t) > 0).to(torch.float32)
+    u = torch.as_tensor(case.u_last, dtype=torch.float32, device=device) * tissue
+    delta = RESIDUAL_SCALE * net(torch.stack([u, wm_t, gm_t])[None])[0, 0] * tissue
+    rho = case.fit.rho * torch.exp(delta)
+    n, h = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)
+    u = glioma_step_torch(u, coeffs, 0.0, rho, h / 2)  # diffusion over 0 days: the opening half reaction step
+    for k in range(n):
+        u = glioma_step_torch(u, coeffs, h, rho, h if k < n - 1 else h / 2)
+    pen = (delta ** 2).sum() / tissue.sum().clamp_min(1.0) if penalty else None
+    return u, pen
+
+
+RESIDUAL_SCALE = 0.5
+
+
+def node_rollout(model, case, s, device):
+    """UDE: du/dt = f_FK(u) + g_phi(u, wm, gm) by torchdiffeq (explicit Euler at the solver's step)."""
     wm_t = torch.as_tensor(case.wm, dtype=torch.float32, device=device)
     gm_t = torch.as_tensor(case.gm, dtype=torch.float32, device=device)
     u0 = torch.as_tensor(case.u_last, dtype=torch.float32, device=device).reshape(1, -1)
     model.dynamics.mechanistic = _mech_rhs(wm_t, gm_t, case.spacing, case.fit, s)
-    corr = model.dynamics.correction
-    if isinstance(corr, GridCorrection):
-        corr.set_shape(case.wm.shape)
-    model.step_size = _euler_step_size(case.wm, case.gm, case.spacing, case.fit, case.gap, s)
-    cov = flat_covariates(wm_t, gm_t)
-    out = model(u0, [case.gap], covariates=cov, t0=0.0)
-    if isinstance(out, tuple):
-        pred, pen = out
-        pen = pen.mean() / u0.shape[1]
-    else:
-        pred, pen = out, None
-    return pred[0, -1].reshape(case.wm.shape), (pen if penalty else None)
+    model.step_size = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)[1]
+    pred = model(u0, [case.gap], covariates=flat_covariates(wm_t, gm_t), t0=0.0)
+    return pred[0, -1].reshape(case.wm.shape).clamp(0.0, 1.0)
 
 
 def _mask_loss(u, target, fit, tau, device):
@@ -218,6 +242,12 @@ class _ParallelHybrid(GliomaFamily):
 
     def model(self):
         raise NotImplementedError
+
+    def correction(self, model):
+        return model
+
+    def rollout(self, model, case, *, penalty: bool):
+        return split_rollout(model, case, self.s, self.device, penalty=penalty)
 
     # how the mechanistic parameters are obtained (calibrated, or amortised + t0)
     def fit_subject(self, inputs, trained):
@@ -248,12 +278,12 @@ class _ParallelHybrid(GliomaFamily):
             total = 0.0
             for i in idx:
                 c = cases[i]
-                u, pen = _rollout(model, c, self.s, self.device, penalty=self.uses_penalty)
+                u, pen = self.rollout(model, c, penalty=self.uses_penalty)
                 total = total + _mask_loss(u, c.target, c.fit, tau, self.device) + (lam * pen if pen is not None else 0.0)
             return total / len(idx)
 
-        result = train_loop(model.dynamics.correction, loss_fn, len(cases), **self.train_kw())
-        return {"state_dict": model.dynamics.correction.state_dict(), "history": result.history, "settings": self.s,
+        result = train_loop(self.correction(model), loss_fn, len(cases), **self.train_kw())
+        return {"state_dict": self.correction(model).state_dict(), "history": result.history, "settings": self.s,
                 **(extra or {})}
 
     def train(self, pairs):
@@ -266,9 +296,9 @@ class _ParallelHybrid(GliomaFamily):
         t = time.perf_counter()
         case = self.case(inputs, fit)
         model = self.model()
-        model.dynamics.correction.load_state_dict(trained["state_dict"])
+        self.correction(model).load_state_dict(trained["state_dict"])
         with torch.no_grad():
-            u, _ = _rollout(model, case, self.s, self.device, penalty=False)
+            u, _ = self.rollout(model, case, penalty=False)
         u = np.clip(u.cpu().numpy(), 0.0, 1.0)
         params = fit.parameters()
         return Forecast(dict(celldensity=u, **_observe(u, fit)), params, fit.seconds, time.perf_counter() - t)
@@ -278,10 +308,7 @@ class Residual(_ParallelHybrid):
     name = "residual"
 
     def model(self):
-        from neurohybrid.hybrid.residual import ParallelResidual
-
-        corr = GridCorrection(2, int(self.s["channels"]), scale=0.01).to(self.device)
-        return ParallelResidual(None, corr, method="euler")
+        return TinyCNN(3, 1, int(self.s["channels"]), 3, zero_init=True).to(self.device)
 
 
 class UDE(_ParallelHybrid):
@@ -293,6 +320,12 @@ class UDE(_ParallelHybrid):
 
         corr = VoxelCorrection(2, hidden=int(self.s["channels"]) * 2, scale=0.01).to(self.device)
         return NeuralODE(HybridDynamics(lambda u: torch.zeros_like(u), corr), method="euler")
+
+    def correction(self, model):
+        return model.dynamics.correction
+
+    def rollout(self, model, case, *, penalty: bool):
+        return node_rollout(model, case, self.s, self.device), None
 
 
 # ---------------------------------------------------------------------------------------------

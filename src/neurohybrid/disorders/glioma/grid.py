@@ -32,10 +32,22 @@ def template_box(shape, affine, margin: int = 2) -> tuple[tuple[int, int, int], 
     shape = tuple(int(s) for s in shape)
     vox = voxel_size(affine)
     if max(vox) - min(vox) < 1e-3:
+        brain = None
         try:
-            from neurohybrid.anatomy.templates import load_template
+            import importlib.util
 
-            brain = load_template("brain", round(vox[0], 4))
+            import nibabel as nib
+
+            from neurohybrid.anatomy.templates import _FILES, load_template
+
+            # the res-model grid has ceil(1 mm shape / voxel) voxels: check that from the shipped
+            # file's header (found without importing nilearn, which takes seconds) before paying
+            # for a resampled template
+            spec = importlib.util.find_spec("nilearn")
+            path = Path(spec.origin).parent / "datasets" / "data" / _FILES["gm"]
+            full = np.array(nib.load(str(path)).shape)
+            if tuple(int(v) for v in np.ceil(full / vox[0])) == shape:
+                brain = load_template("brain", round(vox[0], 4))
         except Exception:  # template unavailable: keep the whole grid rather than guess a box
             brain = None
         if brain is not None and tuple(brain.shape) == shape and np.allclose(brain.affine, affine, atol=1e-3):

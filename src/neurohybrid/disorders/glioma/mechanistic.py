@@ -217,7 +217,7 @@ def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 
                      fixed=fixed, seed=seed)
 
 
-def state_at(inputs, fit: GliomaFit, s: dict, rel_days: list[float]) -> list[np.ndarray]:
+def state_at(inputs, fit: GliomaFit, rel_days: list[float], s: dict) -> list[np.ndarray]:
     """Model states on the whole crop at days relative to the first session."""
     a = inputs.arrays
     spacing = tuple(inputs.meta["voxel_mm"])

@@ -59,14 +59,17 @@ class GridCorrection(nn.Module):
 
     def forward(self, u, covariates=None, lap=None):
         b = u.shape[0]
+        if u.ndim > 2:
+            self.shape = tuple(u.shape[1:])
         x = u.reshape(b, 1, *self.shape)
         if covariates is not None:
             cov = covariates.expand(b, *covariates.shape[-2:])
             x = torch.cat([x, cov.transpose(1, 2).reshape(b, -1, *self.shape)], dim=1)
             tissue = (cov[..., list(self.tissue_channels)].sum(-1) > 0).to(u.dtype)
         else:
-            tissue = torch.ones_like(u)
-        return self.scale * self.cnn(x).reshape(b, -1) * tissue
+            tissue = torch.ones(b, x[0, 0].numel(), dtype=u.dtype, device=u.device)
+        out = self.scale * self.cnn(x).reshape(b, -1) * tissue
+        return out.reshape(u.shape)
 
 
 class VoxelCorrection(nn.Module):

@@ -1,0 +1,234 @@
+"""Glioma model families on a tiny synthetic cohort made with the glioma solver itself."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from neurohybrid.disorders.base import SubjectData, get_disorder, inputs_path, target_path
+from neurohybrid.disorders.glioma import mechanistic as mech
+from neurohybrid.errors import InputError
+from neurohybrid.solvers.glioma import gaussian_seed, observe, simulate_glioma
+
+SPACE = "MNI152NLin2009cSym"
+SHAPE = (18, 18, 18)
+VOX = 2.0
+DAYS = (0.0, 25.0, 50.0)
+FAST = {"sloppy": True, "seed": 0, "device": "cpu",
+        "glioma": {"epochs": 4, "time_limit_s": 300.0, "calib_restarts": 2, "calib_iters": 25, "sol_box_vox": 12, "sol_train_steps": 3,
+                   "sol_step_days": 10.0, "channels": 4}}
+
+
+def _save(path, data, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+
+
+def tissue_maps():
+    x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
+    brain = (x / 8.0) ** 2 + (y / 8.0) ** 2 + (z / 7.5) ** 2 <= 1.0
+    wm = np.where(brain, 0.55 + 0.3 * np.cos(x / 3.0) ** 2, 0.0).astype(np.float32)
+    gm = np.where(brain, 1.0 - wm, 0.0).astype(np.float32) * brain
+    return wm, gm
+
+
+def write_cohort(root, subjects, truth=None):
+    """BIDS sessions + res-model preprocessing outputs for glioma subjects; returns (bids, preproc, truth)."""
+    bids, preproc = root / "bids", root / "preproc"
+    affine = np.diag([VOX, VOX, VOX, 1.0])
+    affine[:3, 3] = -VOX * (np.array(SHAPE) - 1) / 2
+    wm, gm = tissue_maps()
+    truth = {} if truth is None else truth
+    rows = ["participant_id\tdisorder\tage\tsex"]
+    for i, sub in enumerate(subjects):
+        rng = np.random.default_rng(100 + i)
+        p = truth.setdefault(sub, dict(dw=float(rng.uniform(0.06, 0.15)), rho=float(rng.uniform(0.03, 0.06)),
+                                       t0=float(rng.uniform(50, 80)),
+                                       center=tuple(float(c) for c in np.array(SHAPE) / 2 + rng.integers(-2, 3, 3))))
+        u0 = gaussian_seed(SHAPE, (VOX,) * 3, p["center"], sigma_mm=2.0).astype(np.float32)
+        states = simulate_glioma(wm, gm, u0, spacing=(VOX,) * 3, dw=p["dw"], rho=p["rho"], days=p["t0"] + DAYS[-1],
+                                 save_days=[p["t0"] + d for d in DAYS], threads=1)
+        rows.append(f"sub-{sub}\tglioma\t50\tF")
+        sdir = bids / f"sub-{sub}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / f"sub-{sub}_sessions.tsv").write_text(
+            "session_id\tday\n" + "".join(f"ses-{k + 1:02d}\t{d:g}\n" for k, d in enumerate(DAYS)))
+        anat = preproc / f"sub-{sub}" / "anat"
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-GM_probseg.nii.gz", gm, affine)
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-WM_probseg.nii.gz", wm, affine)
+        for k, u in enumerate(states):
+            t1, fl = observe(u)
+            ses = f"{k + 1:02d}"
+            d = preproc / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            _save(d / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-T1Gd_mask.nii.gz", t1.astype(np.uint8), affine)
+            _save(d / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-FLAIR_mask.nii.gz", fl.astype(np.uint8), affine)
+    (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return bids, preproc, truth
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glioma")
+    bids, preproc, truth = write_cohort(root, ["g1", "g2", "g3"])
+    disorder = get_disorder("glioma")
+    data = {s: disorder.build_inputs(s, bids, preproc, FAST) for s in truth}
+    return dict(root=root, bids=bids, preproc=preproc, truth=truth, data=data)
+
+
+@pytest.fixture(autouse=True)
+def _memo_calibration(monkeypatch):
+    """Calibrations are deterministic: compute each distinct one once per test module run."""
+    cache = _memo_calibration.cache
+    real = mech.calibrate
+
+    def memo(wm, gm, t1gd, flair, days, spacing, s, *, fixed=None, seed=0):
+        key = (np.asarray(t1gd).tobytes(), np.asarray(flair).tobytes(), tuple(days), json.dumps(fixed, sort_keys=True),
+               json.dumps({k: s[k] for k in sorted(s)}, default=str))
+        if key not in cache:
+            cache[key] = real(wm, gm, t1gd, flair, days, spacing, s, fixed=fixed, seed=seed)
+        return cache[key]
+
+    monkeypatch.setattr(mech, "calibrate", memo)
+
+
+_memo_calibration.cache = {}
+
+
+def test_inputs_hold_only_earlier_sessions(cohort):
+    inputs, target = cohort["data"]["g1"]
+    assert inputs.arrays["t1gd"].shape == (2,) + SHAPE and inputs.arrays["flair"].dtype == bool
+    assert inputs.meta["days"] == [0.0, 25.0] and inputs.meta["target_day"] == 50.0
+    assert target.meta["day"] == 50.0 and target.arrays["flair"].shape == SHAPE
+    # the held-out session is not among the inputs: its FLAIR mask is larger than the last input's
+    assert target.arrays["flair"].sum() > inputs.arrays["flair"][-1].sum()
+    assert inputs.meta["crop_offset"] == [0, 0, 0]  # not the template grid: no crop
+
+
+def test_inputs_bad_mask_names_subject_and_file(cohort, tmp_path):
+    bids, preproc, _ = write_cohort(tmp_path, ["b1"])
+    bad = preproc / "sub-b1" / "ses-02" / "anat" / f"sub-b1_ses-02_space-{SPACE}_res-model_desc-FLAIR_mask.nii.gz"
+    img = nib.load(str(bad))
+    _save(bad, np.asarray(img.dataobj) * 0.5, img.affine)
+    with pytest.raises(InputError, match="b1.*FLAIR_mask.*0 and 1"):
+        get_disorder("glioma").build_inputs("b1", bids, preproc, {})
+    bad.unlink()
+    with pytest.raises(InputError, match="file not found"):
+        get_disorder("glioma").build_inputs("b1", bids, preproc, {})
+
+
+def test_calibration_recovers_dw_and_rho(cohort):
+    """Synthetic truth from the same solver, masks from the same thresholds, two input sessions.
+
+    Tolerance 25% on D_w and rho: the data are binary masks on a 2 mm grid, so the front position
+    is known to about half a voxel (1 mm) per session; over the 25-day gap the front moves ~4-6 mm,
+    so the speed 2 sqrt(D_w rho) is known to ~20%, and D_w/rho (the T1Gd-FLAIR gap of ~1-2 voxels)
+    similarly. A wrong model (e.g. no diffusion term or swapped parameters) misses by far more."""
+    inputs, _ = cohort["data"]["g2"]
+    s = mech.settings({"seed": 0})
+    fit = mech.calibrate_inputs(inputs, s)
+    true = cohort["truth"]["g2"]
+    assert fit.dw == pytest.approx(true["dw"], rel=0.25)
+    assert fit.rho == pytest.approx(true["rho"], rel=0.25)
+    assert fit.t0 == pytest.approx(true["t0"], rel=0.3)
+
+
+def _pairs(cohort, subjects):
+    return [cohort["data"][s] for s in subjects]
+
+
+TRAINED = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
+
+
+@pytest.mark.parametrize("family", TRAINED)
+def test_family_trains_and_forecasts(cohort, family):
+    disorder = get_disorder("glioma")
+    fam = disorder.family(family, FAST, torch.device("cpu"))
+    torch.manual_seed(0)
+    trained = fam.train(_pairs(cohort, ["g1", "g2"]))
+    hist = trained.get("history") or trained.get("amortised_history")
+    assert len(hist) >= 2 and hist[-1] < hist[0], hist
+    inputs, target = cohort["data"]["g3"]
+    fc = fam.forecast(inputs, trained)
+    assert fc.outputs["flair"].shape == SHAPE and fc.outputs["flair"].dtype == bool
+    assert (fc.outputs["t1gd"] <= fc.outputs["flair"]).all()  # the enhancing core lies inside FLAIR
+    assert fc.outputs["flair"].any()
+    if family in ("sol", "sol_precomputed"):
+        for key in ("sol_error", "sol_cost_seconds", "fine_cost_seconds", "coarse_error"):
+            assert np.isfinite(fc.extra[key])
+        assert fc.extra["sol_error"] < 0.5
+
+
+def test_zero_correction_equals_mechanistic(cohort):
+    from neurohybrid.disorders.glioma.networks import TinyCNN
+
+    inputs, _ = cohort["data"]["g3"]
+    disorder = get_disorder("glioma")
+    ref = disorder.family("mechanistic", FAST, "cpu").forecast(inputs, None)
+    zero = {"state_dict": TinyCNN(3, 1, FAST["glioma"]["channels"]).state_dict()}  # last layer zero-initialised
+    res = disorder.family("residual", FAST, "cpu").forecast(inputs, zero)
+    np.testing.assert_allclose(res.outputs["celldensity"], ref.outputs["celldensity"], atol=2e-5)
+    assert (res.outputs["flair"] == ref.outputs["flair"]).all()
+    # the UDE integrates the unsplit right-hand side (explicit Euler): equal up to the splitting error
+    ude = disorder.family("ude", FAST, "cpu").forecast(inputs, {"state_dict": _zero_voxel_correction()})
+    assert np.abs(ude.outputs["celldensity"] - ref.outputs["celldensity"]).max() < 0.05
+
+
+def _zero_voxel_correction():
+    from neurohybrid.disorders.glioma.networks import VoxelCorrection
+
+    return VoxelCorrection(2, hidden=2 * FAST["glioma"]["channels"]).state_dict()
+
+
+def test_sol_and_precomputed_share_network_and_differ_only_in_targets(cohort):
+    pairs = _pairs(cohort, ["g1", "g2"])
+    disorder = get_disorder("glioma")
+    out = {}
+    for unroll in (1, 2):
+        cfg = {**FAST, "glioma": {**FAST["glioma"], "sol_unroll": unroll}}
+        for fam in ("sol", "sol_precomputed"):
+            torch.manual_seed(0)
+            out[fam, unroll] = disorder.family(fam, cfg, "cpu").train(pairs)
+    a, b = out["sol", 1]["state_dict"], out["sol_precomputed", 1]["state_dict"]
+    assert a.keys() == b.keys()
+    # one unrolled step from a fine state is exactly the pre-computed target: identical training
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    c = out["sol", 2]["state_dict"]
+    assert any(not torch.allclose(c[k], b[k]) for k in c)
+
+
+def test_cli_end_to_end(tmp_path):
+    from neurohybrid.cli import main
+
+    bids, preproc, _ = write_cohort(tmp_path, ["c1", "c2", "c3"])
+    cfg = tmp_path / "config.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(FAST))
+    for s in ("c1", "c2", "c3"):
+        assert main(["inputs", "--disorder", "glioma", "--subject", s, "--bids", str(bids), "--preproc", str(preproc),
+                     "--config", str(cfg), "--inputs-out", str(tmp_path / "inputs"), "--targets-out", str(tmp_path / "targets")]) == 0
+    assert inputs_path(tmp_path / "inputs", "c1").exists() and target_path(tmp_path / "targets", "c1").exists()
+    ckpt = tmp_path / "models" / "model-data_driven.pt"
+    assert main(["train", "--disorder", "glioma", "--family", "data_driven", "--subjects", "c1,c2", "--inputs", str(tmp_path / "inputs"),
+                 "--targets", str(tmp_path / "targets"), "--config", str(cfg), "--out", str(ckpt)]) == 0
+    out = tmp_path / "forecasts" / "sub-c3"
+    for fam, extra in (("persistence", []), ("mechanistic", []), ("data_driven", ["--trained", str(ckpt)])):
+        assert main(["forecast", "--disorder", "glioma", "--family", fam, "--subject", "c3", "--inputs", str(tmp_path / "inputs"),
+                     "--config", str(cfg), "--out-dir", str(out), *extra]) == 0
+        fl = nib.load(str(out / f"sub-c3_model-{fam}_desc-FLAIR_mask.nii.gz"))
+        assert fl.shape == SHAPE and np.allclose(fl.affine, nib.load(str(preproc / "sub-c3" / "anat" /
+                                                 f"sub-c3_space-{SPACE}_res-model_label-GM_probseg.nii.gz")).affine)
+        fit = json.loads((out / f"sub-c3_model-{fam}_desc-fit.json").read_text())
+        assert fit["model"] == fam and fit["fit_seconds"] >= 0
+    assert (out / "sub-c3_model-mechanistic_desc-celldensity.nii.gz").exists()
+    assert not (out / "sub-c3_model-persistence_desc-celldensity.nii.gz").exists()
+    # the split guarantee: a model trained on c1 refuses to forecast c1
+    assert main(["forecast", "--disorder", "glioma", "--family", "data_driven", "--subject", "c1", "--inputs", str(tmp_path / "inputs"),
+                 "--config", str(cfg), "--out-dir", str(out), "--trained", str(ckpt)]) == 2
+    target = SubjectData.load(target_path(tmp_path / "targets", "c3"))
+    assert set(target.arrays) == {"t1gd", "flair"} and target.meta["day"] == 50.0

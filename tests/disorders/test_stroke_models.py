@@ -1,0 +1,185 @@
+"""Stroke model families on a tiny synthetic cohort made with the Xue 2021 solver itself."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from neurohybrid.disorders.base import SubjectData, get_disorder, target_path
+from neurohybrid.disorders.stroke import mechanistic as mech
+from neurohybrid.errors import InputError
+from neurohybrid.solvers.stroke import normal_cbf, simulate_tissue_death
+
+SPACE = "MNI152NLin2009cSym"
+SHAPE = (16, 16, 16)
+VOX = 2.0
+FAST = {"sloppy": True, "seed": 0, "device": "cpu",
+        "stroke": {"epochs": 6, "channels": 4, "sol_train_steps": 4, "sol_step_hours": 2.0}}
+
+
+def _save(path, data, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+
+
+def write_cohort(root, subjects, reperfusion=(6.0, None, 8.0, 5.0)):
+    bids, preproc = root / "bids", root / "preproc"
+    affine = np.diag([VOX, VOX, VOX, 1.0])
+    affine[:3, 3] = -VOX * (np.array(SHAPE) - 1) / 2
+    x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
+    brain = (x / 7.0) ** 2 + (y / 7.0) ** 2 + (z / 6.5) ** 2 <= 1.0
+    wm = np.where(brain, 0.3 + 0.4 * (np.abs(x) < 3), 0.0).astype(np.float32)
+    gm = np.where(brain, 1.0 - wm, 0.0).astype(np.float32)
+    truth = {}
+    rows = ["participant_id\tdisorder\tage\tsex\tonset_to_reperfusion_h"]
+    for i, sub in enumerate(subjects):
+        rng = np.random.default_rng(7 + i)
+        sigma = float(rng.uniform(0.85, 1.2))
+        c = rng.uniform(-2, 2, 3)
+        r2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
+        cbf = np.where(brain, normal_cbf(wm) * (1.0 - 0.85 * np.exp(-r2 / (2 * 3.0 ** 2))), 0.0)
+        rep = reperfusion[i % len(reperfusion)]
+        t_acute, t_follow = 3.0, 24.0
+        out = simulate_tissue_death(cbf / sigma, hours=t_follow, reperfusion_h=rep, cbf_after=normal_cbf(wm) / sigma,
+                                    wm_fraction=wm, save_hours=[t_acute, t_follow], dt_s=60.0, threads=1)
+        core = (out["dead"][0] > 0.8) & brain
+        final = ((out["dead"][1] > 0.8) & brain) | core
+        truth[sub] = dict(sigma=sigma)
+        rows.append(f"sub-{sub}\tstroke\t70\tM\t{'n/a' if rep is None else rep}")
+        sdir = bids / f"sub-{sub}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / f"sub-{sub}_sessions.tsv").write_text(f"session_id\thours_since_onset\nses-acute\t{t_acute}\nses-followup\t{t_follow}\n")
+        anat = preproc / f"sub-{sub}" / "anat"
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-GM_probseg.nii.gz", gm, affine)
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-WM_probseg.nii.gz", wm, affine)
+        for ses, mask in (("acute", core), ("followup", final)):
+            d = preproc / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            _save(d / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-infarct_mask.nii.gz", mask.astype(np.uint8), affine)
+        _save(preproc / f"sub-{sub}" / "ses-acute" / "perf" / f"sub-{sub}_ses-acute_space-{SPACE}_res-model_cbf.nii.gz",
+              cbf.astype(np.float32), affine)
+    (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return bids, preproc, truth
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stroke")
+    bids, preproc, truth = write_cohort(root, ["s1", "s2", "s3"])
+    disorder = get_disorder("stroke")
+    data = {s: disorder.build_inputs(s, bids, preproc, FAST) for s in truth}
+    return dict(bids=bids, preproc=preproc, truth=truth, data=data)
+
+
+def test_inputs(cohort):
+    inputs, target = cohort["data"]["s2"]
+    assert inputs.meta["reperfusion_h"] is None and cohort["data"]["s1"][0].meta["reperfusion_h"] == 6.0
+    assert inputs.meta["hours_acute"] == 3.0 and inputs.meta["hours_followup"] == 24.0
+    assert set(inputs.arrays) == {"cbf", "wm", "gm", "core"} and inputs.arrays["core"].any()
+    assert target.arrays["infarct"].sum() > inputs.arrays["core"].sum()
+
+
+def test_bad_reperfusion_time(cohort, tmp_path):
+    bids, preproc, _ = write_cohort(tmp_path, ["b1"])
+    (bids / "participants.tsv").write_text("participant_id\tdisorder\tonset_to_reperfusion_h\nsub-b1\tstroke\tsoon\n")
+    with pytest.raises(InputError, match="b1.*participants.tsv.*onset_to_reperfusion_h"):
+        get_disorder("stroke").build_inputs("b1", bids, preproc, {})
+
+
+def test_calibration_recovers_sensitivity(cohort):
+    """The acute core alone pins sigma: at 3 h, which voxels crossed D = 0.8 depends steeply on
+    CBF / sigma. Tolerance 10%: the core is a binary mask on a 2 mm grid of a smooth CBF dip, so
+    sigma is known to about the flow step between neighbouring voxels at the core border."""
+    s = mech.settings({})
+    for sub in ("s1", "s2", "s3"):
+        fit = mech.calibrate(cohort["data"][sub][0], s)
+        assert fit.sensitivity == pytest.approx(cohort["truth"][sub]["sigma"], rel=0.1)
+        assert fit.interval[0] <= fit.sensitivity <= fit.interval[1]
+
+
+def test_mechanistic_forecast_matches_truth_model(cohort):
+    """With the calibrated sigma, the forecast final infarct overlaps the synthetic one closely."""
+    inputs, target = cohort["data"]["s1"]
+    fc = get_disorder("stroke").family("mechanistic", {}, "cpu").forecast(inputs, None)
+    y = target.arrays["infarct"]
+    dice = 2 * (fc.outputs["infarct"] & y).sum() / (fc.outputs["infarct"].sum() + y.sum())
+    assert dice > 0.85
+
+
+TRAINED = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
+
+
+@pytest.mark.parametrize("family", TRAINED)
+def test_family_trains_and_forecasts(cohort, family):
+    fam = get_disorder("stroke").family(family, FAST, torch.device("cpu"))
+    torch.manual_seed(0)
+    trained = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])
+    hist = trained.get("history") or trained.get("amortised_history")
+    assert len(hist) >= 2 and hist[-1] < hist[0], hist
+    fc = fam.forecast(cohort["data"]["s3"][0], trained)
+    assert fc.outputs["infarct"].shape == SHAPE and fc.outputs["infarct"].dtype == bool
+    assert fc.outputs["infarct"].any()
+    assert 0.0 <= fc.outputs["dead"].min() and fc.outputs["dead"].max() <= 1.0
+    if family.startswith("sol"):
+        assert fc.extra["sol_error"] < fc.extra["coarse_error"] or fc.extra["coarse_error"] < 1e-3
+        assert fc.extra["sol_cost_seconds"] > 0 and fc.extra["fine_cost_seconds"] > 0
+
+
+def test_zero_correction_equals_mechanistic(cohort):
+    from neurohybrid.disorders.glioma.networks import TinyCNN
+    from neurohybrid.disorders.stroke.families import PointwiseCorrection
+
+    inputs, _ = cohort["data"]["s1"]
+    d = get_disorder("stroke")
+    ref = d.family("mechanistic", FAST, "cpu").forecast(inputs, None)
+    res = d.family("residual", FAST, "cpu").forecast(inputs, {"state_dict": TinyCNN(4, 1, 4, 3).state_dict()})
+    np.testing.assert_allclose(res.outputs["dead"], ref.outputs["dead"], atol=1e-4)
+    assert (res.outputs["infarct"] == ref.outputs["infarct"]).all()
+    ude = d.family("ude", FAST, "cpu").forecast(inputs, {"state_dict": PointwiseCorrection(8).state_dict()})
+    np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
+
+
+def test_sol_and_precomputed_differ_only_in_targets(cohort):
+    pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
+    d = get_disorder("stroke")
+    out = {}
+    for unroll in (1, 3):
+        cfg = {**FAST, "stroke": {**FAST["stroke"], "sol_unroll": unroll}}
+        for fam in ("sol", "sol_precomputed"):
+            torch.manual_seed(0)
+            out[fam, unroll] = d.family(fam, cfg, "cpu").train(pairs)["state_dict"]
+    for k in out["sol", 1]:
+        torch.testing.assert_close(out["sol", 1][k], out["sol_precomputed", 1][k])
+    assert any(not torch.allclose(out["sol", 3][k], out["sol_precomputed", 3][k]) for k in out["sol", 3])
+
+
+def test_cli_end_to_end(tmp_path):
+    import yaml
+
+    from neurohybrid.cli import main
+
+    bids, preproc, _ = write_cohort(tmp_path, ["c1", "c2", "c3"])
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(FAST))
+    ins, tgs = str(tmp_path / "inputs"), str(tmp_path / "targets")
+    for s in ("c1", "c2", "c3"):
+        assert main(["inputs", "--disorder", "stroke", "--subject", s, "--bids", str(bids), "--preproc", str(preproc),
+                     "--config", str(cfg), "--inputs-out", ins, "--targets-out", tgs]) == 0
+    ckpt = tmp_path / "model-amortised.pt"
+    assert main(["train", "--disorder", "stroke", "--family", "amortised", "--subjects", "c1,c2", "--inputs", ins,
+                 "--targets", tgs, "--config", str(cfg), "--out", str(ckpt)]) == 0
+    out = tmp_path / "forecasts"
+    for fam, extra in (("persistence", []), ("mechanistic", []), ("amortised", ["--trained", str(ckpt)])):
+        assert main(["forecast", "--disorder", "stroke", "--family", fam, "--subject", "c3", "--inputs", ins,
+                     "--config", str(cfg), "--out-dir", str(out), *extra]) == 0
+        mask = nib.load(str(out / f"sub-c3_model-{fam}_desc-infarct_mask.nii.gz"))
+        dead = nib.load(str(out / f"sub-c3_model-{fam}_desc-dead_probseg.nii.gz"))
+        assert mask.shape == SHAPE and dead.shape == SHAPE
+        fit = json.loads((out / f"sub-c3_model-{fam}_desc-fit.json").read_text())
+        assert fit["model"] == fam
+    assert json.loads((out / "sub-c3_model-mechanistic_desc-fit.json").read_text())["parameters"]["sensitivity"] > 0
+    target = SubjectData.load(target_path(tgs, "c3"))
+    assert set(target.arrays) == {"infarct"} and target.meta["hours_since_onset"] == 24.0
