@@ -42,7 +42,8 @@ def test_travelling_wave_speed_matches_fisher_kpp():
     u0 = np.zeros(shape)
     u0[:5] = 1.0
     t1, t2 = 1333.0, 3333.0
-    u1, u2 = g.simulate_glioma(wm, gm, u0, spacing=(h, h, h), dw=dw, rho=rho, days=t2,
+    # coarse y/z spacing: the planar front does not feel it, and it allows larger steps
+    u1, u2 = g.simulate_glioma(wm, gm, u0, spacing=(h, 5.0, 5.0), dw=dw, rho=rho, days=t2,
                                save_days=[t1, t2])
     x1, x2 = _front_position(u1, h), _front_position(u2, h)
     lam = math.sqrt(rho / dw)
@@ -138,7 +139,7 @@ def test_convergence_order_against_exact_diffusion_mode():
 
 def test_self_convergence_order_with_growth_and_heterogeneous_tissue():
     # Full model (reaction + smoothly varying D): compare successive refinements, restricting the
-    # finer solution to the coarser grid by 2x2x2 averaging. Measured: 1.29e-3, 3.23e-4 -> 2.00.
+    # finer solution to the coarser grid by 2x2x2 averaging. Measured: 2.31e-3, 5.74e-4 -> 2.01.
     def run(n):
         shape = (4 * n, 4 * n, 2 * n)
         h = 8.0 / shape[0]
@@ -154,7 +155,7 @@ def test_self_convergence_order_with_growth_and_heterogeneous_tissue():
         s = u.shape
         return u.reshape(s[0] // 2, 2, s[1] // 2, 2, s[2] // 2, 2).mean(axis=(1, 3, 5))
 
-    u1, u2, u3 = run(4), run(8), run(16)
+    u1, u2, u3 = run(3), run(6), run(12)
     e1 = np.sqrt(np.mean((restrict(u2) - u1) ** 2))
     e2 = np.sqrt(np.mean((restrict(u3) - u2) ** 2))
     order = math.log2(e1 / e2)

@@ -340,7 +340,8 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
     boolean mask, read as density 1). Returns the final u (dtype float32 when u0 is float32, else
     float64), or the list of states at `save_days` when given. dt=None picks ``stable_dt`` (or
     ``stable_dt_tensor``); a user dt larger than that bound is refused. threads sets Numba's thread
-    count for this call. return_info=True also returns a dict (dt, steps, cropped_shape,
+    count for this call (None: Numba's current setting, or 1 thread for grids under 64k voxels,
+    where the per-step parallel launch costs more than it saves). return_info=True also returns a dict (dt, steps, cropped_shape,
     tissue_voxels).
     """
     wm, gm, u0 = _check_maps(wm, gm, u0)
@@ -417,6 +418,8 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
             _k.fk_step_tensor(src, dst, tens_p, tp, grad, hx, hy, hz, dtype(h), dtype(e_r),
                               dtype(e_r - 1.0), zero, one, half, tiny)
 
+    if threads is None and a.size < 65536:
+        threads = 1  # a parallel launch per step costs more than it saves on tiny grids
     out, n_steps = [], 0
     with _numba_threads(threads):
         for kind, n, h in plan:
