@@ -133,14 +133,51 @@ def calibrate_gradient(
     restarts stay independent because Adam is elementwise and the summed loss separates).
     """
     start_time = time.perf_counter()
-    starts = _starts(bounds, n_restarts, init, seed)
     if batched:
-        runs = _calibrate_batched(loss_fn, bounds, starts, steps, lr, lbfgs_steps, dtype, device, tol)
-    else:
-        runs = [_calibrate_one(loss_fn, bounds, x0, steps, lr, lbfgs_steps, dtype, device, tol) for x0 in starts]
+        return calibrate_gradient_many(loss_fn, bounds, 1, init=None if init is None else [init], n_restarts=n_restarts,
+                                       steps=steps, lr=lr, lbfgs_steps=lbfgs_steps, seed=seed, dtype=dtype,
+                                       device=device, tol=tol)[0]
+    starts = _starts(bounds, n_restarts, init, seed)
+    runs = [_calibrate_one(loss_fn, bounds, x0, steps, lr, lbfgs_steps, dtype, device, tol) for x0 in starts]
     best = min(runs, key=lambda r: r[1])
     return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2],
                              time.perf_counter() - start_time, "gradient")
+
+
+def calibrate_gradient_many(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    bounds: Bounds,
+    n_problems: int,
+    *,
+    init: Sequence | None = None,
+    n_restarts: int = 4,
+    steps: int = 150,
+    lr: float = 0.1,
+    lbfgs_steps: int = 0,
+    seed: int = 0,
+    dtype=torch.float64,
+    device=None,
+    tol: float = 1e-12,
+) -> list[CalibrationResult]:
+    """Calibrate ``n_problems`` independent problems (e.g. subjects) with ``n_restarts`` starts each,
+    all in one batched loss per iteration.
+
+    loss_fn(theta (n_problems * n_restarts, P)) -> (n_problems * n_restarts,) losses, rows
+    problem-major (row = problem * n_restarts + restart). init: optional per-problem first start.
+    Returns one ``CalibrationResult`` per problem (its best restart).
+    """
+    start_time = time.perf_counter()
+    starts = np.vstack([
+        _starts(bounds, n_restarts, None if init is None else init[p], seed + 7919 * p) for p in range(n_problems)
+    ])
+    runs = _calibrate_batched(loss_fn, bounds, starts, steps, lr, lbfgs_steps, dtype, device, tol)
+    seconds = (time.perf_counter() - start_time) / max(n_problems, 1)
+    out = []
+    for p in range(n_problems):
+        mine = runs[p * n_restarts:(p + 1) * n_restarts]
+        best = min(mine, key=lambda r: r[1])
+        out.append(CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in mine], best[2], seconds, "gradient"))
+    return out
 
 
 def _lbfgs(z, objective, lbfgs_steps):

@@ -72,7 +72,8 @@ def train_loop(
         ([{"params": [...], "lr": ...}, ...]) e.g. a faster rate for per-subject physical parameters.
     val_fraction / patience: hold out that fraction of the items for validation; stop when the
         validation loss has not improved for ``patience`` epochs and restore the best parameters.
-        Without validation, the final parameters are kept.
+        Without validation, the parameters of the epoch with the lowest training loss are restored
+        (a noisy last step never leaves the model worse than its best).
     grad_clip: clip the global gradient norm (stiff ODE rollouts occasionally spike).
     time_limit_s: stop after this wall time (the demo's budget guard), keeping the best so far.
     A non-finite loss stops training and restores the last finite-loss parameters.
@@ -116,6 +117,7 @@ def train_loop(
             batches = [[train_idx[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
         epoch_loss, seen = 0.0, 0
         diverged = False
+        before = snapshot() if not val_idx else None  # the parameters this epoch's training loss belongs to
         for batch in batches:
             opt.zero_grad()
             loss = loss_fn(batch)
@@ -140,13 +142,14 @@ def train_loop(
         else:
             score = history[-1]
         if np.isfinite(score) and score < best_val:
-            best_val, best_epoch, best_state, since_best = score, epoch, snapshot(), 0
+            best_val, best_epoch, since_best = score, epoch, 0
+            best_state = snapshot() if val_idx else before
         else:
             since_best += 1
         if patience is not None and val_idx and since_best >= patience:
             break
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
             break
-    if val_idx or (history and not np.isfinite(history[-1])):
+    if best_epoch >= 0:
         restore(best_state)
     return TrainResult(history, val_history, best_epoch, time.perf_counter() - start, train_idx, val_idx)

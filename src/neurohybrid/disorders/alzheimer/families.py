@@ -1,0 +1,476 @@
+"""The Alzheimer's model families (names in ``neurohybrid.disorders.base.FAMILIES``).
+
+persistence          last observed SUVR carried forward.
+mechanistic          per-subject calibration of (kappa, alpha, scale) through the torch twin, with
+                     restarts and Laplace standard deviations.
+data_driven          graph neural ODE du/dt = g(u, Lu, volume) (one MLP shared by all regions),
+                     trained on every visit-to-later-visit transition of the training subjects;
+                     forecasts from the last observed visit.
+residual             APHYNITY: mechanistic + regional correction g(u, Lu, volume) with penalty
+                     lambda ||g||^2; per-training-subject theta and shared g trained jointly; at
+                     forecast time the subject's theta is fitted with g frozen.
+ude                  the same universal differential equation without the penalty (lambda = 0):
+                     the ablation that shows what the penalty does to the physical parameters.
+sol                  solver-in-the-loop: a forward-Euler step of size ``sol_coarse_dt`` corrected
+                     by a network, trained by unrolling ``sol_steps`` steps against the fine RK4
+                     solver; used as the forward model of the subject's calibration.
+sol_precomputed      the same network trained on pre-computed one-step targets.
+amortised            a network from summary features of the observed visits to theta, trained
+                     end-to-end through the solver on the training subjects (or on their
+                     calibrated parameters); no per-subject optimisation.
+amortised_residual   amortised theta + APHYNITY correction, trained jointly (parallel-series).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+
+from neurohybrid.disorders.alzheimer.model import (
+    N_FEATURES, Settings, Subject, common_regions, fit_subjects, laplace_sd, make_batch, misfit, predict, theta_dict,
+)
+from neurohybrid.disorders.base import Family, Forecast, SubjectData
+from neurohybrid.errors import InputError
+from neurohybrid.hybrid.amortised import ParameterNet, train_end_to_end, train_supervised
+from neurohybrid.hybrid.neural_ode import HybridDynamics, RegionwiseMLP, integrate, transport
+from neurohybrid.hybrid.solver_in_loop import CorrectedSolver, time_call, train_precomputed, train_sol
+from neurohybrid.hybrid.training import train_loop
+
+
+class _ADFamily(Family):
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.s = Settings.from_config(config or {})
+        if self.s.torch_threads > 0:
+            # regional states are tiny: extra threads only add synchronisation (and contend with
+            # the workflow's other jobs)
+            torch.set_num_threads(self.s.torch_threads)
+
+    def _subject(self, inputs: SubjectData) -> Subject:
+        subj = Subject.from_inputs(inputs)
+        if subj.target_years is None:
+            raise InputError("inputs lack 'target_years' (rebuild them with `neurohybrid inputs`)", subject=inputs.subject)
+        return subj
+
+    def _pairs(self, pairs) -> list[Subject]:
+        if not pairs:
+            raise InputError("no training subjects")
+        subjects = [Subject.from_inputs(i, t) for i, t in pairs]
+        regions = common_regions(subjects)
+        return [s.subset(regions) for s in subjects]
+
+    def _output(self, pred_last: torch.Tensor) -> dict:
+        return {"suvr": pred_last.detach().cpu().numpy().astype(np.float64).ravel()}
+
+
+# ------------------------------------------------------------------------------------------
+# baselines
+
+
+class Persistence(_ADFamily):
+    name = "persistence"
+
+    def forecast(self, inputs, trained):
+        start = time.perf_counter()
+        subj = self._subject(inputs)
+        out = subj.suvr[-1].copy()
+        return Forecast({"suvr": out}, {}, 0.0, time.perf_counter() - start)
+
+
+class Mechanistic(_ADFamily):
+    name = "mechanistic"
+
+    def forecast(self, inputs, trained):
+        subj = self._subject(inputs)
+        start = time.perf_counter()
+        batch = make_batch([subj], self.s, self.device, extra_times=[[subj.target_years]])
+        res = fit_subjects(batch, self.s)[0]
+        std = laplace_sd(res.theta, subj, self.s)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred, _ = predict(torch.as_tensor(res.theta[None], dtype=batch.obs.dtype, device=self.device), batch, self.s)
+        return Forecast(self._output(pred[0, -1]), theta_dict(res.theta, std), fit_s, time.perf_counter() - start,
+                        {"calibration_loss": res.loss, "restart_losses": [float(l) for _, l in res.restarts]})
+
+
+# ------------------------------------------------------------------------------------------
+# data-driven: graph neural ODE
+
+
+def _correction(settings: Settings, n_covariates=1) -> RegionwiseMLP:
+    return RegionwiseMLP(n_covariates=n_covariates, hidden=settings.hidden, use_transport=True, zero_init=True)
+
+
+def _load_correction(trained: dict, device, dtype) -> RegionwiseMLP:
+    net = RegionwiseMLP(n_covariates=trained["n_covariates"], hidden=trained["hidden"], use_transport=True)
+    net.load_state_dict(trained["correction"])
+    return net.to(device=device, dtype=dtype)
+
+
+class DataDriven(_ADFamily):
+    name = "data_driven"
+    trains_across_subjects = True
+
+    def _rollout(self, net, batch):
+        dyn = HybridDynamics(None, net).set_context(batch.cov, batch.lap)
+        return integrate(dyn, batch.first, batch.times, method="rk4", step_size=self.s.dt, t0=batch.times[:, 0],
+                         adjoint=self.s.adjoint)
+
+    def train(self, pairs):
+        subjects = self._pairs(pairs)
+        # every visit starts a member that predicts all later visits of its subject
+        starts = [Subject(s.subject, s.regions, s.suvr[k:], s.years[k:], s.lap, s.volumes)
+                  for s in subjects for k in range(s.suvr.shape[0] - 1)]
+        batch = make_batch(starts, self.s, self.device)
+        net = _correction(self.s).to(device=self.device, dtype=self.s.torch_dtype)
+
+        def loss_fn(idx):
+            sub = batch.select(idx)
+            return misfit(self._rollout(net, sub), sub).mean()
+
+        res = train_loop(net, loss_fn, batch.size, **self.s.train_kw())
+        return {"correction": {k: v.cpu() for k, v in net.state_dict().items()}, "hidden": self.s.hidden,
+                "n_covariates": 1, "history": res.history, "val_history": res.val_history}
+
+    def forecast(self, inputs, trained):
+        subj = self._subject(inputs)
+        start = time.perf_counter()
+        net = _load_correction(trained, self.device, self.s.torch_dtype)
+        last = Subject(subj.subject, subj.regions, subj.suvr[-1:], subj.years[-1:], subj.lap, subj.volumes)
+        batch = make_batch([last], self.s, self.device, extra_times=[[subj.target_years]])
+        with torch.no_grad():
+            pred = self._rollout(net, batch)
+        return Forecast(self._output(pred[0, -1]), {}, 0.0, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------
+# parallel hybrids: APHYNITY residual and UDE
+
+
+class Residual(_ADFamily):
+    name = "residual"
+    trains_across_subjects = True
+
+    def penalty(self) -> float:
+        return self.s.residual_penalty
+
+    def train(self, pairs):
+        subjects = self._pairs(pairs)
+        batch = make_batch(subjects, self.s, self.device)
+        bounds = self.s.bounds()
+        # theta of each training subject starts at its mechanistic calibration, then moves jointly with g
+        init = np.stack([r.theta for r in fit_subjects(batch, self.s)])
+        z = torch.tensor(np.stack([bounds.to_unconstrained(t) for t in init]), dtype=batch.obs.dtype,
+                         device=self.device, requires_grad=True)
+        net = _correction(self.s).to(device=self.device, dtype=self.s.torch_dtype)
+        lam = self.penalty()
+
+        def loss_fn(idx):
+            sub = batch.select(idx)
+            pred, pen = predict(bounds.to_natural(z[idx]), sub, self.s, net)
+            return misfit(pred, sub).mean() + lam * pen.mean()
+
+        res = train_loop([{"params": [z], "lr": self.s.theta_learning_rate},
+                          {"params": list(net.parameters()), "lr": self.s.learning_rate}],
+                         loss_fn, batch.size, **self.s.train_kw())
+        with torch.no_grad():
+            theta = bounds.to_natural(z).cpu().numpy()
+        return {"correction": {k: v.cpu() for k, v in net.state_dict().items()}, "hidden": self.s.hidden,
+                "n_covariates": 1, "penalty": lam, "history": res.history, "val_history": res.val_history,
+                "train_theta": {s.subject: theta_dict(t) for s, t in zip(subjects, theta)}}
+
+    def forecast(self, inputs, trained):
+        subj = self._subject(inputs)
+        start = time.perf_counter()
+        net = _load_correction(trained, self.device, self.s.torch_dtype)
+        batch = make_batch([subj], self.s, self.device, extra_times=[[subj.target_years]])
+        res = fit_subjects(batch, self.s, correction=net)[0]
+        std = laplace_sd(res.theta, subj, self.s, correction=net)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            theta = torch.as_tensor(res.theta[None], dtype=batch.obs.dtype, device=self.device)
+            pred, pen = predict(theta, batch, self.s, net)
+            mech, _ = predict(theta, batch, self.s)
+        extra = {"calibration_loss": res.loss, "correction_penalty": float(pen[0]),
+                 # how much the forecast owes to the correction
+                 "correction_effect_rmse": float(torch.sqrt(((pred[0, -1] - mech[0, -1]) ** 2).mean()))}
+        return Forecast(self._output(pred[0, -1]), theta_dict(res.theta, std), fit_s, time.perf_counter() - start, extra)
+
+
+class UDE(Residual):
+    name = "ude"
+
+    def penalty(self) -> float:
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# series: amortised inference (and parallel-series: amortised + residual)
+
+
+def _features(subjects: list[Subject], settings, device, dtype):
+    return torch.as_tensor(np.stack([s.features(settings) for s in subjects]), dtype=dtype, device=device)
+
+
+class Amortised(_ADFamily):
+    name = "amortised"
+    trains_across_subjects = True
+    with_correction = False
+
+    def train(self, pairs):
+        subjects = self._pairs(pairs)
+        # features come from the visits a test subject would have: every visit but the last
+        observed = [Subject(s.subject, s.regions, s.suvr[:-1], s.years[:-1], s.lap, s.volumes) for s in subjects]
+        feats = _features(observed, self.s, self.device, self.s.torch_dtype)
+        batch = make_batch(subjects, self.s, self.device)
+        net = ParameterNet(N_FEATURES, self.s.bounds(), hidden=self.s.hidden).to(device=self.device, dtype=self.s.torch_dtype)
+        corr = _correction(self.s).to(device=self.device, dtype=self.s.torch_dtype) if self.with_correction else None
+        lam = self.s.residual_penalty
+        if self.s.amortised_training == "calibrated" and not self.with_correction:
+            targets = torch.as_tensor(np.stack([r.theta for r in fit_subjects(make_batch(observed, self.s, self.device), self.s)]),
+                                      dtype=feats.dtype, device=self.device)
+            res = train_supervised(net, feats, targets, **self.s.train_kw())
+        elif corr is None:
+            res = train_end_to_end(net, feats, lambda th, idx: misfit(predict(th, batch.select(idx), self.s)[0],
+                                                                      batch.select(idx)).mean(), **self.s.train_kw())
+        else:
+            net.fit_scaler(feats)
+
+            def loss_fn(idx):
+                sub = batch.select(idx)
+                pred, pen = predict(net(feats[idx]), sub, self.s, corr)
+                return misfit(pred, sub).mean() + lam * pen.mean()
+
+            res = train_loop(list(net.parameters()) + list(corr.parameters()), loss_fn, batch.size, **self.s.train_kw())
+        out = {"net": net.state(), "history": res.history, "val_history": res.val_history,
+               "training": "end_to_end" if self.with_correction else self.s.amortised_training}
+        if corr is not None:
+            out.update({"correction": {k: v.cpu() for k, v in corr.state_dict().items()}, "hidden": self.s.hidden,
+                        "n_covariates": 1, "penalty": lam})
+        return out
+
+    def forecast(self, inputs, trained):
+        subj = self._subject(inputs)
+        start = time.perf_counter()
+        net = ParameterNet.from_state(trained["net"]).to(device=self.device, dtype=self.s.torch_dtype)
+        corr = _load_correction(trained, self.device, self.s.torch_dtype) if self.with_correction else None
+        batch = make_batch([subj], self.s, self.device, extra_times=[[subj.target_years]])
+        with torch.no_grad():
+            theta = net(_features([subj], self.s, self.device, self.s.torch_dtype))
+            pred, _ = predict(theta, batch, self.s, corr)
+            fit_err = float(misfit(pred, batch)[0])
+        seconds = time.perf_counter() - start
+        # no per-subject optimisation: inference is the fit
+        return Forecast(self._output(pred[0, -1]), theta_dict(theta[0].cpu().numpy()), 0.0, seconds,
+                        {"observed_visit_mse": fit_err})
+
+
+class AmortisedResidual(Amortised):
+    name = "amortised_residual"
+    with_correction = True
+
+
+# ------------------------------------------------------------------------------------------
+# series: solver-in-the-loop
+
+
+def _euler_step(model_ref, capacity):
+    """Forward Euler of the local network FKPP with per-member (kappa, alpha, h, baseline) read
+    from the covariate channels; the Laplacian from the CorrectedSolver's context."""
+    def step(u, cov):
+        kappa, alpha, h, base = cov[:, 0:1, 0], cov[:, 0:1, 1], cov[:, 0:1, 2], cov[..., 3]
+        excess = u - base
+        du = -kappa * transport(excess, model_ref[0].lap) + alpha * excess * (capacity - u)
+        return u + h * du
+    return step
+
+
+def _sol_model(settings: Settings, device, dtype, state=None) -> CorrectedSolver:
+    ref: list = [None]
+    net = RegionwiseMLP(n_covariates=4, hidden=settings.hidden, use_transport=True, zero_init=True)
+    if state is not None:
+        net.load_state_dict(state)
+    model = CorrectedSolver(_euler_step(ref, settings.suvr_capacity), net.to(device=device, dtype=dtype))
+    ref[0] = model
+    return model
+
+
+def _sol_covariates(theta, h, base):
+    """(B, N, 4): kappa, alpha, step, regional baseline."""
+    bsz, n = base.shape
+    return torch.stack([theta[:, 0:1].expand(bsz, n), theta[:, 1:2].expand(bsz, n), h[:, None].expand(bsz, n), base], dim=-1)
+
+
+def sol_rollout(model: CorrectedSolver, theta, batch, settings: Settings, coarse_dt=None, corrected=True):
+    """States at batch.times from the corrected (or plain) coarse solver: each visit interval is
+    cut into ceil(gap / coarse_dt) equal steps."""
+    from neurohybrid.disorders.alzheimer.model import initial_state
+
+    coarse_dt = settings.sol_coarse_dt if coarse_dt is None else coarse_dt
+    u = initial_state(theta, batch)
+    model.set_context(None, batch.lap)
+    states = []
+    prev = batch.times[:, 0]
+    for k in range(batch.times.shape[1]):
+        gap = batch.times[:, k] - prev
+        longest = float(gap.max())
+        if longest > 0:
+            n = max(1, math.ceil(longest / coarse_dt - 1e-9))
+            cov = _sol_covariates(theta, gap / n, batch.base)
+            model.covariates = cov
+            for _ in range(n):
+                u = model.step(u) if corrected else model.coarse_step(u, cov)
+        states.append(u)
+        prev = batch.times[:, k]
+    return torch.stack(states, dim=1)
+
+
+def _rk4_rollout(theta, batch, settings, dt):
+    """The mechanistic model integrated by RK4 with step dt (the same discretisation as the solver)."""
+    pred, _ = predict(theta, batch, dataclasses.replace(settings, dt=dt, adjoint=False))
+    return pred
+
+
+class SolverInTheLoop(_ADFamily):
+    name = "sol"
+    trains_across_subjects = True
+    precomputed = False
+
+    def _fine_trajectories(self, subjects: list[Subject]):
+        """Fine-solver (Numba RK4, default accurate step) trajectories of K coarse steps from every
+        observed state of the training subjects, with sampled (kappa, alpha) and step sizes."""
+        from neurohybrid.solvers.network import simulate_network
+
+        rng = np.random.default_rng(self.s.seed)
+        bounds = self.s.bounds()
+        k_steps = max(self.s.sol_trajectory_steps, self.s.sol_steps)
+        fines, covs, laps = [], [], []
+        for s in subjects:
+            base = np.minimum(self.s.suvr_baseline, s.suvr.min(axis=0))
+            starts = np.repeat(np.maximum(s.suvr, base), self.s.sol_samples, axis=0)
+            m = starts.shape[0]
+            theta = bounds.sample(m, rng)
+            h = self.s.sol_coarse_dt * rng.uniform(0.5, 1.0, m)
+            # K steps of size h == K unit steps of the model with rates scaled by h
+            traj = simulate_network(s.lap, starts, np.arange(1, k_steps + 1, dtype=float), kappa=theta[:, 0] * h,
+                                    alpha=theta[:, 1] * h, model="local", baseline=np.broadcast_to(base, starts.shape),
+                                    capacity=np.full(starts.shape, self.s.suvr_capacity), method="rk4", threads=1)
+            fines.append(np.concatenate([starts[:, None], traj], axis=1))
+            covs.append(np.stack([np.broadcast_to(theta[:, 0:1], starts.shape), np.broadcast_to(theta[:, 1:2], starts.shape),
+                                  np.broadcast_to(h[:, None], starts.shape), np.broadcast_to(base, starts.shape)], axis=-1))
+            laps.append(np.broadcast_to(s.lap, (m,) + s.lap.shape))
+        dt = self.s.torch_dtype
+        return (torch.as_tensor(np.concatenate(fines), dtype=dt, device=self.device),
+                torch.as_tensor(np.concatenate(covs), dtype=dt, device=self.device),
+                torch.as_tensor(np.concatenate(laps), dtype=dt, device=self.device))
+
+    def train(self, pairs):
+        subjects = self._pairs(pairs)
+        fine, cov, lap = self._fine_trajectories(subjects)
+        model = _sol_model(self.s, self.device, self.s.torch_dtype)
+        model.set_context(cov, lap)
+        kw = self.s.train_kw()
+        if self.precomputed:
+            res = train_precomputed(model, fine, **kw)
+        else:
+            res = train_sol(model, fine, n_unroll=self.s.sol_steps, **kw)
+        return {"correction": {k: v.cpu() for k, v in model.correction.state_dict().items()}, "hidden": self.s.hidden,
+                "history": res.history, "val_history": res.val_history,
+                "training_target": "precomputed" if self.precomputed else f"sol-{self.s.sol_steps}",
+                "n_trajectories": int(fine.shape[0])}
+
+    def forecast(self, inputs, trained):
+        from neurohybrid.hybrid.calibration import calibrate_gradient_many
+
+        subj = self._subject(inputs)
+        start = time.perf_counter()
+        model = _sol_model(self.s, self.device, self.s.torch_dtype, trained["correction"])
+        for p in model.correction.parameters():
+            p.requires_grad_(False)
+        batch = make_batch([subj], self.s, self.device, extra_times=[[subj.target_years]])
+        r = max(1, self.s.restarts)
+        rep = batch.repeat(r)
+
+        def loss_fn(theta):
+            return misfit(sol_rollout(model, theta.to(rep.obs.dtype), rep, self.s), rep)
+
+        res = calibrate_gradient_many(loss_fn, self.s.bounds(), 1, init=[self.s.prior_centre()], n_restarts=r,
+                                      steps=self.s.fit_iterations, lr=self.s.fit_learning_rate,
+                                      lbfgs_steps=self.s.lbfgs_iterations, seed=self.s.seed, dtype=rep.obs.dtype,
+                                      device=self.device, tol=1e-7)[0]
+        fit_s = time.perf_counter() - start
+        theta = torch.as_tensor(res.theta[None], dtype=batch.obs.dtype, device=self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred = sol_rollout(model, theta, batch, self.s)
+        infer_s = time.perf_counter() - start
+        extra = {"calibration_loss": res.loss, **self._accuracy_and_cost(model, theta, batch, pred)}
+        return Forecast(self._output(pred[0, -1]), theta_dict(res.theta), fit_s, infer_s, extra)
+
+    def _accuracy_and_cost(self, model, theta, batch, pred) -> dict:
+        """SOL accuracy against the fine solver at the fitted parameters, and cost at equal accuracy.
+
+        fine: RK4 with the solver's default accurate step (``default_rk4_dt``, the Numba
+        discretisation). Errors are RMSE over regions at the forecast visit. The equal-accuracy
+        reference is the cheapest of forward Euler and RK4 with coarse_dt / m (m = 1..64) whose
+        error is at most SOL's.
+        """
+        from neurohybrid.solvers.network import default_rk4_dt
+
+        bd = batch
+        fine_dt = default_rk4_dt(bd.lap[0].cpu().double().numpy(), theta[:, 0].cpu().double().numpy(),
+                                 theta[:, 1].cpu().double().numpy(), bd.base[0].cpu().double().numpy(),
+                                 np.full(bd.base.shape[1], self.s.suvr_capacity))
+        with torch.no_grad():
+            fine = _rk4_rollout(theta, bd, self.s, fine_dt)
+            coarse = sol_rollout(model, theta, bd, self.s, corrected=False)
+
+            def err(x):
+                return float(torch.sqrt(((x[0, -1] - fine[0, -1]) ** 2).mean()))
+
+            sol_err, coarse_err = err(pred), err(coarse)
+            costs = {
+                "sol": time_call(lambda: sol_rollout(model, theta, bd, self.s)),
+                "coarse": time_call(lambda: sol_rollout(model, theta, bd, self.s, corrected=False)),
+                "fine": time_call(lambda: _rk4_rollout(theta, bd, self.s, fine_dt)),
+            }
+            best = None
+            for method in ("euler", "rk4"):
+                for m in (1, 2, 4, 8, 16, 32, 64):
+                    h = self.s.sol_coarse_dt / m
+                    if method == "euler":
+                        run = lambda h=h: sol_rollout(model, theta, bd, self.s, coarse_dt=h, corrected=False)  # noqa: E731
+                    else:
+                        run = lambda h=h: _rk4_rollout(theta, bd, self.s, h)  # noqa: E731
+                    if err(run()) <= sol_err:
+                        cost = time_call(run)
+                        if best is None or cost < best[2]:
+                            best = (method, m, cost)
+                        break
+        out = {"sol_error": sol_err, "coarse_error": coarse_err, "sol_cost_seconds": costs["sol"],
+               "coarse_cost_seconds": costs["coarse"], "fine_cost_seconds": costs["fine"], "fine_dt_years": fine_dt,
+               "speedup_vs_fine": costs["fine"] / max(costs["sol"], 1e-12)}
+        if best is not None:
+            out.update({"equal_accuracy_method": best[0], "equal_accuracy_step_years": self.s.sol_coarse_dt / best[1],
+                        "equal_accuracy_cost_seconds": best[2],
+                        "speedup_equal_accuracy": best[2] / max(costs["sol"], 1e-12)})
+        else:
+            out.update({"equal_accuracy_method": None, "speedup_equal_accuracy": None})
+        return out
+
+
+class SolverPrecomputed(SolverInTheLoop):
+    name = "sol_precomputed"
+    precomputed = True
+
+
+FAMILY_CLASSES = {
+    cls.name: cls for cls in (Persistence, Mechanistic, DataDriven, Residual, UDE, SolverInTheLoop, SolverPrecomputed,
+                              Amortised, AmortisedResidual)
+}
