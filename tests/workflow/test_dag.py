@@ -76,6 +76,9 @@ def test_default_config_dag(tmp_path):
             assert option(c, "--truth") == "results/groundtruth"
         elif c[1] != "cohort":
             assert "results/groundtruth" not in c[2:] or c[1] == "synth", c
+    assert option(synth, "--truth-out") == "results/groundtruth"
+    assert [option(synth, f"--{d}") for d in ("glioma", "alzheimer", "stroke")] == [
+        str(sum(v == d for v in subjects.values())) for d in ("glioma", "alzheimer", "stroke")]
 
     # every subject is preprocessed with its disorder's model grid, from the generated BIDS
     for c in commands:

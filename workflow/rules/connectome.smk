@@ -31,7 +31,7 @@ rule preprocess_connectome:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --method {params.method} {params.normative} --threads {threads} {params.fast} > {log} 2>&1"

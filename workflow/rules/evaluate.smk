@@ -24,7 +24,7 @@ rule evaluate:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {wildcards.family}"
         " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} --out {output} > {log} 2>&1"
@@ -50,7 +50,7 @@ rule cohort_table:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort table {input} --out {output} > {log} 2>&1"
 
@@ -82,7 +82,7 @@ rule cohort_stats:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort stats --metrics {input} --summary-out {output.summary} --stats-out {output.stats} > {log} 2>&1"
 
@@ -114,7 +114,7 @@ rule cohort_figures:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort figures --metrics {input.metrics} --forecasts {params.forecasts} --targets {params.targets}"
         " {params.truth} --out-dir {params.out_dir} > {log} 2>&1"

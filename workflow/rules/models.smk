@@ -28,7 +28,7 @@ rule model_inputs:
         mem_mb=3000,
         runtime=30,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid inputs --disorder {params.disorder} --subject {wildcards.subject} --bids {params.bids}"
         " --preproc {params.preproc} --config {input.config}"
@@ -57,7 +57,7 @@ rule train_model:
         runtime=60,
         gpu=gpu_count(),
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid train --disorder {wildcards.disorder} --family {wildcards.family} --subjects {params.subjects}"
         " --inputs {params.inputs} --targets {params.targets} --config {input.config} --out {output} > {log} 2>&1"
@@ -85,7 +85,7 @@ rule forecast:
         runtime=30,
         gpu=gpu_count(),
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid forecast --disorder {params.disorder} --family {wildcards.family} --subject {wildcards.subject}"
         " --inputs {params.inputs} {params.trained} --config {input.config} --out-dir {params.out_dir} > {log} 2>&1"

@@ -46,7 +46,7 @@ rule preprocess_anat:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} --backend {params.backend} --threads {threads} {params.fast} > {log} 2>&1"
@@ -79,7 +79,7 @@ rule preprocess_lesions:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} > {log} 2>&1"
@@ -106,6 +106,6 @@ rule preprocess_pet:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/neurohybrid.yaml"
+        "../../envs/environment.yaml"
     shell:
         "neurohybrid preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"

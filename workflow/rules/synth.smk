@@ -23,12 +23,12 @@ if DEMO:
             f"{LOGS}/synth_cohort.log",
         benchmark:
             f"{BENCH}/synth_cohort.tsv"
-        threads: 1
+        threads: 2
         resources:
             mem_mb=4000,
             runtime=30,
         conda:
-            "../../envs/neurohybrid.yaml"
+            "../../envs/environment.yaml"
         shell:
-            "neurohybrid synth --out {params.bids} --truth {output.truth} {params.counts}"
-            " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --seed {params.seed} {params.sloppy} > {log} 2>&1"
+            "neurohybrid synth --out {params.bids} --truth-out {output.truth} {params.counts}"
+            " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --seed {params.seed} --jobs {threads} {params.sloppy} > {log} 2>&1"
