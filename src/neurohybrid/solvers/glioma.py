@@ -52,8 +52,12 @@ Performance (the Numba path): the grid is cropped to the tissue bounding box and
 voxel, outside-tissue voxels carry a sentinel diffusivity that zeroes their faces without a branch
 (see ``_glioma_kernels.OUTSIDE``), densities below 1e-15 are flushed to 0 (subnormal arithmetic,
 see ``_glioma_kernels.TINY``), reaction and diffusion are fused into one pass, two buffers are
-swapped instead of allocating, and the outer axis runs in parallel (prange). Voxel-updates in the
-benchmark are counted over the cropped box (not only tissue voxels), which the benchmark states.
+swapped instead of allocating, and the outer axis runs in parallel (prange). Voxel-updates in
+the benchmark are counted over the cropped box (and, separately, over tissue voxels only).
+
+Torch twin: ``glioma_coefficients_torch`` + ``glioma_step_torch`` (one fused split step, batched,
+for solver-in-the-loop models) and ``simulate_glioma_torch`` (scalar and tensor variants) use the
+same faces, schedule and Strang steps, on whatever device the tensors live, in float32/float64.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ class Radiotherapy:
         try:
             days = tuple(float(t) for t in self.fraction_days)
         except (TypeError, ValueError):
-            raise InputError(f"radiotherapy fraction_days must be numbers, got {self.fraction_days!r}")
+            raise InputError(f"radiotherapy fraction_days must be numbers, "
+                             f"got {self.fraction_days!r}")
         if not all(math.isfinite(t) and t >= 0 for t in days):
             raise InputError(f"radiotherapy fraction_days must be finite and >= 0, got {days}")
         for name in ("dose_gy", "alpha", "beta"):
@@ -144,7 +149,8 @@ def diffusivity_field(wm, gm, dw, dg_ratio=0.1) -> np.ndarray:
     wm = np.asarray(wm)
     gm = np.asarray(gm)
     dtype = wm.dtype if wm.dtype in (np.float32, np.float64) else np.float64
-    return (dw * wm.astype(dtype, copy=False) + (dw * dg_ratio) * gm.astype(dtype, copy=False)).astype(dtype)
+    d = dw * wm.astype(dtype, copy=False) + (dw * dg_ratio) * gm.astype(dtype, copy=False)
+    return d.astype(dtype, copy=False)
 
 
 def stable_dt(dmax, spacing, rho, *, safety=0.9, max_rho_dt=0.05) -> float:
@@ -203,7 +209,8 @@ def tensor_components(tensor) -> np.ndarray:
                          t[..., 1, 2]], axis=-1)
     if t.ndim == 4 and t.shape[-1] == 6:
         return t
-    raise InputError(f"diffusion tensor field must have shape (X,Y,Z,6) or (X,Y,Z,3,3), got {t.shape}")
+    raise InputError(f"diffusion tensor field must have shape (X,Y,Z,6) or (X,Y,Z,3,3), "
+                     f"got {t.shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +234,8 @@ def _check_scalar(name, value, *, positive=False):
     except (TypeError, ValueError):
         raise InputError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise InputError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}")
+        bound = "> 0" if positive else ">= 0"
+        raise InputError(f"{name} must be finite and {bound}, got {value!r}")
     return v
 
 
@@ -341,8 +349,8 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
     float64), or the list of states at `save_days` when given. dt=None picks ``stable_dt`` (or
     ``stable_dt_tensor``); a user dt larger than that bound is refused. threads sets Numba's thread
     count for this call (None: Numba's current setting, or 1 thread for grids under 64k voxels,
-    where the per-step parallel launch costs more than it saves). return_info=True also returns a dict (dt, steps, cropped_shape,
-    tissue_voxels).
+    where the per-step parallel launch costs more than it saves). return_info=True also returns
+    a dict (dt, steps, cropped_shape, tissue_voxels).
     """
     wm, gm, u0 = _check_maps(wm, gm, u0)
     spacing = _check_spacing(spacing)
@@ -511,10 +519,64 @@ def glioma_step_torch(u, coeffs, dt, rho, reaction_dt=None):
     return _logistic_torch(_diffusion_torch(u, coeffs, dt), rho, t_r)
 
 
+def _lo(x, dim):
+    """x without its last slice along dim (the lower voxel of each face)."""
+    return x.narrow(dim, 0, x.shape[dim] - 1)
+
+
+def _hi(x, dim):
+    """x without its first slice along dim (the upper voxel of each face)."""
+    return x.narrow(dim, 1, x.shape[dim] - 1)
+
+
+def _shift(x, dim, offset, fill):
+    """out[i] = x[i + offset] along dim (offset +1 or -1), `fill` beyond the edge."""
+    import torch
+
+    shape = list(x.shape)
+    shape[dim] = 1
+    edge = torch.full(shape, fill, dtype=x.dtype, device=x.device)
+    return torch.cat([_hi(x, dim), edge] if offset > 0 else [edge, _lo(x, dim)], dim=dim)
+
+
+def _tensor_diffusion_torch(u, tens6, tissue, spacing, dt):
+    """Explicit Euler step of div(D grad u) with the tensor scheme of ``fk_step_tensor``."""
+    import torch
+    import torch.nn.functional as F
+
+    dims = (-3, -2, -1)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    grads = []
+    for dim, h in zip(dims, spacing):  # masked central differences (one-sided near non-tissue)
+        up, um = _shift(u, dim, 1, 0.0), _shift(u, dim, -1, 0.0)
+        tp, tm = _shift(tissue, dim, 1, False), _shift(tissue, dim, -1, False)
+        gr = torch.where(tp & tm, 0.5 * (up - um) / h,
+                         torch.where(tp, (up - u) / h, torch.where(tm, (u - um) / h, zero)))
+        grads.append(torch.where(tissue, gr, zero))
+    # per face normal: (its D component, (cross component, tangential axis) x 2); components are
+    # ordered xx, yy, zz, xy, xz, yz
+    layout = ((0, (3, 1), (4, 2)), (1, (3, 0), (5, 2)), (2, (4, 0), (5, 1)))
+    div = 0
+    for dim, h, (cn, (c1, a1), (c2, a2)) in zip(dims, spacing, layout):
+        tdim = dim - 1  # the tensor has a trailing component axis
+        ta, tb = _lo(tens6, tdim), _hi(tens6, tdim)
+        g1 = 0.5 * (_lo(grads[a1], dim) + _hi(grads[a1], dim))
+        g2 = 0.5 * (_lo(grads[a2], dim) + _hi(grads[a2], dim))
+        flux = (0.5 * (ta[..., cn] + tb[..., cn]) * ((_hi(u, dim) - _lo(u, dim)) / h)
+                + 0.5 * (ta[..., c1] + tb[..., c1]) * g1
+                + 0.5 * (ta[..., c2] + tb[..., c2]) * g2)
+        flux = torch.where(_lo(tissue, dim) & _hi(tissue, dim), flux, zero)
+        pad_hi = [0, 0] * (-dim - 1) + [0, 1]
+        pad_lo = [0, 0] * (-dim - 1) + [1, 0]
+        div = div + (F.pad(flux, pad_hi) - F.pad(flux, pad_lo)) / h
+    return torch.where(tissue, u + dt * div, u)
+
+
 def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, dt=None,
-                          save_days=None, radiotherapy=None, safety=0.9, max_rho_dt=0.05):
-    """Torch twin of ``simulate_glioma`` (scalar diffusivity), differentiable w.r.t. u0, dw, rho
-    and the tissue maps; runs on the device and in the dtype of u0 (float32 or float64).
+                          save_days=None, radiotherapy=None, tensor=None, safety=0.9,
+                          max_rho_dt=0.05):
+    """Torch twin of ``simulate_glioma``, differentiable w.r.t. u0, dw, rho, the tissue maps and
+    the tensor field; runs on the device and in the dtype of u0 (float32 or float64).
 
     dw and rho may be floats or 0-d tensors. Returns the final u, or a (T, X, Y, Z) stack at
     save_days. The step count and dt come from the same ``stable_dt`` / schedule as the Numba
@@ -550,15 +612,33 @@ def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, d
     tissue = d_det > 0
     if not bool(tissue.any()):
         raise InputError("empty brain: no voxel has white or grey matter (D > 0 nowhere)")
-    bound = stable_dt(float(d_det.max()), spacing, rho_v, safety=safety, max_rho_dt=max_rho_dt)
-    if dt is None:
-        dt = bound
-    elif dt > bound * (1 + 1e-12):
-        raise InputError(f"dt={dt} exceeds the stability/accuracy bound {bound:.6g} days")
-
     box = _bbox(tissue.cpu().numpy())
     t_box = tissue[box]
-    coeffs = glioma_coefficients_torch(wm[box], gm[box], spacing, dw, dg_ratio)
+    if tensor is not None:
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError("simulate_glioma_torch needs a torch tensor field")
+        if tensor.ndim == 5 and tuple(tensor.shape[-2:]) == (3, 3):
+            tensor = torch.stack([tensor[..., 0, 0], tensor[..., 1, 1], tensor[..., 2, 2],
+                                  tensor[..., 0, 1], tensor[..., 0, 2], tensor[..., 1, 2]], -1)
+        if tensor.ndim != 4 or tensor.shape[-1] != 6 or tuple(tensor.shape[:3]) != tuple(u0.shape):
+            raise InputError(f"tensor field must be (X,Y,Z,6) or (X,Y,Z,3,3) on the maps' grid, "
+                             f"got {tuple(tensor.shape)}")
+        if not bool(torch.isfinite(tensor.detach()).all()):
+            raise InputError("diffusion tensor field contains NaN or infinite values")
+        d_box = dw * wm[box] + (dw * dg_ratio) * gm[box]
+        tens6 = torch.where(t_box[..., None], tensor[box].to(u0.dtype) * d_box[..., None],
+                            torch.zeros((), dtype=u0.dtype, device=u0.device))
+        bound = stable_dt_tensor(tens6.detach().cpu().numpy(), spacing, rho_v, safety=safety,
+                                 max_rho_dt=max_rho_dt)
+    else:
+        bound = stable_dt(float(d_det.max()), spacing, rho_v, safety=safety, max_rho_dt=max_rho_dt)
+        coeffs = glioma_coefficients_torch(wm[box], gm[box], spacing, dw, dg_ratio)
+    if dt is None:
+        dt = bound
+    else:
+        dt = _check_scalar("dt", dt, positive=True)
+        if dt > bound * (1 + 1e-12):
+            raise InputError(f"dt={dt} exceeds the stability/accuracy bound {bound:.6g} days")
     u = torch.where(t_box, u0[box], torch.zeros((), dtype=u0.dtype, device=u0.device))
     pads = []
     for s, n in zip(reversed(box), reversed(u0.shape)):
@@ -570,7 +650,12 @@ def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, d
         if kind == "steps":  # Strang, as in simulate_glioma
             u = _logistic_torch(u, rho, h / 2)  # also at rho = 0: keeps d/d rho exact
             for s in range(n):
-                u = glioma_step_torch(u, coeffs, h, rho, h if s < n - 1 else h / 2)
+                t_r = h if s < n - 1 else h / 2
+                if tensor is None:
+                    u = glioma_step_torch(u, coeffs, h, rho, t_r)
+                else:
+                    u = _tensor_diffusion_torch(u, tens6, t_box, spacing, h)
+                    u = _logistic_torch(u, rho, t_r)
         elif kind == "fraction":
             u = u * radiotherapy.survival ** n
         else:
