@@ -69,27 +69,57 @@ def _load_dwi(nii, bval, bvec, subject):
     return img, gradient_table(bvals, bvecs=bvecs)
 
 
-def dipy_streamlines(data, gtab, affine, mask, seed_mask, *, density=1, step_mm=0.5, seed=0):
-    """Deterministic DTI tracking (principal eigenvector) seeded in seed_mask, stopping at FA < FA_STOP."""
+def tensor_peaks(fit, mask, sphere=None):
+    """Principal tensor eigenvectors as a dipy PeaksAndMetrics (one peak per voxel).
+
+    peaks_from_model would evaluate the tensor ODF on every sphere vertex of every voxel (minutes
+    on a brain); for a tensor the single peak is the principal eigenvector, so we snap it to the
+    nearest sphere vertex directly.
+    """
     from dipy.data import default_sphere
-    from dipy.direction import peaks_from_model
+    from dipy.direction.peaks import PeaksAndMetrics
+
+    sphere = sphere or default_sphere
+    e1 = np.nan_to_num(fit.evecs[..., :, 0])  # (..., 3) principal direction
+    fa = np.nan_to_num(fit.fa) * mask
+    idx = np.argmax(np.abs(e1.reshape(-1, 3) @ sphere.vertices.T), axis=1).reshape(mask.shape)
+    pam = PeaksAndMetrics()
+    pam.sphere = sphere
+    pam.peak_dirs = sphere.vertices[idx][..., None, :].astype(np.float64)
+    pam.peak_values = fa[..., None].astype(np.float64)
+    pam.peak_indices = np.where(mask, idx, -1)[..., None].astype(np.int32)
+    pam.gfa = fa
+    pam.qa = fa[..., None].astype(np.float64)
+    pam.ang_thr = 60.0
+    pam.qa_thr = 0.0
+    pam.total_weight = 0.5
+    pam.shm_coeff = None
+    pam.odf = None
+    return pam, fa
+
+
+def dipy_streamlines(data, gtab, affine, mask, seed_mask, *, density=1, step_mm=0.5, seed=0):
+    """Deterministic DTI tracking (EuDX on the principal eigenvector) seeded in seed_mask, stopping at FA < FA_STOP."""
     from dipy.reconst.dti import TensorModel
     from dipy.tracking import utils
     from dipy.tracking.local_tracking import LocalTracking
     from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
     from dipy.tracking.streamline import Streamlines
 
-    model = TensorModel(gtab)
-    fit = model.fit(data, mask=mask)
-    fa = np.nan_to_num(fit.fa) * mask
-    peaks = peaks_from_model(model, data, default_sphere, relative_peak_threshold=0.5, min_separation_angle=25,
-                             mask=mask, npeaks=1, return_sh=False)
+    fit = TensorModel(gtab).fit(data, mask=mask)
+    pam, fa = tensor_peaks(fit, mask)
     seeds = utils.seeds_from_mask(seed_mask & (fa > FA_SEED), affine, density=density)
     if len(seeds) == 0:
         return Streamlines(), fa
-    tracker = LocalTracking(peaks, ThresholdStoppingCriterion(fa, FA_STOP), seeds, affine, step_size=step_mm,
-                            random_seed=seed)
-    return Streamlines(tracker), fa
+    import warnings
+
+    with warnings.catch_warnings():
+        # the PeaksAndMetrics + LocalTracking route is deprecated in dipy 1.12 but still the
+        # documented EuDX path; the replacement API changes between releases
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tracker = LocalTracking(pam, ThresholdStoppingCriterion(fa, FA_STOP), seeds, affine, step_size=step_mm,
+                                random_seed=seed)
+        return Streamlines(tracker), fa
 
 
 def count_connectivity(streamlines, labels_idx: np.ndarray, affine, n: int, min_length_mm: float = 5.0):

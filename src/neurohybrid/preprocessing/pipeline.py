@@ -52,6 +52,9 @@ def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ant
     if not t1_path.exists():
         raise InputError("missing modality: T1w image not found", file=t1_path, subject=sub)
     t1_img = load_image(t1_path, subject=sub, ndim=3)
+    if not np.nanmax(np.asarray(t1_img.dataobj, dtype=np.float32)) > 0:
+        raise InputError("brain mask is empty: the image has no positive intensities (blank T1w)",
+                         file=t1_path, subject=sub)
     lesion = _lesion_union(bids, sub, ses, t1_img, t1_path)
     layout.write_dataset_description(out)
     if backend == "fsl":
