@@ -146,13 +146,13 @@ def _tissue_death_kernel(h_before, h_after, seg_end, seg_phase, seg_steps, kf, k
             seg_t[s, v] = tox
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _penumbra_rhs(d, tox, hyp, mask, coef, kf, kt, kb, out_d, out_t):
     """RHS on the grid: local kinetics + div(D_T grad T) with zero flux across the mask border.
 
     coef[a] = D_T / spacing[a]^2 (per second)."""
     nx, ny, nz = d.shape
-    for i in prange(nx):
+    for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 if not mask[i, j, k]:
@@ -179,26 +179,11 @@ def _penumbra_rhs(d, tox, hyp, mask, coef, kf, kt, kb, out_d, out_t):
                 out_t[i, j, k] = (kt * hp - kb * c * (1.0 - hp)) * alive + lap
 
 
-@njit(cache=True, parallel=True)
-def _axpy3(y, h, k, out):
-    nx, ny, nz = y.shape
-    for i in prange(nx):
-        for j in range(ny):
-            for kk in range(nz):
-                out[i, j, kk] = y[i, j, kk] + h * k[i, j, kk]
-
-
-@njit(cache=True, parallel=True)
-def _rk4_update3(y, h, k1, k2, k3, k4):
-    nx, ny, nz = y.shape
-    for i in prange(nx):
-        for j in range(ny):
-            for kk in range(nz):
-                y[i, j, kk] += h / 6.0 * (k1[i, j, kk] + 2.0 * k2[i, j, kk] + 2.0 * k3[i, j, kk] + k4[i, j, kk])
-
-
 def _penumbra_integrate(h_before, h_after, mask, coef, seg_end, seg_phase, seg_steps, kf, kt, kb, d, tox):
-    """RK4 on the whole grid (stages need neighbours, so the time loop sits outside the voxels)."""
+    """RK4 on the whole grid (stages need neighbours, so the time loop sits outside the voxels).
+
+    Only the stencil is a Numba kernel (single-threaded: a parallel one compiles far slower and
+    the penumbra model runs on lesion-sized grids); the stage updates are numpy expressions."""
     shape = d.shape
     kd = [np.empty(shape) for _ in range(4)]
     kt_ = [np.empty(shape) for _ in range(4)]
@@ -213,17 +198,14 @@ def _penumbra_integrate(h_before, h_after, mask, coef, seg_end, seg_phase, seg_s
             h = (seg_end[s] - t) / ns
             for _ in range(ns):
                 _penumbra_rhs(d, tox, hyp, mask, coef, kf, kt, kb, kd[0], kt_[0])
-                _axpy3(d, 0.5 * h, kd[0], dt_)
-                _axpy3(tox, 0.5 * h, kt_[0], tt_)
-                _penumbra_rhs(dt_, tt_, hyp, mask, coef, kf, kt, kb, kd[1], kt_[1])
-                _axpy3(d, 0.5 * h, kd[1], dt_)
-                _axpy3(tox, 0.5 * h, kt_[1], tt_)
-                _penumbra_rhs(dt_, tt_, hyp, mask, coef, kf, kt, kb, kd[2], kt_[2])
-                _axpy3(d, h, kd[2], dt_)
-                _axpy3(tox, h, kt_[2], tt_)
-                _penumbra_rhs(dt_, tt_, hyp, mask, coef, kf, kt, kb, kd[3], kt_[3])
-                _rk4_update3(d, h, kd[0], kd[1], kd[2], kd[3])
-                _rk4_update3(tox, h, kt_[0], kt_[1], kt_[2], kt_[3])
+                for stage, frac in ((1, 0.5), (2, 0.5), (3, 1.0)):
+                    np.multiply(kd[stage - 1], frac * h, out=dt_)
+                    dt_ += d
+                    np.multiply(kt_[stage - 1], frac * h, out=tt_)
+                    tt_ += tox
+                    _penumbra_rhs(dt_, tt_, hyp, mask, coef, kf, kt, kb, kd[stage], kt_[stage])
+                d += h / 6.0 * (kd[0] + 2.0 * kd[1] + 2.0 * kd[2] + kd[3])
+                tox += h / 6.0 * (kt_[0] + 2.0 * kt_[1] + 2.0 * kt_[2] + kt_[3])
         t = seg_end[s]
         seg_d.append(d.copy())
         seg_t.append(tox.copy())
@@ -260,7 +242,7 @@ def _hypoxia_fields(cbf, reperfusion_h, cbf_after, wm_fraction, params):
 
 def _initial(value, shape, name):
     arr = _as_field(0.0 if value is None else value, shape, name)
-    return np.ascontiguousarray(arr)
+    return np.array(arr, dtype=np.float64, order="C", copy=True)  # writable: one Numba signature
 
 
 def _collect(seg_d, seg_t, save_segment, shape, save_hours):
@@ -317,7 +299,7 @@ def simulate_penumbra(cbf, *, hours, mask=None, spacing=(1.0, 1.0, 1.0), toxic_d
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise InputError(f"spacing must be 3 positive numbers (mm), got {spacing}")
-    mask = np.ones(cbf.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    mask = np.ones(cbf.shape, dtype=bool) if mask is None else np.array(mask, dtype=bool, order="C", copy=True)
     if mask.shape != cbf.shape:
         raise InputError(f"mask has shape {mask.shape}, expected {cbf.shape}")
     if not mask.any():
