@@ -97,3 +97,29 @@ def load_dk_atlas(voxel_mm: float | None = None, reference: nib.Nifti1Image | No
     # a fresh array each call so callers can modify it without touching the cache
     img = nib.Nifti1Image(np.asarray(img.dataobj).copy(), img.affine)
     return img, region_table().copy()
+
+
+# Inferior cerebellar grey matter, the usual tau-PET reference region. The DK atlas has no
+# cerebellum, so it is defined on the template: GM probability > 0.5, no DK label, and posterior-
+# inferior to the planes y < -40 mm and z < -25 mm (MNI, which keeps clear of the occipital and
+# inferior temporal cortex) within |x| < 50 mm.
+CEREBELLUM_PLANES_MM = {"y_max": -40.0, "z_max": -25.0, "abs_x_max": 50.0, "gm_min": 0.5}
+
+
+def cerebellar_reference_mask(voxel_mm: float = 1.0) -> nib.Nifti1Image:
+    """Boolean (uint8) mask of inferior cerebellar GM on the template grid at voxel_mm."""
+    from neurohybrid.anatomy.templates import load_template
+
+    gm = load_template("gm", voxel_mm)
+    labels, _ = load_dk_atlas(voxel_mm=voxel_mm)
+    ijk = np.moveaxis(np.indices(gm.shape, dtype=np.float64), 0, -1)
+    xyz = ijk @ gm.affine[:3, :3].T + gm.affine[:3, 3]
+    p = CEREBELLUM_PLANES_MM
+    mask = (
+        (np.asarray(gm.dataobj) > p["gm_min"])
+        & (np.asarray(labels.dataobj) == 0)
+        & (xyz[..., 1] < p["y_max"])
+        & (xyz[..., 2] < p["z_max"])
+        & (np.abs(xyz[..., 0]) < p["abs_x_max"])
+    )
+    return nib.Nifti1Image(mask.astype(np.uint8), gm.affine)

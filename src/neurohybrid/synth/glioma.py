@@ -1,0 +1,178 @@
+"""Glioma virtual patients: Fisher-Kolmogorov growth on the subject's true tissue maps.
+
+Plain model (what ``neurohybrid.solvers.glioma`` computes): du/dt = div(D grad u) + rho u (1 - u),
+D = dw (P_wm + P_gm / 10).
+
+HIDDEN MECHANISM (what the generator adds and the plain model lacks): proliferation is not uniform.
+rho(x) = rho * (1 + a * m(x)), m(x) = 2 exp(-d_v(x) / 15 mm) - 1 in [-1, 1], where d_v is the
+distance to the ventricles (deep CSF: CSF probability > 0.5 more than 15 mm inside the brain mask);
+tumour cells near the subventricular zone proliferate faster, far from it slower. a ~ U(0.3, 0.6)
+per subject. The ventricles are visible on T1w, so the modulation is learnable across subjects.
+It is integrated by Lie operator splitting: the solver advances the plain model (with the base
+rho) over 20-day chunks, and after each chunk the extra logistic reaction rho a m(x) u (1 - u) is
+applied with its exact solution.
+
+Observation: T1Gd = u + e >= theta_T1Gd, FLAIR = u + e >= theta_FLAIR (e a smooth random field
+of amplitude 0.02, new at each session; thresholds drawn per subject), and FLAIR and ce-T1w
+images whose intensities follow the masks. Timeline: the seed (a 3 mm Gaussian in deep WM) grows
+unseen until its FLAIR volume first passes a target (8-25 ml): that is day 0; sessions follow at
+~60-120 and ~150-250 days.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from neurohybrid.solvers.glioma import gaussian_seed, simulate_glioma
+from neurohybrid.synth import bids
+from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, smooth_random_field, wm_reference
+
+CHUNK_DAYS = 20.0
+MAX_PRE_DAYS = 1500.0
+# literature ranges (DATA.md): dw 0.035-0.3 mm^2/day, rho 0.01-0.2 /day; the pair is redrawn until
+# the Fisher wave speed 2 sqrt(dw rho) lies in [0.04, 0.2] mm/day, so a tumour seen at day 0 neither
+# stalls nor fills the brain within the ~250-day follow-up
+DW_RANGE = (0.035, 0.3)
+RHO_RANGE = (0.01, 0.2)
+SPEED_RANGE = (0.04, 0.2)
+THETA_T1GD = (0.45, 0.85)
+THETA_FLAIR = (0.15, 0.35)
+MAX_RHO_DT = 0.1  # solver step bound rho*dt <= 0.1 (its default is 0.05): halves the cost, error << noise
+
+
+def draw_parameters(rng) -> dict:
+    while True:
+        dw = float(np.exp(rng.uniform(*np.log(DW_RANGE))))
+        rho = float(np.exp(rng.uniform(*np.log(RHO_RANGE))))
+        if SPEED_RANGE[0] <= 2 * np.sqrt(dw * rho) <= SPEED_RANGE[1]:
+            break
+    return {
+        "dw": dw,
+        "rho": rho,
+        "dg_ratio": 0.1,
+        "theta_t1gd": float(rng.uniform(*THETA_T1GD)),
+        "theta_flair": float(rng.uniform(*THETA_FLAIR)),
+        "hidden_rho_amplitude": float(rng.uniform(0.3, 0.6)),
+        "hidden_length_mm": 15.0,
+        "flair_target_ml": float(rng.uniform(8.0, 25.0)),
+        "session_days": [0.0, float(np.round(rng.uniform(60, 120))), float(np.round(rng.uniform(150, 250)))],
+    }
+
+
+def ventricle_modulation(anat: SubjectAnatomy, length_mm: float = 15.0) -> np.ndarray:
+    """m(x) in [-1, 1]: +1 at the ventricles, falling to -1 far away (the hidden proliferation field)."""
+    sampling = (anat.voxel_mm,) * 3
+    depth = ndimage.distance_transform_edt(anat.brain, sampling=sampling)
+    ventricles = (anat.csf > 0.5) & (depth > 15.0)
+    if not ventricles.any():  # coarse grids: fall back to the deepest CSF
+        ventricles = (anat.csf > 0.3) & (depth >= np.percentile(depth[anat.brain], 90))
+    dist = ndimage.distance_transform_edt(~ventricles, sampling=sampling)
+    return 2.0 * np.exp(-dist / length_mm) - 1.0
+
+
+def pick_seed(anat: SubjectAnatomy, rng) -> tuple[int, int, int]:
+    """A deep white-matter voxel of the cerebral hemispheres (template z > 0 mm, |x| > 15 mm)."""
+    pts = anat.template_points()
+    ok = (anat.wm > 0.9) & (pts[..., 2] > 0) & (np.abs(pts[..., 0]) > 15) & (pts[..., 1] > -70) & (pts[..., 1] < 40)
+    depth = ndimage.distance_transform_edt(anat.wm > 0.5, sampling=(anat.voxel_mm,) * 3)
+    ok &= depth >= min(6.0, depth[ok].max() if ok.any() else 0.0)
+    cand = np.argwhere(ok)
+    return tuple(int(v) for v in cand[rng.integers(len(cand))])
+
+
+def _box(mask: np.ndarray, pad: int):
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _logistic(u: np.ndarray, rate_dt: np.ndarray) -> np.ndarray:
+    """Exact solution of du/dt = r u (1 - u) after time dt (rate_dt = r dt, any sign)."""
+    e = np.exp(rate_dt)
+    return u * e / (1.0 - u + u * e)
+
+
+def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modulation: np.ndarray | None,
+         *, stop_flair_ml: float | None = None):
+    """Advance u by `days` in 20-day chunks; returns (u, elapsed). With stop_flair_ml, stops at the
+    first chunk end where the FLAIR-visible volume reaches it."""
+    spacing = (anat.voxel_mm,) * 3
+    wm, gm = anat.wm.astype(np.float32), anat.gm.astype(np.float32)
+    u = u0.astype(np.float32)
+    elapsed = 0.0
+    voxel_ml = anat.voxel_mm**3 / 1000.0
+    while elapsed < days - 1e-9:
+        step = min(CHUNK_DAYS, days - elapsed)
+        # speed device: solve only in a box around the tumour (u > 1e-6) padded by more than the
+        # distance the front and diffusion can travel in one chunk; outside, u stays below ~1e-6
+        pad_mm = 20.0 + 2.0 * np.sqrt(params["dw"] * params["rho"]) * step + 6.0 * np.sqrt(params["dw"] * step)
+        box = _box(u > 1e-6, int(np.ceil(pad_mm / anat.voxel_mm)))
+        ub = simulate_glioma(wm[box], gm[box], u[box], spacing=spacing, dw=params["dw"], rho=params["rho"],
+                             days=step, dg_ratio=params["dg_ratio"], max_rho_dt=MAX_RHO_DT, threads=1)
+        if modulation is not None:
+            extra = params["rho"] * params["hidden_rho_amplitude"] * modulation[box] * step
+            ub = _logistic(np.clip(ub, 0.0, 1.0).astype(np.float64), extra).astype(np.float32)
+        u = np.zeros_like(u)
+        u[box] = ub
+        elapsed += step
+        if stop_flair_ml is not None and (u >= params["theta_flair"]).sum() * voxel_ml >= stop_flair_ml:
+            break
+    return u, elapsed
+
+
+def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True) -> dict:
+    """True fields and parameters of one glioma subject (no file writing)."""
+    params = draw_parameters(rng)
+    seed = pick_seed(anat, rng)
+    modulation = ventricle_modulation(anat, params["hidden_length_mm"]) if hidden else None
+    u0 = gaussian_seed(anat.shape, (anat.voxel_mm,) * 3, seed, sigma_mm=3.0, amplitude=0.5)
+    u, pre_days = grow(anat, u0, params, MAX_PRE_DAYS, modulation, stop_flair_ml=params["flair_target_ml"])
+    states = [u]
+    days = params["session_days"]
+    for a, b in zip(days[:-1], days[1:]):
+        u, _ = grow(anat, u, params, b - a, modulation)
+        states.append(u)
+    params.update(seed_voxel=list(seed), pre_diagnosis_days=pre_days, hidden_mechanism=hidden)
+    return {"params": params, "states": states, "modulation": modulation, "u_seed": u0}
+
+
+def observe_masks(u: np.ndarray, anat: SubjectAnatomy, params: dict, rng):
+    noise = 0.02 * smooth_random_field(u.shape, anat.voxel_mm, rng, smooth_mm=6.0)
+    seen = np.where(anat.brain, u + noise, 0.0)
+    return seen >= params["theta_t1gd"], seen >= params["theta_flair"]
+
+
+def _soft(u, theta, width=0.05):
+    return 1.0 / (1.0 + np.exp(-(u - theta) / width))
+
+
+def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir) -> dict:
+    sim = simulate_subject(anat, rng)
+    params = sim["params"]
+    ref = wm_reference(anat)
+    sessions = []
+    truth_sub = truth_dir / f"sub-{subject}"
+    for k, (day, u) in enumerate(zip(params["session_days"], sim["states"])):
+        ses = f"{k + 1:02d}"
+        sessions.append((ses, day))
+        t1gd, flair = observe_masks(u, anat, params, rng)
+        u64 = u.astype(np.float64)
+        t1 = anat.t1 * (1.0 - 0.25 * u64)  # oedema and tumour are T1-hypointense
+        ce = t1 + 0.45 * ref * _soft(u64, params["theta_t1gd"]) * anat.brain
+        tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
+        fl = ref * np.where(anat.brain, tissue_flair + 0.6 * _soft(u64, params["theta_flair"]), 0.35 * anat.t1 / ref)
+        for suffix, clean, entities in (("T1w", t1, ""), ("T1w", ce, "ce-gadolinium"), ("FLAIR", fl, "")):
+            img, _ = observe_image(clean, anat, rng, reference_intensity=ref)
+            path = bids.session_path(bids_root, subject, ses, "anat", suffix, entities=entities)
+            bids.write_image(path, img, anat.affine)
+            bids.write_json_sidecar(path, bids.anat_sidecar(
+                suffix, {"ContrastBolusIngredient": "GADOLINIUM"} if entities else None))
+        bids.write_mask(bids.lesion_path(bids_root, subject, ses, "T1Gd"), t1gd, anat.affine)
+        bids.write_mask(bids.lesion_path(bids_root, subject, ses, "FLAIR"), flair, anat.affine)
+        bids.write_image(truth_sub / f"sub-{subject}_ses-{ses}_desc-tumour_density.nii.gz", u, anat.affine)
+    bids.write_image(truth_sub / f"sub-{subject}_desc-hiddenrho_modulation.nii.gz", sim["modulation"], anat.affine)
+    bids.write_image(truth_sub / f"sub-{subject}_desc-seed_density.nii.gz", sim["u_seed"], anat.affine)
+    bids.write_sessions(bids_root, subject, "glioma", sessions)
+    return params
