@@ -89,3 +89,16 @@ def test_normative_connectome_reorders_by_names():
     np.testing.assert_array_equal(sub, weights[np.ix_(idx, idx)])
     with pytest.raises(InputError, match="L_nowhere"):
         normative_connectome(["L_nowhere"])
+
+
+def test_cerebellar_reference_mask_is_posterior_inferior_gm():
+    from neurohybrid.anatomy.atlas import cerebellar_reference_mask
+
+    mask = cerebellar_reference_mask(4)
+    data = np.asarray(mask.dataobj) > 0
+    volume_ml = data.sum() * 64 / 1000
+    assert 60 < volume_ml < 250
+    xyz = np.argwhere(data) @ mask.affine[:3, :3].T + mask.affine[:3, 3]
+    assert xyz[:, 1].max() < -40 and xyz[:, 2].max() < -25
+    labels, _ = load_dk_atlas(voxel_mm=4)
+    assert not np.any(np.asarray(labels.dataobj)[data])
