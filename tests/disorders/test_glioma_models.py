@@ -19,7 +19,7 @@ SHAPE = (18, 18, 18)
 VOX = 2.0
 DAYS = (0.0, 25.0, 50.0)
 FAST = {"sloppy": True, "seed": 0, "device": "cpu",
-        "glioma": {"epochs": 4, "time_limit_s": 300.0, "calib_restarts": 2, "calib_iters": 25, "sol_box_vox": 12, "sol_train_steps": 3,
+        "glioma": {"epochs": 3, "time_limit_s": 300.0, "calib_restarts": 2, "calib_iters": 25, "sol_box_vox": 12, "sol_train_steps": 3,
                    "sol_step_days": 10.0, "channels": 4}}
 
 

@@ -50,6 +50,10 @@ class StrokeFamily(Family):
     def __init__(self, config, device):
         super().__init__(config, device)
         self.s = mech.settings(config)
+        if int(self.s["torch_threads"]) > 0:
+            # one intra-op thread per job by default: the workflow runs jobs side by side, and on
+            # a busy 2-core machine 2 threads per job made training ~4x slower than 1
+            torch.set_num_threads(int(self.s["torch_threads"]))
 
     def tensor(self, a) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
@@ -178,7 +182,7 @@ def residual_dead(net, case: _Case, s, device):
     after = torch.as_tensor(normal_cbf(case.wm) / case.fit.sensitivity, dtype=torch.float32, device=device)
     out = simulate_tissue_death_torch(cbf.clamp_min(0.0), hours=case.hours, reperfusion_h=case.rep, cbf_after=after,
                                       wm_fraction=torch.as_tensor(case.wm, dtype=torch.float32, device=device),
-                                      dt_s=float(s["dt_s"]), dtype=torch.float32, device=device)
+                                      dt_s=float(s["dt_s"]), dtype=torch.float32, device=str(device))
     return out["dead"], (c ** 2).mean() if c.numel() else torch.zeros((), device=device)
 
 
@@ -304,9 +308,9 @@ class AmortisedResidual(Residual):
 
 class PointwiseCorrection(nn.Module):
     """g(u (B, 2N) = [D, T], covariates (B, N, 1) = H) -> (B, 2N): one MLP shared by every voxel.
-    Zero-initialised (starts as the mechanistic model); outputs scaled to the ODE's per-second rates."""
+    Zero-initialised (starts as the mechanistic model); outputs scaled to per-second rates (2e-6: a unit output moves D by ~0.2 per day)."""
 
-    def __init__(self, hidden=16, scale=1e-4):
+    def __init__(self, hidden=16, scale=2e-6):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.net[-1].weight)
@@ -433,7 +437,7 @@ class SolCorrection(PointwiseCorrection):
     """The SOL state correction: same pointwise MLP, outputs in state units (not rates)."""
 
     def __init__(self, hidden=16):
-        super().__init__(hidden, scale=0.05)
+        super().__init__(hidden, scale=0.01)
 
 
 class SolverInLoop(StrokeFamily):
