@@ -291,9 +291,21 @@ def _euler_step(model_ref, capacity):
     return step
 
 
+class StepScaledCorrection(torch.nn.Module):
+    """h^2 * MLP(u, Lu, kappa, alpha, h, b): forward Euler's local error is O(h^2), so the network
+    learns the O(1) coefficient instead of a quantity that shrinks with the step."""
+
+    def __init__(self, net: RegionwiseMLP):
+        super().__init__()
+        self.net = net
+
+    def forward(self, u, covariates=None, lap=None):
+        return covariates[..., 2] ** 2 * self.net(u, covariates, lap)
+
+
 def _sol_model(settings: Settings, device, dtype, state=None) -> CorrectedSolver:
     ref: list = [None]
-    net = RegionwiseMLP(n_covariates=4, hidden=settings.hidden, use_transport=True, zero_init=True)
+    net = StepScaledCorrection(RegionwiseMLP(n_covariates=4, hidden=settings.hidden, use_transport=True, zero_init=True))
     if state is not None:
         net.load_state_dict(state)
     model = CorrectedSolver(_euler_step(ref, settings.suvr_capacity), net.to(device=device, dtype=dtype))
@@ -307,9 +319,18 @@ def _sol_covariates(theta, h, base):
     return torch.stack([theta[:, 0:1].expand(bsz, n), theta[:, 1:2].expand(bsz, n), h[:, None].expand(bsz, n), base], dim=-1)
 
 
+EULER_STABILITY = 1.0  # h * (Jacobian bound) at most this: forward Euler stays well inside |1 - h lambda| < 1
+
+
+def jacobian_bound(kappa, alpha, lap_diag_max, capacity, base_min):
+    """Upper bound of the local FKPP Jacobian's spectral radius (Gershgorin: rho(L) <= 2 max L_ii)."""
+    return kappa * 2.0 * lap_diag_max + alpha * (capacity - base_min)
+
+
 def sol_rollout(model: CorrectedSolver, theta, batch, settings: Settings, coarse_dt=None, corrected=True):
     """States at batch.times from the corrected (or plain) coarse solver: each visit interval is
-    cut into ceil(gap / coarse_dt) equal steps."""
+    cut into n equal steps, n = ceil(gap / coarse_dt), more where a step would leave Euler's
+    stability margin (the same rule that bounds the training steps)."""
     from neurohybrid.disorders.alzheimer.model import initial_state
 
     coarse_dt = settings.sol_coarse_dt if coarse_dt is None else coarse_dt
@@ -321,7 +342,10 @@ def sol_rollout(model: CorrectedSolver, theta, batch, settings: Settings, coarse
         gap = batch.times[:, k] - prev
         longest = float(gap.max())
         if longest > 0:
-            n = max(1, math.ceil(longest / coarse_dt - 1e-9))
+            lam = float(jacobian_bound(theta[:, 0].detach(), theta[:, 1].detach(),
+                                       torch.diagonal(batch.lap, dim1=-2, dim2=-1).amax(dim=-1),
+                                       settings.suvr_capacity, batch.base.amin(dim=-1)).max())
+            n = max(1, math.ceil(longest / coarse_dt - 1e-9), math.ceil(longest * lam / EULER_STABILITY - 1e-9))
             cov = _sol_covariates(theta, gap / n, batch.base)
             model.covariates = cov
             for _ in range(n):
@@ -348,7 +372,7 @@ class SolverInTheLoop(_ADFamily):
         from neurohybrid.solvers.network import simulate_network
 
         rng = np.random.default_rng(self.s.seed)
-        bounds = self.s.bounds()
+        bounds = self.s.sol_bounds()
         k_steps = max(self.s.sol_trajectory_steps, self.s.sol_steps)
         fines, covs, laps = [], [], []
         for s in subjects:
@@ -357,6 +381,8 @@ class SolverInTheLoop(_ADFamily):
             m = starts.shape[0]
             theta = bounds.sample(m, rng)
             h = self.s.sol_coarse_dt * rng.uniform(0.5, 1.0, m)
+            lam = jacobian_bound(theta[:, 0], theta[:, 1], np.diag(s.lap).max(), self.s.suvr_capacity, base.min())
+            h = np.minimum(h, EULER_STABILITY / lam)  # as sol_rollout: no step outside Euler's margin
             # K steps of size h == K unit steps of the model with rates scaled by h
             traj = simulate_network(s.lap, starts, np.arange(1, k_steps + 1, dtype=float), kappa=theta[:, 0] * h,
                                     alpha=theta[:, 1] * h, model="local", baseline=np.broadcast_to(base, starts.shape),
@@ -400,7 +426,8 @@ class SolverInTheLoop(_ADFamily):
         def loss_fn(theta):
             return misfit(sol_rollout(model, theta.to(rep.obs.dtype), rep, self.s), rep)
 
-        res = calibrate_gradient_many(loss_fn, self.s.bounds(), 1, init=[self.s.prior_centre()], n_restarts=r,
+        sb = self.s.sol_bounds()
+        res = calibrate_gradient_many(loss_fn, sb, 1, init=[np.sqrt(sb.lower * sb.upper)], n_restarts=r,
                                       steps=self.s.fit_iterations, lr=self.s.fit_learning_rate,
                                       lbfgs_steps=self.s.lbfgs_iterations, seed=self.s.seed, dtype=rep.obs.dtype,
                                       device=self.device, tol=1e-7)[0]

@@ -53,6 +53,8 @@ class Settings:
     kappa_bounds: tuple[float, float] = (0.002, 0.5)
     alpha_bounds: tuple[float, float] = (0.002, 1.5)
     scale_bounds: tuple[float, float] = (0.5, 2.0)
+    kappa_prior: tuple[float, float] = (0.01, 0.3)
+    alpha_prior: tuple[float, float] = (0.01, 0.5)
     dt: float = 0.5
     restarts: int = 2
     fit_iterations: int = 40
@@ -97,6 +99,8 @@ class Settings:
             kappa_bounds=tuple(_get(config, "kappa_bounds", widen("kappa", d.kappa_bounds))),
             alpha_bounds=tuple(_get(config, "alpha_bounds", widen("alpha", d.alpha_bounds))),
             scale_bounds=tuple(_get(config, "scale_bounds", d.scale_bounds)),
+            kappa_prior=tuple(float(v) for v in priors.get("kappa", d.kappa_prior)),
+            alpha_prior=tuple(float(v) for v in priors.get("alpha", d.alpha_prior)),
             dt=float(_get(config, "dt", d.dt)),
             restarts=int(_get(config, "restarts", d.restarts)),
             fit_iterations=int(_get(config, "fit_iterations", d.fit_iterations)),
@@ -143,6 +147,13 @@ class Settings:
     def bounds(self) -> Bounds:
         lo = [self.kappa_bounds[0], self.alpha_bounds[0], self.scale_bounds[0]]
         hi = [self.kappa_bounds[1], self.alpha_bounds[1], self.scale_bounds[1]]
+        return Bounds(lo, hi, log=[True, True, True])
+
+    def sol_bounds(self) -> Bounds:
+        """Where the solver-in-the-loop network is trained, and so where its calibration searches:
+        the cohort prior widened x/2 .. x*2 (a learned correction is only valid where it was trained)."""
+        lo = [self.kappa_prior[0] / 2, self.alpha_prior[0] / 2, self.scale_bounds[0]]
+        hi = [self.kappa_prior[1] * 2, self.alpha_prior[1] * 2, self.scale_bounds[1]]
         return Bounds(lo, hi, log=[True, True, True])
 
     def prior_centre(self) -> np.ndarray:
