@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -109,6 +110,11 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
                           outprefix=str(work / "reg_"))
         d.anat.mkdir(parents=True, exist_ok=True)
         fwd, inv = ab.save_transforms(reg, d.xfm_forward_stem, d.xfm_inverse_stem)
+        for stem, order in ((d.xfm_forward_stem, "[xfm.nii.gz, xfm.mat]"),
+                            (d.xfm_inverse_stem, "[xfm.mat (inverted), xfm.nii.gz]")):
+            write_json(Path(f"{stem}.json"), {"Software": "ANTs (antspyx)", "ApplyOrder": order,
+                                              "Schedule": dataclasses.asdict(sched),
+                                              "LesionMasked": lesion is not None})
         times["registration"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -174,6 +180,12 @@ def to_model_grid(img: nib.Nifti1Image, d: Derivatives, model_voxel_mm: float, *
     for p in d.forward_transforms:
         _require(p, d.sub, "forward transform")
     ref_img = load_template("t1", model_voxel_mm)
+    sidecar = Path(f"{d.xfm_forward_stem}.json")
+    if sidecar.exists() and "FSL" in sidecar.read_text():
+        from neurohybrid.preprocessing.fsl_backend import apply_forward_fsl
+
+        out = apply_forward_fsl(img, d.forward_transforms[0], ref_img)
+        return ((out >= 0.5) if binary else out), ref_img.affine
     out = ants.apply_transforms(ab.to_ants(ref_img), ab.to_ants(img), [str(p) for p in d.forward_transforms],
                                 interpolator="linear").numpy()
     return ((out >= 0.5) if binary else out), ref_img.affine
