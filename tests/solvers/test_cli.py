@@ -264,3 +264,16 @@ def test_help_states_units(capsys, model, units):
     text = " ".join(capsys.readouterr().out.split())
     for unit in units:
         assert unit in text
+
+
+def test_bench_network_and_stroke_print_json(capsys):
+    import json
+
+    assert main(["bench", "network", "--sets", "6", "--years", "2", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["benchmark"] == "network_fkpp" and res["parameter_sets"] == 6
+    assert res["max_abs_diff_vs_scipy"] < 1e-5  # both integrators solved the same problems
+    assert res["numba_solves_per_s"] > 0 and res["speedup_per_solve"] > 0
+    assert main(["bench", "stroke", "--stroke-shape", "4", "3", "2", "--hours", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["voxels"] == 24 and res["voxel_hours_per_s"] > 0
