@@ -11,6 +11,15 @@ def anat():
     return make_subject_anatomy("test01", 4.0, np.random.default_rng(11))
 
 
+@pytest.fixture(autouse=True)
+def single_threaded_blas():
+    # as in generate_subject: nested BLAS threads only slow these small solves down on a busy machine
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 def test_glioma_hidden_proliferation_changes_growth(anat):
     hidden = glioma.simulate_subject(anat, np.random.default_rng(5), hidden=True)
     plain = glioma.simulate_subject(anat, np.random.default_rng(5), hidden=False)

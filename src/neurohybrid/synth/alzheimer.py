@@ -131,7 +131,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir,
     ref = wm_reference(anat)
     t1, _ = observe_image(anat.t1, anat, rng, reference_intensity=ref)
     t1_path = bids.session_path(bids_root, subject, "01", "anat", "T1w")
-    bids.write_image(t1_path, t1, anat.affine)
+    bids.write_mr_image(t1_path, t1, anat.affine)
     bids.write_json_sidecar(t1_path, bids.anat_sidecar("T1w"))
     if dwi:
         from neurohybrid.synth.dwi import write_dwi

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from neurohybrid.anatomy.atlas import cerebellar_reference_mask, load_dk_atlas
 from neurohybrid.anatomy.templates import load_template
-from neurohybrid.synth.warp import PointSampler, SubjectWarp, random_subject_warp
+from neurohybrid.synth.warp import PointSampler, SubjectWarp, random_subject_warp, upsample_linear
 
 # T1w contrast of the nilearn template (WM ~ 180, GM ~ 170 inside the brain; skull and scalp kept)
 NOISE_FRACTION = (0.015, 0.03)  # Rician sigma as a fraction of the WM intensity
@@ -73,8 +73,7 @@ def smooth_random_field(shape, voxel_mm, rng, smooth_mm=40.0) -> np.ndarray:
     f = ndimage.gaussian_filter(rng.standard_normal(coarse), smooth_mm / 8.0, mode="reflect")
     f -= f.mean()
     f /= max(np.abs(f).max(), 1e-12)
-    coords = np.indices(shape, dtype=np.float64) * (voxel_mm / 8.0)
-    return ndimage.map_coordinates(f, coords, order=1, mode="nearest")
+    return upsample_linear(f, shape, voxel_mm / 8.0)
 
 
 def make_subject_anatomy(subject: str, voxel_mm: float, rng) -> SubjectAnatomy:

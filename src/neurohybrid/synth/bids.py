@@ -79,6 +79,12 @@ def write_image(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float
     save_volume(path, np.asarray(data), affine, dtype=dtype)
 
 
+def write_mr_image(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """MR magnitude images as int16, as scanners store them: rounding (< 0.5 units) is far below the
+    noise (sigma >= 2.5 units at template intensities ~180), and the files are half the size."""
+    save_volume(path, np.clip(np.rint(data), 0, 32767), affine, dtype=np.int16)
+
+
 def write_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
     save_volume(path, np.asarray(mask, dtype=bool), affine, dtype=np.uint8)
 

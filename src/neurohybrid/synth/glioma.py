@@ -166,7 +166,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
         for suffix, clean, entities in (("T1w", t1, ""), ("T1w", ce, "ce-gadolinium"), ("FLAIR", fl, "")):
             img, _ = observe_image(clean, anat, rng, reference_intensity=ref)
             path = bids.session_path(bids_root, subject, ses, "anat", suffix, entities=entities)
-            bids.write_image(path, img, anat.affine)
+            bids.write_mr_image(path, img, anat.affine)
             bids.write_json_sidecar(path, bids.anat_sidecar(
                 suffix, {"ContrastBolusIngredient": "GADOLINIUM"} if entities else None))
         bids.write_mask(bids.lesion_path(bids_root, subject, ses, "T1Gd"), t1gd, anat.affine)

@@ -150,7 +150,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
     ref = wm_reference(anat)
     t1, _ = observe_image(anat.t1, anat, rng, reference_intensity=ref)
     t1_path = bids.session_path(bids_root, subject, "acute", "anat", "T1w")
-    bids.write_image(t1_path, t1, aff)
+    bids.write_mr_image(t1_path, t1, aff)
     bids.write_json_sidecar(t1_path, bids.anat_sidecar("T1w"))
     bids.write_mask(bids.lesion_path(bids_root, subject, "acute", "infarct"), sim["dead_imaging"] > CORE_THRESHOLD, aff)
     bids.write_mask(bids.lesion_path(bids_root, subject, "followup", "infarct"), sim["dead_followup"] > CORE_THRESHOLD,

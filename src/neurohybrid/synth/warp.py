@@ -36,6 +36,29 @@ CONTROL_SPACING_MM = 8.0
 BRAIN_CENTRE_MM = np.array([0.0, -18.0, 18.0])  # rough centre of the MNI152 brain: pose rotations pivot here
 
 
+def _interp_matrix(n_fine: int, n_coarse: int, step: float) -> np.ndarray:
+    """(n_fine, n_coarse) linear-interpolation weights for fine sample i at coarse position i * step."""
+    pos = np.clip(np.arange(n_fine) * step, 0, n_coarse - 1)
+    lo = np.minimum(np.floor(pos).astype(int), n_coarse - 2) if n_coarse > 1 else np.zeros(n_fine, int)
+    frac = pos - lo
+    w = np.zeros((n_fine, n_coarse))
+    w[np.arange(n_fine), lo] = 1.0 - frac
+    if n_coarse > 1:
+        w[np.arange(n_fine), lo + 1] += frac
+    return w
+
+
+def upsample_linear(coarse: np.ndarray, shape, step: float) -> np.ndarray:
+    """Trilinear upsampling of a coarse grid (fine voxel i at coarse index i * step), done as three
+    separable 1-D interpolations (matrix products): the same result as ndimage.map_coordinates
+    with order=1, an order of magnitude faster on full-brain grids."""
+    out = coarse
+    for axis, n in enumerate(shape):
+        w = _interp_matrix(int(n), coarse.shape[axis], step)
+        out = np.moveaxis(np.tensordot(w, out, axes=([1], [axis])), 0, axis)
+    return out
+
+
 def random_velocity_field(shape, spacing_mm, rng, *, max_velocity_mm=4.0, smooth_mm=20.0) -> np.ndarray:
     """Smooth Gaussian random vector field (shape + (3,)) in mm, scaled so max |v| = max_velocity_mm."""
     v = np.empty(tuple(shape) + (3,))
@@ -137,10 +160,9 @@ def random_subject_warp(template_affine, shape, rng, *, max_displacement_mm=4.0,
                                         smooth_mm=smooth_mm)
     disp_coarse_mm = integrate_velocity(velocity_mm / CONTROL_SPACING_MM) * CONTROL_SPACING_MM
     # fine voxel i sits at coarse index i * voxel / control spacing (both grids share the origin)
-    coords = np.indices(shape, dtype=np.float64) * (voxel / CONTROL_SPACING_MM)
     nonrigid = np.empty(shape + (3,))
     for c in range(3):
-        nonrigid[..., c] = ndimage.map_coordinates(disp_coarse_mm[..., c], coords, order=1, mode="nearest")
+        nonrigid[..., c] = upsample_linear(disp_coarse_mm[..., c], shape, voxel / CONTROL_SPACING_MM)
     jac = jacobian_determinant(nonrigid, voxel)
     if jac.min() <= 0:
         raise RuntimeError(f"random warp folded (min Jacobian {jac.min():.3g}); lower max_displacement_mm")
