@@ -179,9 +179,16 @@ def _combine(y, h, c, ks, nk, out):
         out[i] = y[i] + h * acc
 
 
+@njit(cache=True, inline="always")
+def _store(out, rows, k, y):
+    """out[rows[b], k, :] = y[b]: chunks write straight into the caller's (B, T, N) result."""
+    for b in range(y.shape[0]):
+        out[rows[b], k, :] = y[b]
+
+
 @njit(cache=True, nogil=True)
-def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, atol, hmax, out):
-    """Integrate one chunk (members share the step); out[b, k, :] = u_b(t_eval[k]).
+def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, atol, hmax, rows, out):
+    """Integrate one chunk (members share the step); out[rows[b], k, :] = u_b(t_eval[k]).
 
     hmax keeps steps inside the method's stability region: near a fixed point the error estimate
     sees only round-off and would otherwise grow the step until round-off is amplified.
@@ -251,7 +258,7 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
     dense_w = np.empty(7)
     dense_row = np.empty(size)
     while k_out < n_out and t_eval[k_out] <= t0:
-        out[:, k_out, :] = y
+        _store(out, rows, k_out, y)
         k_out += 1
     rejected = False
     while k_out < n_out:
@@ -279,13 +286,13 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
             # outputs inside the step from the dense interpolant, so outputs never shorten steps
             while k_out < n_out and t_eval[k_out] <= t_new:
                 if t_eval[k_out] == t_new:
-                    out[:, k_out, :] = ynew
+                    _store(out, rows, k_out, ynew)
                 else:
                     theta = (t_eval[k_out] - t) / h_try
                     for j in range(7):
                         dense_w[j] = theta * (_P[j, 0] + theta * (_P[j, 1] + theta * (_P[j, 2] + theta * _P[j, 3])))
                     _combine(yf, h_try, dense_w, Kf, 7, dense_row)
-                    out[:, k_out, :] = dense_row.reshape((m, n))
+                    _store(out, rows, k_out, dense_row.reshape((m, n)))
                 k_out += 1
             t = t_new
             yf[:] = ynewf
@@ -301,7 +308,7 @@ def _dopri5_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, rtol, a
 
 
 @njit(cache=True, nogil=True)
-def _rk4_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps, out):
+def _rk4_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps, rows, out):
     m, n = u0.shape
     y = u0.copy()
     ytmp = np.empty_like(y)
@@ -333,13 +340,13 @@ def _rk4_chunk(model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps, 
                 for b in range(m):
                     for i in range(n):
                         y[b, i] += h / 6.0 * (k1[b, i] + 2.0 * k2[b, i] + 2.0 * k3[b, i] + k4[b, i])
-        out[:, k, :] = y
+        _store(out, rows, k, y)
         t_prev = t_eval[k]
     return 0
 
 
 def _integrate_chunks(method, model, lap_t, u0, kappa, alpha, base, cap, t0, t_eval, substeps, rtol, atol,
-                      chunk, threads, stiff, out):
+                      chunk, threads, stiff, rows, out):
     """Integrate chunks of the batch on a thread pool; returns steps per chunk (-1: failed).
 
     The chunk kernels release the GIL (nogil), so Python threads run them in parallel. We use a
@@ -351,16 +358,14 @@ def _integrate_chunks(method, model, lap_t, u0, kappa, alpha, base, cap, t0, t_e
 
     def work(bound):
         lo, hi = bound
-        res = np.empty((hi - lo, t_eval.shape[0], u0.shape[1]))
         args = (model, lap_t, u0[lo:hi].copy(), kappa[lo:hi].copy(), alpha[lo:hi].copy(), base[lo:hi].copy(),
                 cap[lo:hi].copy(), t0, t_eval)
         if method == "dopri5":
             # DOPRI5's stability region reaches ~3.3 on the negative real axis
             hmax = 3.0 / max(float(stiff[lo:hi].max()), 1e-300)
-            steps = _dopri5_chunk(*args, rtol, atol, hmax, res)
+            steps = _dopri5_chunk(*args, rtol, atol, hmax, rows[lo:hi].copy(), out)
         else:
-            steps = _rk4_chunk(*args, substeps, res)
-        out[lo:hi] = res
+            steps = _rk4_chunk(*args, substeps, rows[lo:hi].copy(), out)
         return steps
 
     if threads <= 1 or len(bounds) == 1:
@@ -521,7 +526,7 @@ def simulate_network(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", baseline=
     stiff = kap * rho + np.abs(alp) * (1.0 + np.abs(cap).max(axis=1) + np.abs(base).max(axis=1))
     order = np.argsort(stiff, kind="stable")
     u, kap, alp, base, cap, stiff = (np.ascontiguousarray(a[order]) for a in (u, kap, alp, base, cap, stiff))
-    sorted_out = np.empty((bsz, t.size, n))
+    out = np.empty((bsz, t.size, n))
     nthreads = max(1, int(threads)) if threads is not None else (os.cpu_count() or 1)
     if chunk is None:
         # small chunks keep the 7 stage arrays in cache and let members adapt their own steps;
@@ -531,9 +536,7 @@ def simulate_network(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", baseline=
         chunk = max(chunk, min(16, bsz))
     with _blas_single_thread():
         steps = _integrate_chunks(method, MODELS[model], np.ascontiguousarray(lap.T), u, kap, alp, base, cap,
-                                  float(t0), t, substeps, float(rtol), float(atol), int(chunk), nthreads, stiff, sorted_out)
-    out = np.empty_like(sorted_out)
-    out[order] = sorted_out
+                                  float(t0), t, substeps, float(rtol), float(atol), int(chunk), nthreads, stiff, order, out)
     if np.any(steps < 0):
         raise RuntimeError(f"network ODE step size underflow in {int(np.sum(steps < 0))} chunk(s); check the parameters")
     if return_steps:
