@@ -162,7 +162,13 @@ def dwi_connectome(nii, bval, bvec, dseg_img, wm_img, mask_img, regions, *, meth
         source = "dwi-mrtrix"
     else:
         data = np.asarray(dwi_img.dataobj, dtype=np.float32)
-        sl, _ = dipy_streamlines(data, gtab, dwi_img.affine, mask, wm & mask, density=1 if fast else 2)
+        seed_mask = wm & mask
+        if fast:
+            # sloppy mode: seed every other voxel along each axis (1/8 of the seeds)
+            sub = np.zeros_like(seed_mask)
+            sub[::2, ::2, ::2] = True
+            seed_mask &= sub
+        sl, _ = dipy_streamlines(data, gtab, dwi_img.affine, mask, seed_mask, density=1)
         counts, lengths = count_connectivity(sl, labels_idx, dwi_img.affine, n)
         source = "dwi-dipy"
     return {"weights": counts, "lengths": lengths, "names": list(regions["name"]), "source": source,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from neurohybrid.anatomy.atlas import load_dk_atlas
+from neurohybrid.anatomy.atlas import load_dk_atlas, region_table
 from neurohybrid.anatomy.templates import load_template
 from neurohybrid.errors import InputError
 from neurohybrid.io import check_same_grid, load_image, save_volume, write_json, write_tsv
@@ -232,7 +232,7 @@ def run_pet(bids, subject, out) -> list[Path]:
     cereb_img = load_image(_require(d.cerebellum, sub, "cerebellar GM reference mask"), subject=sub)
     dseg = np.asarray(dseg_img.dataobj).astype(np.int64)
     cereb = np.asarray(cereb_img.dataobj) > 0
-    _, regions = load_dk_atlas(1.0)
+    regions = region_table()  # names only: no need to resample the atlas image
     written = []
     for ses in layout.sessions(bids, sub):
         for path in layout.raw_pet(bids, sub, ses):
@@ -256,7 +256,7 @@ def run_connectome(bids, subject, out, *, method="auto", normative_csv=None, fas
     sub = layout.subject_label(subject)
     d = Derivatives(out, sub)
     dseg_img = load_image(_require(d.dseg, sub, "DK parcellation"), subject=sub)
-    _, regions = load_dk_atlas(1.0)
+    regions = region_table()  # names only: no need to resample the atlas image
     dwi = None
     for ses in layout.sessions(bids, sub):
         dwi = layout.raw_dwi(bids, sub, ses)
