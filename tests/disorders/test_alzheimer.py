@@ -115,10 +115,10 @@ def test_mechanistic_recovers_kappa_alpha_from_noiseless_data(tmp_path):
 
 
 def test_settings_read_config_sections():
-    s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "priors": {"kappa": [0.02, 0.06]}},
+    s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "sol_kappa_range": [0.1, 1]},
                               "sloppy": False})
     assert s.epochs == 9 and s.hidden == 5
-    assert s.kappa_bounds == pytest.approx((0.004, 0.3)) and s.kappa_prior == (0.02, 0.06)
+    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], 0.5])
     assert Settings.from_config({"sloppy": True}).epochs <= 15
     with pytest.raises(InputError):
         Settings.from_config({"alzheimer": {"amortised_training": "magic"}})

@@ -476,7 +476,7 @@ class SolverInTheLoop(_ADFamily):
                     else:
                         run = lambda h=h: _rk4_rollout(theta, bd, self.s, h)  # noqa: E731
                     if err(run()) <= sol_err:
-                        cost = time_call(run)
+                        cost = time_call(run, repeats=2)
                         if best is None or cost < best[2]:
                             best = (method, m, cost)
                         break

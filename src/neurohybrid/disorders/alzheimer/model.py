@@ -50,17 +50,17 @@ class Settings:
 
     suvr_baseline: float = 1.0
     suvr_capacity: float = 3.0
-    kappa_bounds: tuple[float, float] = (0.002, 0.5)
-    alpha_bounds: tuple[float, float] = (0.002, 1.5)
+    kappa_bounds: tuple[float, float] = (0.005, 3.0)
+    alpha_bounds: tuple[float, float] = (0.01, 2.0)
     scale_bounds: tuple[float, float] = (0.5, 2.0)
-    kappa_prior: tuple[float, float] = (0.01, 0.3)
-    alpha_prior: tuple[float, float] = (0.01, 0.5)
+    sol_kappa_range: tuple[float, float] | None = None
+    sol_alpha_range: tuple[float, float] | None = None
     dt: float = 0.5
     restarts: int = 2
-    fit_iterations: int = 40
+    fit_iterations: int = 30
     fit_learning_rate: float = 0.1
     lbfgs_iterations: int = 5
-    epochs: int = 60
+    epochs: int = 40
     learning_rate: float = 0.01
     theta_learning_rate: float = 0.01
     hidden: int = 16
@@ -70,7 +70,7 @@ class Settings:
     patience: int | None = None
     sol_steps: int = 4
     sol_coarse_dt: float = 1.5
-    sol_samples: int = 4
+    sol_samples: int = 3
     sol_trajectory_steps: int = 4
     amortised_training: str = "end_to_end"
     adjoint: bool = False
@@ -83,24 +83,20 @@ class Settings:
     def from_config(cls, config: dict) -> "Settings":
         config = config or {}
         d = cls()
-        priors = (config.get("alzheimer") or {}).get("priors") or {}
 
-        def widen(key, default):
-            # search a range wider than the cohort prior (x/5 .. x*5): the prior says where
-            # parameters usually are, not where a subject must be
-            if key in priors:
-                lo, hi = (float(v) for v in priors[key])
-                return (lo / 5.0, hi * 5.0)
-            return default
+        def pair(key, default):
+            v = _get(config, key, default)
+            return None if v is None else tuple(float(x) for x in v)
 
         s = cls(
             suvr_baseline=float(_get(config, "suvr_baseline", d.suvr_baseline)),
             suvr_capacity=float(_get(config, "suvr_capacity", d.suvr_capacity)),
-            kappa_bounds=tuple(_get(config, "kappa_bounds", widen("kappa", d.kappa_bounds))),
-            alpha_bounds=tuple(_get(config, "alpha_bounds", widen("alpha", d.alpha_bounds))),
-            scale_bounds=tuple(_get(config, "scale_bounds", d.scale_bounds)),
-            kappa_prior=tuple(float(v) for v in priors.get("kappa", d.kappa_prior)),
-            alpha_prior=tuple(float(v) for v in priors.get("alpha", d.alpha_prior)),
+            # the search box is deliberately wide and independent of the synthetic cohort's priors
+            kappa_bounds=pair("kappa_bounds", d.kappa_bounds),
+            alpha_bounds=pair("alpha_bounds", d.alpha_bounds),
+            scale_bounds=pair("scale_bounds", d.scale_bounds),
+            sol_kappa_range=pair("sol_kappa_range", None),
+            sol_alpha_range=pair("sol_alpha_range", None),
             dt=float(_get(config, "dt", d.dt)),
             restarts=int(_get(config, "restarts", d.restarts)),
             fit_iterations=int(_get(config, "fit_iterations", d.fit_iterations)),
@@ -150,11 +146,12 @@ class Settings:
         return Bounds(lo, hi, log=[True, True, True])
 
     def sol_bounds(self) -> Bounds:
-        """Where the solver-in-the-loop network is trained, and so where its calibration searches:
-        the cohort prior widened x/2 .. x*2 (a learned correction is only valid where it was trained)."""
-        lo = [self.kappa_prior[0] / 2, self.alpha_prior[0] / 2, self.scale_bounds[0]]
-        hi = [self.kappa_prior[1] * 2, self.alpha_prior[1] * 2, self.scale_bounds[1]]
-        return Bounds(lo, hi, log=[True, True, True])
+        """Where the solver-in-the-loop network is trained, and so where its calibration searches
+        (a learned correction is only valid where it was trained): sol_kappa_range /
+        sol_alpha_range when set, else the calibration bounds."""
+        k = self.sol_kappa_range or self.kappa_bounds
+        a = self.sol_alpha_range or self.alpha_bounds
+        return Bounds([k[0], a[0], self.scale_bounds[0]], [k[1], a[1], self.scale_bounds[1]], log=[True, True, True])
 
     def prior_centre(self) -> np.ndarray:
         b = self.bounds()
