@@ -147,7 +147,7 @@ class DataDriven(StrokeFamily):
         core = inputs.arrays["core"].astype(np.float32)
         with torch.no_grad():
             p = torch.sigmoid(net(self.tensor(_image(inputs, full))[None]) + self.tensor(3.0 * (2.0 * core - 1.0))[None, None])
-        p = p[0, 0].cpu().numpy() * ((inputs.arrays["wm"] + inputs.arrays["gm"]) > 0.05)
+        p = p[0, 0].cpu().numpy() * ((inputs.arrays["wm"] + inputs.arrays["gm"]) >= float(self.s["tissue_min"]))
         return Forecast(dict(infarct=p > 0.5, dead=p.astype(np.float32)), {}, 0.0, time.perf_counter() - t)
 
 

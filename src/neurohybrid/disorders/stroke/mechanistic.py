@@ -10,7 +10,7 @@ Uncertainty: the profile interval of sigma where the loss stays within 5% (+0.00
 
 Only "candidate" voxels are simulated: tissue whose flow could make it die within the bounds of
 sigma (F_eff / sigma_max below `candidate_feff`, where H ~ 3e-3 and D stays below ~0.05 after two
-days), plus the acute core. Everything else keeps D = 0, as the model itself would.
+days), plus the acute core. Tissue is GM + WM >= `tissue_min`. Everything else keeps D = 0, as the model itself would.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from neurohybrid.disorders.glioma import grid
 
 DEFAULTS = dict(
-    crop_margin=3, dt_s=600.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, calib_iters=20,
+    crop_margin=3, tissue_min=0.5, dt_s=600.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, calib_iters=20,
     epochs=12, lr=0.01, channels=8, aphynity_lambda=1e-3, train_margin=3, sol_step_hours=6.0, sol_unroll=3,
     sol_train_steps=6, fine_dt_s=60.0, time_limit_s=10.0, threads=1, torch_threads=1,
 )
@@ -50,7 +50,9 @@ def candidates(inputs, s: dict) -> np.ndarray:
     from neurohybrid.solvers.stroke import perfusion_multiplier
 
     a = inputs.arrays
-    tissue = (a["wm"] + a["gm"]) > 0.05
+    # mostly-tissue voxels only: partial-volume voxels at the brain's edge hold CSF, whose near-zero
+    # "flow" would otherwise read as ischaemia
+    tissue = (a["wm"] + a["gm"]) >= float(s["tissue_min"])
     feff = a["cbf"] * perfusion_multiplier(np.clip(a["wm"], 0, 1))
     return (tissue & (feff / float(s["sens_max"]) < float(s["candidate_feff"]))) | a["core"].astype(bool)
 
