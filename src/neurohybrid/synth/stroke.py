@@ -121,9 +121,11 @@ def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True, params: 
     territory = territory_mask(anat, params["side"], params["occlusion"])
     normal, acute0 = perfusion_maps(anat, territory, params["inflow_scale"])
     weight = collateral_weight(anat, territory)
-    # only voxels with a non-negligible hypoxic fraction at onset need the ODE (flow only rises
-    # afterwards); elsewhere H < 1e-3 and D stays ~0
-    active = anat.brain & (hypoxic_fraction(acute0, anat.wm) > 1e-3)
+    # only voxels the occlusion actually starves need the ODE: flow clearly below the voxel's own
+    # normal value, mostly tissue (a CSF-dominated voxel has a low CBF per 100 ml of voxel without
+    # being ischaemic), and a non-negligible hypoxic fraction (flow only rises afterwards)
+    active = (anat.brain & (acute0 < 0.9 * normal) & (anat.gm + anat.wm >= 0.5)
+              & (hypoxic_fraction(acute0, anat.wm) > 1e-3))
     t_img = params["onset_to_imaging_h"]
     dead_img, dead_fu = tissue_death(acute0[active], normal[active], weight[active], anat.wm[active], params,
                                      [t_img, params["followup_h"]], hidden=hidden)
