@@ -6,7 +6,7 @@ rule model_inputs:
     input:
         rules.preprocess_anat.output.model_grid,
         disorder_preprocessing,
-        raw=raw_files("sub-{subject}/sub-{subject}_sessions.tsv"),
+        raw=raw_files("sub-{subject}/sub-{subject}_sessions.tsv", "participants.tsv"),
         config=RESOLVED_CONFIG,
     output:
         inputs=multiext(SUBJECT_INPUTS, ".npz", ".json"),
