@@ -63,7 +63,9 @@ def set_threads(n: int | None) -> None:
 def to_ants(img: nib.Nifti1Image):
     import ants
 
-    return ants.from_nibabel_nifti(nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine))
+    out = nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    out.header.set_xyzt_units("mm", "sec")  # otherwise ITK warns on every conversion
+    return ants.from_nibabel_nifti(out)
 
 
 def to_nib(img) -> nib.Nifti1Image:
