@@ -6,21 +6,21 @@ Models (state u: one value per region, time in years):
 * ``"fkpp"``        du/dt = -kappa L u + alpha u (1 - u)             (global network Fisher-KPP)
 * ``"local"``       du/dt = -kappa L (u - b) + alpha (u - b)(c - u)  (local FKPP)
 
-The local form follows Chaggar et al. 2025 (PLOS Biol): b is a regional baseline (healthy SUVR),
-c a regional carrying capacity (maximal SUVR); transport acts on the excess u - b and the
-logistic production drives each region from b towards its own c. u = b is a fixed point; u = c
+The local form is our reading of Chaggar et al. 2025 (PLOS Biol) "local FKPP" (check against the
+paper before relying on it): b is a regional baseline (healthy SUVR), c a regional carrying
+capacity (maximal SUVR); transport acts on the excess u - b and the logistic production drives
+each region from b towards its own c. u = b is a fixed point; u = c
 is one as well whenever c - b is uniform across regions (then L (c - b) = 0).
 
 Numerics. ``simulate_network`` integrates a batch of B parameter sets at once with the
 Dormand-Prince 5(4) pair (the tableau and error control of scipy's RK45), or with classical RK4
 on a fixed step. The batch is cut into chunks run on a thread pool (the kernels release the
-GIL); inside a chunk
-all members share the step size (the error norm is the worst member's), which lets the
-transport term of the whole chunk be one matrix-matrix product (BLAS gemm, ~30-50 GFLOP/s)
-instead of B matrix-vector products. Each member still meets the requested tolerance. Outputs between
-steps come from the quartic dense output of the pair (as scipy's RK45), so output times do not
-shorten steps; members are sorted by a stiffness estimate before chunking so that a chunk's
-shared step suits all its members.
+GIL); inside a chunk all members share the step size (the error norm is the worst member's),
+which lets the transport term of the whole chunk be one matrix-matrix product (BLAS gemm)
+instead of B matrix-vector products. Each member still meets the requested tolerance. Outputs
+between steps come from the quartic dense output of the pair (as scipy's RK45), so output times
+do not shorten steps; members are sorted by a stiffness estimate before chunking so that a
+chunk's shared step suits all its members.
 
 ``simulate_network_torch`` is the differentiable twin: the same RK4 step grid (equal to the
 Numba RK4 to round-off in float64) or any torchdiffeq method.

@@ -23,10 +23,10 @@ core into neighbouring tissue. We implement it as isotropic diffusion of T insid
 
     dT/dt = kt H (1 - D) - kb T (1 - H)(1 - D) + div(D_T grad T),   zero flux at the mask border,
 
-with D_T (``toxic_diffusivity``, mm^2/s) a model parameter: the default 1e-4 mm^2/s (diffusion
+with D_T (``toxic_diffusivity``, mm^2/s) a uniform model parameter: the default 1e-4 mm^2/s (diffusion
 length sqrt(2 D_T t) ~ 4 mm per day) is our assumption, to be calibrated, not a published value.
 With D_T = 0 it is exactly the per-voxel model. Finite differences: 7-point stencil with
-harmonic-free uniform D_T and voxel spacing in mm; the RK4 step is limited to the explicit
+the voxel spacing in mm (faces to voxels outside the mask carry no flux); the RK4 step is limited to the explicit
 stability bound dt <= 0.9 * 2.78 / (4 D_T sum 1/h^2 + kb).
 
 ``simulate_tissue_death_torch`` is the twin (same RK4 grid, float32/float64, any device);
