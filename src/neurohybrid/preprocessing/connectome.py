@@ -194,11 +194,14 @@ def mrtrix_connectome(nii, bval, bvec, labels_idx, affine, seed_mask, *, n, fast
             nthreads=int(threads or 1))
         tck.run(cwd=str(work))
         out = {}
-        for metric in ("count", "meanlength"):
+        radius_mm = SEARCH_RADIUS_VOX * float(np.mean(nib.affines.voxel_sizes(affine)))
+        # nipype's BuildConnectome emits "-metric", which MRtrix 3.0.3 no longer has: counts are the
+        # default edge value and mean length is "-scale_length -stat_edge mean", passed through args
+        for metric, extra in (("count", ""), ("meanlength", " -scale_length -stat_edge mean")):
             conn = mrtrix3.BuildConnectome(
-                in_file=str(work / "tracks.tck"), in_parc=str(work / "nodes.nii.gz"), metric=metric,
+                in_file=str(work / "tracks.tck"), in_parc=str(work / "nodes.nii.gz"),
                 zero_diagonal=True, out_file=str(work / f"{metric}.csv"), nthreads=int(threads or 1))
-            conn.inputs.args = f"-assignment_radial_search {SEARCH_RADIUS_VOX * float(np.mean(nib.affines.voxel_sizes(affine))):g} -symmetric"
+            conn.inputs.args = f"-assignment_radial_search {radius_mm:g} -symmetric{extra}"
             conn.run(cwd=str(work))
             m = np.loadtxt(work / f"{metric}.csv", delimiter=",", ndmin=2)
             full = np.zeros((n, n))
