@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
