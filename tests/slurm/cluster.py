@@ -87,7 +87,7 @@ def _which(name: str) -> str:
 class SlurmCluster:
     """Context manager: a running single-node cluster; ``env`` points clients at it."""
 
-    def __init__(self, cpus: int = 2, real_memory_mb: int = 8000, base: str | Path | None = None,
+    def __init__(self, cpus: int = 2, real_memory_mb: int = 16000, base: str | Path | None = None,
                  cleanup: bool | None = None):
         self.cpus = cpus
         self.real_memory_mb = real_memory_mb
