@@ -26,8 +26,8 @@ def tiny_config(path, participants, **overrides):
     coarse = {"model_voxel_mm": 8.0}
     return write_config(
         path, participants=str(participants), sloppy=True, seed=7, device="cpu",
-        synth={"voxel_mm": 4.0},
-        preprocessing={"fast": True, "resources": {"threads": 1, "mem_mb": 2000, "runtime": 10}},
+        synth={"voxel_mm": 4.0, "dwi_subjects": 1},  # one connectome from DWI (dipy), one normative
+        preprocessing={"fast": True},
         models={"families": FAMILIES, "n_folds": 2, "epochs": 2, "restarts": 1, "fit_iterations": 5},
         glioma=coarse, alzheimer=coarse, stroke=coarse, **overrides)
 
@@ -71,6 +71,9 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
         assert gm.min() >= 0 and gm.max() <= 1 and gm.max() > 0.5
         assert (out / "preproc" / f"sub-{subject}" / "figures" / f"sub-{subject}_desc-qc.png").read_bytes()[:8] == PNG
         if disorder == "alzheimer":
+            source = json.loads((out / "preproc" / f"sub-{subject}" / "dwi" /
+                                 f"sub-{subject}_atlas-DK_connectivity.json").read_text())["Source"]
+            assert source == ("dwi-dipy" if subject == "ad01" else "normative")
             conn = pd.read_csv(out / "preproc" / f"sub-{subject}" / "dwi" / f"sub-{subject}_atlas-DK_connectivity.tsv",
                                sep="\t")
             weights = conn.select_dtypes("number").to_numpy()
