@@ -6,6 +6,11 @@ COHORT = dict(glioma=1, alzheimer=1, stroke=1, dwi_subjects=1, sloppy=True, seed
 
 
 @pytest.fixture(scope="session")
+def cohort_args():
+    return dict(COHORT)
+
+
+@pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
     """One sloppy cohort (one subject per disorder, DWI for the AD subject), generated once."""
     root = tmp_path_factory.mktemp("cohortA")

@@ -131,7 +131,6 @@ def generate_cohort(out, truth_out, *, glioma: int = 0, alzheimer: int = 0, stro
     tasks = [(disorder, i, disorder == "alzheimer" and i < int(dwi_subjects))
              for disorder in DISORDERS for i in range(counts[disorder])]
     kwargs = dict(bids_dir=out, truth_dir=truth_out, voxel_mm=voxel_mm, seed=seed)
-    template_set(voxel_mm)  # load once; forked workers inherit the cache
     if int(jobs) <= 1 or len(tasks) == 1:
         rows = []
         for disorder, i, dwi in tasks:
@@ -142,7 +141,9 @@ def generate_cohort(out, truth_out, *, glioma: int = 0, alzheimer: int = 0, stro
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=int(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        # spawn, not fork: a process that has already run Numba's threaded kernels must not fork
+        # (its thread pool does not survive it); each worker loads the templates once
+        with ProcessPoolExecutor(max_workers=int(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(generate_subject, disorder, i, dwi=dwi, **kwargs) for disorder, i, dwi in tasks]
             rows = [f.result() for f in futures]
     bids.write_dataset_description(out, "neurohybrid virtual cohort")
