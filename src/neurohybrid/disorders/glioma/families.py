@@ -64,7 +64,7 @@ class GliomaFamily(Family):
 
     def train_kw(self, s=None):
         s = s or self.s
-        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=float(s["time_limit_s"]),
+        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=grid.optional_float(s["time_limit_s"]),
                     seed=int((self.config or {}).get("seed", 0)))
 
 

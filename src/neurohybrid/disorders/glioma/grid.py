@@ -165,3 +165,8 @@ def tumour_box(masks: list[np.ndarray], shape, margin: int) -> tuple[slice, slic
     lo = np.maximum(idx.min(axis=0) - margin, 0)
     hi = np.minimum(idx.max(axis=0) + 1 + margin, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def optional_float(value):
+    """None stays None (e.g. no training time limit: the default, so results do not depend on machine load)."""
+    return None if value is None else float(value)

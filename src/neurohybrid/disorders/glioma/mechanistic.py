@@ -29,9 +29,9 @@ DEFAULTS = dict(
     seed_sigma_mm=2.0, calib_restarts=2, calib_iters=40, calib_margin=6, fit_thresholds=False,
     prior_dw=0.1, prior_rho=0.05, prior_weight=0.02,
     epochs=12, lr=0.01, channels=8, aphynity_lambda=0.1, train_margin=4,
-    sol_step_days=10.0, sol_unroll=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=10.0, threads=1, torch_threads=1,
+    sol_step_days=10.0, sol_unroll=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, threads=1, torch_threads=1,
 )
-SLOPPY = dict(calib_restarts=1, calib_iters=25, epochs=6, sol_train_steps=4, sol_box_vox=16, time_limit_s=5.0)
+SLOPPY = dict(calib_restarts=1, calib_iters=25, epochs=6, sol_train_steps=4, sol_box_vox=16)
 
 DW_BOUNDS = (0.01, 1.0)
 RHO_BOUNDS = (0.005, 0.5)

@@ -59,7 +59,7 @@ class StrokeFamily(Family):
         return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
 
     def train_kw(self):
-        return dict(epochs=int(self.s["epochs"]), lr=float(self.s["lr"]), time_limit_s=float(self.s["time_limit_s"]),
+        return dict(epochs=int(self.s["epochs"]), lr=float(self.s["lr"]), time_limit_s=grid.optional_float(self.s["time_limit_s"]),
                     seed=int((self.config or {}).get("seed", 0)))
 
     def calibrate(self, inputs):
