@@ -163,7 +163,7 @@ def test_family_trains_and_forecasts(cohort, family):
 
 
 def test_zero_correction_equals_mechanistic(cohort):
-    from neurohybrid.disorders.glioma.networks import TinyCNN
+    from neurohybrid.disorders.networks import TinyCNN
 
     inputs, _ = cohort["data"]["g3"]
     disorder = get_disorder("glioma")
@@ -178,7 +178,7 @@ def test_zero_correction_equals_mechanistic(cohort):
 
 
 def _zero_voxel_correction():
-    from neurohybrid.disorders.glioma.networks import VoxelCorrection
+    from neurohybrid.disorders.networks import VoxelCorrection
 
     return VoxelCorrection(2, hidden=2 * FAST["glioma"]["channels"]).state_dict()
 

@@ -129,7 +129,7 @@ def test_family_trains_and_forecasts(cohort, family):
 
 
 def test_zero_correction_equals_mechanistic(cohort):
-    from neurohybrid.disorders.glioma.networks import TinyCNN
+    from neurohybrid.disorders.networks import TinyCNN
     from neurohybrid.disorders.stroke.families import PointwiseCorrection
 
     inputs, _ = cohort["data"]["s1"]

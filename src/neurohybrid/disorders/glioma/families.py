@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from neurohybrid.disorders.base import Family, Forecast, SubjectData
-from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders import voxel
 from neurohybrid.disorders.glioma import mechanistic as mech
 from neurohybrid.disorders.glioma.inputs import cropped_target
-from neurohybrid.disorders.glioma.networks import (GridCorrection, ParamNet, TinyCNN, VoxelCorrection,
+from neurohybrid.disorders.networks import (GridCorrection, ParamNet, TinyCNN, VoxelCorrection,
                                                    flat_covariates, soft_dice_loss)
 from neurohybrid.errors import InputError
 
@@ -64,7 +64,7 @@ class GliomaFamily(Family):
 
     def train_kw(self, s=None):
         s = s or self.s
-        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=grid.optional_float(s["time_limit_s"]),
+        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=voxel.optional_float(s["time_limit_s"]),
                     seed=int((self.config or {}).get("seed", 0)))
 
 
@@ -118,7 +118,7 @@ class DataDriven(GliomaFamily):
         for inputs, target in pairs:
             a = inputs.arrays
             tgt = cropped_target(inputs, target)
-            box = grid.tumour_box([a["flair"][-1], tgt["flair"]], a["wm"].shape, int(self.s["train_margin"]) + 2)
+            box = voxel.tumour_box([a["flair"][-1], tgt["flair"]], a["wm"].shape, int(self.s["train_margin"]) + 2)
             gap = float(inputs.meta["target_day"]) - float(inputs.meta["days"][-1])
             x = _dd_features(a["wm"][box], a["gm"][box], a["t1gd"][-1][box], a["flair"][-1][box], gap)
             items.append((self.tensor(x)[None], self.tensor(_prior_logits(a["t1gd"][-1][box], a["flair"][-1][box]))[None],
@@ -265,7 +265,7 @@ class _ParallelHybrid(GliomaFamily):
         tgt = None
         if target is not None:
             tgt = cropped_target(inputs, target)
-            box = grid.tumour_box([a["flair"][-1], tgt["flair"]], wm.shape, int(self.s["train_margin"]))
+            box = voxel.tumour_box([a["flair"][-1], tgt["flair"]], wm.shape, int(self.s["train_margin"]))
             wm, gm, u_last = wm[box], gm[box], u_last[box]
             tgt = {k: v[box] for k, v in tgt.items()}
         return _Case(np.ascontiguousarray(wm), np.ascontiguousarray(gm), np.ascontiguousarray(u_last),
@@ -338,7 +338,7 @@ class UDE(_ParallelHybrid):
 
 def _amortised_image(inputs, s) -> np.ndarray:
     a = inputs.arrays
-    box = grid.tumour_box([a["flair"][0]], a["wm"].shape, int(s["calib_margin"]))
+    box = voxel.tumour_box([a["flair"][0]], a["wm"].shape, int(s["calib_margin"]))
     return np.stack([a["t1gd"][0][box], a["flair"][0][box], a["wm"][box], a["gm"][box]]).astype(np.float32)
 
 

@@ -16,28 +16,28 @@ from pathlib import Path
 import numpy as np
 
 from neurohybrid.disorders.base import Forecast, SubjectData
-from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
 from neurohybrid.io import save_volume
 
 
 def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple[SubjectData, SubjectData]:
-    sessions = grid.read_sessions(bids, subject, "day")
+    sessions = voxel.read_sessions(bids, subject, "day")
     if len(sessions) < 2:
         raise InputError(f"glioma needs at least 2 sessions (earlier ones to fit, the last to forecast), found {len(sessions)}",
                          file=bids / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", subject=subject)
-    reader = grid.GridReader(subject)
-    gm = reader.load(grid.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
-    wm = reader.load(grid.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
+    reader = voxel.GridReader(subject)
+    gm = reader.load(voxel.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
+    wm = reader.load(voxel.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
     masks = {"T1Gd": [], "FLAIR": []}
     for ses, _ in sessions:
         for desc in masks:
-            masks[desc].append(reader.load(grid.preproc_mask(preproc, subject, ses, desc), binary=True))
-    first = grid.preproc_mask(preproc, subject, sessions[0][0], "FLAIR")
+            masks[desc].append(reader.load(voxel.preproc_mask(preproc, subject, ses, desc), binary=True))
+    first = voxel.preproc_mask(preproc, subject, sessions[0][0], "FLAIR")
     if not masks["FLAIR"][0].any() and not masks["T1Gd"][0].any():
         raise InputError("the first session's tumour masks are empty: nothing to seed the model from", file=first, subject=subject)
-    offset, size = grid.template_box(reader.shape, reader.affine, margin=int(grid.settings(config, "glioma", {"crop_margin": 3}, {})["crop_margin"]))
-    vox = grid.voxel_size(reader.affine)
+    offset, size = voxel.template_box(reader.shape, reader.affine, margin=int(voxel.settings(config, "glioma", {"crop_margin": 3}, {})["crop_margin"]))
+    vox = voxel.voxel_size(reader.affine)
     meta = dict(
         sessions=[s for s, _ in sessions[:-1]], days=[d for _, d in sessions[:-1]],
         target_session=sessions[-1][0], target_day=sessions[-1][1],
@@ -45,8 +45,8 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
         voxel_mm=list(vox),
     )
     arrays = dict(
-        wm=grid.crop(wm, offset, size).astype(np.float32), gm=grid.crop(gm, offset, size).astype(np.float32),
-        t1gd=grid.crop(np.stack(masks["T1Gd"][:-1]), offset, size), flair=grid.crop(np.stack(masks["FLAIR"][:-1]), offset, size),
+        wm=voxel.crop(wm, offset, size).astype(np.float32), gm=voxel.crop(gm, offset, size).astype(np.float32),
+        t1gd=voxel.crop(np.stack(masks["T1Gd"][:-1]), offset, size), flair=voxel.crop(np.stack(masks["FLAIR"][:-1]), offset, size),
     )
     inputs = SubjectData(subject, "glioma", arrays, meta)
     target = SubjectData(subject, "glioma", dict(t1gd=masks["T1Gd"][-1], flair=masks["FLAIR"][-1]),
@@ -62,7 +62,7 @@ def cropped_target(inputs: SubjectData, target: SubjectData) -> dict[str, np.nda
         arr = np.asarray(target.arrays[key]).astype(bool)
         if list(arr.shape) != list(inputs.meta["full_shape"]):
             raise InputError(f"target {key} has shape {arr.shape}, inputs grid {inputs.meta['full_shape']}", subject=target.subject)
-        out[key] = grid.crop(arr, offset, size)
+        out[key] = voxel.crop(arr, offset, size)
     return out
 
 
@@ -73,10 +73,10 @@ def write_forecast(forecast: Forecast, inputs: SubjectData, family: str, out_dir
     paths = []
     if forecast.outputs.get("celldensity") is not None:
         p = Path(out_dir) / f"sub-{s}_model-{family}_desc-celldensity.nii.gz"
-        save_volume(p, grid.uncrop(np.asarray(forecast.outputs["celldensity"], np.float32), offset, full), affine)
+        save_volume(p, voxel.uncrop(np.asarray(forecast.outputs["celldensity"], np.float32), offset, full), affine)
         paths.append(p)
     for key, desc in (("t1gd", "T1Gd"), ("flair", "FLAIR")):
         p = Path(out_dir) / f"sub-{s}_model-{family}_desc-{desc}_mask.nii.gz"
-        save_volume(p, grid.uncrop(np.asarray(forecast.outputs[key]).astype(np.uint8), offset, full), affine)
+        save_volume(p, voxel.uncrop(np.asarray(forecast.outputs[key]).astype(np.uint8), offset, full), affine)
         paths.append(p)
     return paths

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
 
 DEFAULTS = dict(
@@ -39,7 +39,7 @@ T0_BOUNDS = (1.0, 1500.0)
 
 
 def settings(config: dict) -> dict:
-    return grid.settings(config, "glioma", DEFAULTS, SLOPPY)
+    return voxel.settings(config, "glioma", DEFAULTS, SLOPPY)
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
     t1gd, flair = np.asarray(t1gd, bool), np.asarray(flair, bool)
     days = np.asarray(days, float) - float(days[0])
     center = seed_center(t1gd[0], flair[0])
-    box = grid.tumour_box(list(flair) + list(t1gd), wm.shape, int(s["calib_margin"]))
+    box = voxel.tumour_box(list(flair) + list(t1gd), wm.shape, int(s["calib_margin"]))
     wm_b, gm_b = np.ascontiguousarray(wm[box], np.float32), np.ascontiguousarray(gm[box], np.float32)
     c_box = tuple(c - sl.start for c, sl in zip(center, box))
     u0 = initial_density(wm_b.shape, spacing, c_box, s)

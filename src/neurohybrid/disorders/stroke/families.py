@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurohybrid.disorders.base import Family, Forecast
-from neurohybrid.disorders.glioma import grid
-from neurohybrid.disorders.glioma.networks import ParamNet, TinyCNN, soft_dice_loss
+from neurohybrid.disorders import voxel
+from neurohybrid.disorders.networks import ParamNet, TinyCNN, soft_dice_loss
 from neurohybrid.disorders.stroke import mechanistic as mech
 from neurohybrid.disorders.stroke.inputs import cropped_target
 from neurohybrid.errors import InputError
@@ -59,7 +59,7 @@ class StrokeFamily(Family):
         return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
 
     def train_kw(self):
-        return dict(epochs=int(self.s["epochs"]), lr=float(self.s["lr"]), time_limit_s=grid.optional_float(self.s["time_limit_s"]),
+        return dict(epochs=int(self.s["epochs"]), lr=float(self.s["lr"]), time_limit_s=voxel.optional_float(self.s["time_limit_s"]),
                     seed=int((self.config or {}).get("seed", 0)))
 
     def calibrate(self, inputs):
@@ -105,7 +105,7 @@ def _image(inputs, box, with_times=True) -> np.ndarray:
 
 def _box(inputs, s, extra=None):
     masks = [mech.candidates(inputs, s)] + ([extra] if extra is not None else [])
-    return grid.tumour_box(masks, inputs.arrays["cbf"].shape, int(s["train_margin"]))
+    return voxel.tumour_box(masks, inputs.arrays["cbf"].shape, int(s["train_margin"]))
 
 
 class DataDriven(StrokeFamily):

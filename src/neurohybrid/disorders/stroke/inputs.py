@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from neurohybrid.disorders.base import Forecast, SubjectData
-from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
 from neurohybrid.io import save_volume
 from neurohybrid.io.tsv import read_table
@@ -43,7 +43,7 @@ def _reperfusion(bids: Path, subject: str) -> float | None:
 
 
 def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple[SubjectData, SubjectData]:
-    sessions = dict(grid.read_sessions(bids, subject, "hours_since_onset"))
+    sessions = dict(voxel.read_sessions(bids, subject, "hours_since_onset"))
     table = bids / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
     for needed in ("acute", "followup"):
         if needed not in sessions:
@@ -53,24 +53,24 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
         raise InputError(f"need 0 < hours_since_onset(acute) < hours_since_onset(followup), got {t_acute}, {t_follow}",
                          file=table, subject=subject)
     reperfusion = _reperfusion(bids, subject)
-    reader = grid.GridReader(subject)
-    cbf_path = grid.preproc_cbf(preproc, subject, "acute")
+    reader = voxel.GridReader(subject)
+    cbf_path = voxel.preproc_cbf(preproc, subject, "acute")
     cbf = reader.load(cbf_path)
     if cbf.min() < 0 or cbf.max() > 300:
         raise InputError(f"CBF must lie in [0, 300] ml/100 ml/min, found [{cbf.min():.3g}, {cbf.max():.3g}]", file=cbf_path, subject=subject)
-    gm = reader.load(grid.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
-    wm = reader.load(grid.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
-    core = reader.load(grid.preproc_mask(preproc, subject, "acute", "infarct"), binary=True)
-    final = reader.load(grid.preproc_mask(preproc, subject, "followup", "infarct"), binary=True)
-    margin = int(grid.settings(config, "stroke", {"crop_margin": 3}, {})["crop_margin"])
-    offset, size = grid.template_box(reader.shape, reader.affine, margin=margin)
-    vox = grid.voxel_size(reader.affine)
+    gm = reader.load(voxel.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
+    wm = reader.load(voxel.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
+    core = reader.load(voxel.preproc_mask(preproc, subject, "acute", "infarct"), binary=True)
+    final = reader.load(voxel.preproc_mask(preproc, subject, "followup", "infarct"), binary=True)
+    margin = int(voxel.settings(config, "stroke", {"crop_margin": 3}, {})["crop_margin"])
+    offset, size = voxel.template_box(reader.shape, reader.affine, margin=margin)
+    vox = voxel.voxel_size(reader.affine)
     affine = np.asarray(reader.affine).tolist()
     meta = dict(sessions=["acute"], target_session="followup", hours_acute=t_acute, hours_followup=t_follow,
                 reperfusion_h=reperfusion, affine=affine, full_shape=list(reader.shape), crop_offset=list(offset),
                 voxel_mm=list(vox))
-    arrays = dict(cbf=grid.crop(cbf, offset, size).astype(np.float32), wm=grid.crop(wm, offset, size).astype(np.float32),
-                  gm=grid.crop(gm, offset, size).astype(np.float32), core=grid.crop(core, offset, size))
+    arrays = dict(cbf=voxel.crop(cbf, offset, size).astype(np.float32), wm=voxel.crop(wm, offset, size).astype(np.float32),
+                  gm=voxel.crop(gm, offset, size).astype(np.float32), core=voxel.crop(core, offset, size))
     target = SubjectData(subject, "stroke", dict(infarct=final),
                          dict(affine=affine, voxel_mm=list(vox), hours_since_onset=t_follow, session="followup"))
     return SubjectData(subject, "stroke", arrays, meta), target
@@ -80,7 +80,7 @@ def cropped_target(inputs: SubjectData, target: SubjectData) -> np.ndarray:
     arr = np.asarray(target.arrays["infarct"]).astype(bool)
     if list(arr.shape) != list(inputs.meta["full_shape"]):
         raise InputError(f"target infarct has shape {arr.shape}, inputs grid {inputs.meta['full_shape']}", subject=target.subject)
-    return grid.crop(arr, inputs.meta["crop_offset"], inputs.arrays["cbf"].shape)
+    return voxel.crop(arr, inputs.meta["crop_offset"], inputs.arrays["cbf"].shape)
 
 
 def write_forecast(forecast: Forecast, inputs: SubjectData, family: str, out_dir: Path) -> list[Path]:
@@ -93,6 +93,6 @@ def write_forecast(forecast: Forecast, inputs: SubjectData, family: str, out_dir
         dead = infarct.astype(np.float32)
     p_mask = Path(out_dir) / f"sub-{s}_model-{family}_desc-infarct_mask.nii.gz"
     p_dead = Path(out_dir) / f"sub-{s}_model-{family}_desc-dead_probseg.nii.gz"
-    save_volume(p_mask, grid.uncrop(infarct.astype(np.uint8), offset, full), affine)
-    save_volume(p_dead, grid.uncrop(np.clip(np.asarray(dead, np.float32), 0, 1), offset, full), affine)
+    save_volume(p_mask, voxel.uncrop(infarct.astype(np.uint8), offset, full), affine)
+    save_volume(p_dead, voxel.uncrop(np.clip(np.asarray(dead, np.float32), 0, 1), offset, full), affine)
     return [p_mask, p_dead]

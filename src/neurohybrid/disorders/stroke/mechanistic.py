@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from neurohybrid.disorders.glioma import grid
+from neurohybrid.disorders import voxel
 
 DEFAULTS = dict(
     crop_margin=3, tissue_min=0.5, dt_s=600.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, calib_iters=20,
@@ -31,7 +31,7 @@ SLOPPY = dict(dt_s=900.0, calib_iters=12, epochs=6, sol_train_steps=4)
 
 
 def settings(config: dict) -> dict:
-    return grid.settings(config, "stroke", DEFAULTS, SLOPPY)
+    return voxel.settings(config, "stroke", DEFAULTS, SLOPPY)
 
 
 @dataclasses.dataclass
