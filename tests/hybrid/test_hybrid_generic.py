@@ -18,8 +18,18 @@ from neurohybrid.hybrid.solver_in_loop import (
 from neurohybrid.hybrid.splits import assign_folds, held_out_subjects, training_subjects
 from neurohybrid.hybrid.training import split_validation, train_loop
 
-torch.set_default_dtype(torch.float64)
 torch.set_num_threads(1)  # tiny problems: threads only contend on the shared CI cores
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """float64 for this module's comparisons with exact solutions, restored afterwards: set at import
+    time it leaked into every test collected with this module (tests/disorders then built float64
+    networks and fed them float32 arrays)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _ring_laplacian(n=6):
