@@ -8,7 +8,8 @@ import torch
 
 from neurohybrid.hybrid.amortised import ParameterNet, train_end_to_end, train_supervised
 from neurohybrid.hybrid.calibration import (
-    Bounds, calibrate_derivative_free, calibrate_gradient, gaussian_nll, laplace_covariance, restart_spread,
+    Bounds, calibrate_derivative_free, calibrate_gradient, gaussian_nll, initial_simplex, laplace_covariance,
+    restart_spread,
 )
 from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE, RegionwiseMLP, ZeroCorrection, integrate
 from neurohybrid.hybrid.residual import ParallelResidual, aphynity_loss
@@ -253,6 +254,41 @@ def test_derivative_free_calibration():
     assert np.allclose(res.theta, [0.15, 0.3], rtol=1e-2)
     with pytest.raises(ValueError):
         calibrate_derivative_free(loss, bounds, method="bogus")
+
+
+def test_nelder_mead_leaves_a_mid_range_start_on_a_thresholded_loss():
+    """Fronts a + b t observed as masks on a 200-voxel line: the loss (mismatched voxels) only changes
+    when a voxel flips, i.e. it is flat below 1/200 of the box. Started at the centre of the box (z = 0),
+    scipy's default simplex (0.00025 in z, ~3e-5 in a) saw one constant value and stopped at the start
+    (loss 66); the box-sized simplex finds the exact masks."""
+    x = (np.arange(200) + 0.5) / 200
+    t = np.array([1.0, 2.0, 3.0])
+
+    def masks(th):
+        return x[None, :] < th[0] + th[1] * t[:, None]
+
+    obs = masks((0.31, 0.07))
+    bounds = Bounds([0.0, 0.01], [0.5, 0.2], log=[False, True])
+    centre = [0.25, math.sqrt(0.01 * 0.2)]
+    res = calibrate_derivative_free(lambda th: float((masks(th) != obs).sum()), bounds, init=centre, n_restarts=1,
+                                    maxiter=200)
+    assert res.loss == 0.0
+    assert res.theta[0] == pytest.approx(0.31, abs=0.005)  # one voxel
+    assert res.theta[1] == pytest.approx(0.07, rel=0.05)
+
+
+def test_initial_simplex_spans_the_requested_fraction_of_the_box():
+    bounds = Bounds([0.0, 0.01], [0.5, 100.0], log=[False, True])
+    theta0 = np.array([0.45, 1.0])  # 90% along the first axis, mid-box (log) on the second
+    simplex = initial_simplex(bounds, theta0, 0.2)
+    with torch.no_grad():
+        vertices = bounds.to_natural(torch.as_tensor(simplex)).numpy()
+    assert np.allclose(vertices[0], theta0)
+    # near the upper end the step goes down; log axis: 20% of log(1e4) up from 1.0
+    assert np.allclose(vertices[1], [0.45 - 0.1, 1.0])
+    assert np.allclose(vertices[2], [0.45, 10 ** (4 * 0.2)])
+    with pytest.raises(ValueError):
+        initial_simplex(bounds, theta0, 0.0)
 
 
 def test_bounds_round_trip_and_limits():

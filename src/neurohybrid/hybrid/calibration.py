@@ -4,7 +4,8 @@
   several starting points; parameters live in an unconstrained space mapped onto box bounds
   (``Bounds``: logit of the position in [lo, hi], in log space for positive scale parameters), so
   no step leaves the physical range.
-* ``calibrate_derivative_free``: scipy Nelder-Mead (from several starts) or differential evolution
+* ``calibrate_derivative_free``: scipy Nelder-Mead (from several starts, each with an initial
+  simplex spanning a fixed fraction of the box: ``initial_simplex``) or differential evolution
   for losses without gradients (Numba solvers, thresholded observations).
 * ``laplace_covariance``: inverse Hessian of a negative log-likelihood at the optimum
   (``torch.autograd.functional.hessian``), i.e. the Laplace approximation of the posterior.
@@ -47,9 +48,14 @@ class Bounds:
     def size(self) -> int:
         return int(self.lower.size)
 
-    def _ends(self, like: torch.Tensor):
+    def search_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) in the search coordinates: the log of the bounds where ``log`` is set."""
         lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
         hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
+        return lo, hi
+
+    def _ends(self, like: torch.Tensor):
+        lo, hi = self.search_box()
         return torch.as_tensor(lo, dtype=like.dtype, device=like.device), torch.as_tensor(hi, dtype=like.dtype, device=like.device)
 
     def to_natural(self, z: torch.Tensor) -> torch.Tensor:
@@ -65,17 +71,21 @@ class Bounds:
     def to_unconstrained(self, theta) -> np.ndarray:
         theta = np.asarray(theta, dtype=np.float64).ravel()
         s = np.where(self.log, np.log(np.clip(theta, 1e-300, None)), theta)
-        lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
-        hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
-        p = np.clip((s - lo) / (hi - lo), 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
+        lo, hi = self.search_box()
+        return _logit((s - lo) / (hi - lo))
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n points uniform in the (log-)box: restart starting points."""
-        lo = np.where(self.log, np.log(np.where(self.log, self.lower, 1.0)), self.lower)
-        hi = np.where(self.log, np.log(np.where(self.log, self.upper, 1.0)), self.upper)
+        lo, hi = self.search_box()
         s = lo + (hi - lo) * rng.random((n, self.size))
         return np.where(self.log, np.exp(s), s)
+
+
+def _logit(p) -> np.ndarray:
+    """Inverse of the sigmoid in ``Bounds.to_natural``; positions at the bounds are pulled 1e-6 inside
+    so they map to finite points."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 @dataclasses.dataclass
@@ -99,10 +109,20 @@ class CalibrationResult:
         return out
 
 
-def _starts(bounds: Bounds, n_restarts: int, init, seed: int) -> np.ndarray:
+def _starts(bounds: Bounds, n_restarts: int, init, seed: int, spread: float | None = None) -> np.ndarray:
+    """``init`` (when given) then starts uniform in the box, or, with ``spread`` and ``init``, normal
+    around init with a standard deviation of ``spread`` times the box width (in log space where
+    marked), clipped to the box."""
     rng = np.random.default_rng(seed)
     first = [] if init is None else [np.asarray(init, dtype=np.float64).ravel()]
-    rest = bounds.sample(max(0, n_restarts - len(first)), rng)
+    n_rest = max(0, n_restarts - len(first))
+    if spread is not None and first:
+        lo, hi = bounds.search_box()
+        s0 = np.where(bounds.log, np.log(np.clip(first[0], 1e-300, None)), first[0])
+        s = np.clip(s0 + rng.normal(0.0, spread, (n_rest, bounds.size)) * (hi - lo), lo, hi)
+        rest = np.where(bounds.log, np.exp(s), s)
+    else:
+        rest = bounds.sample(n_rest, rng)
     return np.vstack(first + [rest]) if len(rest) else np.vstack(first)
 
 
@@ -256,6 +276,29 @@ def _calibrate_batched(loss_fn, bounds, starts, steps, lr, lbfgs_steps, dtype, d
     return runs
 
 
+def initial_simplex(bounds: Bounds, theta0, fraction: float = 0.1) -> np.ndarray:
+    """Nelder-Mead starting simplex in the unconstrained space around theta0 (natural space): vertex
+    i moves parameter i by ``fraction`` of its search-box width (in log space where marked), towards
+    the larger side of the box.
+
+    Needed because scipy's default simplex moves each coordinate by 5% of its value, and 0.00025
+    where it is 0: a start in the middle of the box is z = 0 in the logit space, so the default
+    simplex spans ~1e-4 of the box and, on a loss that is flat at that scale (thresholded masks,
+    adaptive solvers), Nelder-Mead shrinks onto its start and stops there.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError("simplex fraction must be in (0, 0.5]")
+    lo, hi = bounds.search_box()
+    theta0 = np.asarray(theta0, dtype=np.float64).ravel()
+    s0 = np.where(bounds.log, np.log(np.clip(theta0, 1e-300, None)), theta0)
+    p0 = np.clip((s0 - lo) / (hi - lo), 1e-6, 1 - 1e-6)
+    p1 = np.where(p0 <= 0.5, p0 + fraction, p0 - fraction)
+    z0 = _logit(p0)
+    vertices = np.tile(z0, (bounds.size + 1, 1))
+    vertices[1 + np.arange(bounds.size), np.arange(bounds.size)] = _logit(p1)
+    return vertices
+
+
 def calibrate_derivative_free(
     loss_fn: Callable[[np.ndarray], float],
     bounds: Bounds,
@@ -264,11 +307,20 @@ def calibrate_derivative_free(
     init=None,
     n_restarts: int = 4,
     maxiter: int = 300,
+    max_evals: int | None = None,
+    simplex_fraction: float = 0.1,
+    start_spread: float | None = None,
     seed: int = 0,
 ) -> CalibrationResult:
     """Minimise a numpy loss_fn(theta) without gradients.
 
-    "nelder-mead": scipy's simplex in the unconstrained space from n_restarts starts.
+    "nelder-mead": scipy's simplex in the unconstrained space from n_restarts starts (``init`` first
+    when given, the others uniform in the box or, with ``start_spread``, local restarts: normal
+    around init with that fraction of the box width as standard deviation, so that a small
+    evaluation budget is spent near an informed start and the restarts that reach the best loss
+    measure its spread), each with an initial simplex spanning
+    ``simplex_fraction`` of the box per parameter (``initial_simplex``) and at most ``maxiter``
+    iterations / ``max_evals`` loss evaluations (per start). Non-finite losses count as 1e300.
     "differential_evolution": scipy's global search inside the box (in log space where marked),
     polished by L-BFGS-B on finite differences (scipy's default).
     """
@@ -277,7 +329,7 @@ def calibrate_derivative_free(
     start_time = time.perf_counter()
     runs = []
     if method == "nelder-mead":
-        for x0 in _starts(bounds, n_restarts, init, seed):
+        for x0 in _starts(bounds, n_restarts, init, seed, start_spread):
             hist: list[float] = []
 
             def f(z):
@@ -287,13 +339,15 @@ def calibrate_derivative_free(
                 hist.append(val)
                 return val if np.isfinite(val) else 1e300
 
-            res = minimize(f, bounds.to_unconstrained(x0), method="Nelder-Mead",
-                           options={"maxiter": maxiter, "xatol": 1e-6, "fatol": 1e-12})
+            simplex = initial_simplex(bounds, x0, simplex_fraction)
+            options = {"maxiter": maxiter, "xatol": 1e-6, "fatol": 1e-12, "initial_simplex": simplex}
+            if max_evals is not None:
+                options["maxfev"] = int(max_evals)
+            res = minimize(f, simplex[0], method="Nelder-Mead", options=options)
             theta = bounds.to_natural(torch.as_tensor(res.x, dtype=torch.float64)).numpy()
             runs.append((theta, float(res.fun), hist))
     elif method == "differential_evolution":
-        lo = np.where(bounds.log, np.log(np.where(bounds.log, bounds.lower, 1.0)), bounds.lower)
-        hi = np.where(bounds.log, np.log(np.where(bounds.log, bounds.upper, 1.0)), bounds.upper)
+        lo, hi = bounds.search_box()
         hist = []
 
         def g(s):
