@@ -150,7 +150,9 @@ def test_family_trains_and_forecasts(cohort, family):
     torch.manual_seed(0)
     trained = fam.train(_pairs(cohort, ["g1", "g2"]))
     hist = trained.get("history") or trained.get("amortised_history")
-    assert len(hist) >= 2 and hist[-1] < hist[0], hist
+    # hist[k]: training loss after k Adam steps; train_loop keeps the best of them, so the trained
+    # model must beat the untrained one (the last step alone may overshoot on these 3-epoch runs)
+    assert len(hist) >= 2 and min(hist[1:]) < hist[0], hist
     inputs, target = cohort["data"]["g3"]
     fc = fam.forecast(inputs, trained)
     assert fc.outputs["flair"].shape == SHAPE and fc.outputs["flair"].dtype == bool

@@ -98,7 +98,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
     fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
     D_w and rho).
     """
-    from neurohybrid.hybrid.calibration import Bounds
+    from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free
 
     start = time.perf_counter()
     t1gd, flair = np.asarray(t1gd, bool), np.asarray(flair, bool)
@@ -157,8 +157,10 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
             logs += [False, False]
             init += [float(s["theta_t1gd"]), float(s["theta_flair"])]
         bounds = Bounds(lo, hi, logs)
-    result = nelder_mead_restarts(loss, bounds, init, n_restarts=int(s["calib_restarts"]),
-                                  max_evals=int(s["calib_iters"]), seed=seed)
+    # restarts near the informed start (the budget is a few dozen solver runs); their spread is the
+    # uncertainty reported below
+    result = calibrate_derivative_free(loss, bounds, init=init, n_restarts=int(s["calib_restarts"]),
+                                       max_evals=int(s["calib_iters"]), start_spread=0.15, seed=seed)
     dw, rho, t0, th1, thf = unpack(result.theta)
     names = ["t0"] if fixed is not None else ["dw", "rho", "t0"] + (["theta_t1gd", "theta_flair"] if fit_thr else [])
     good = np.array([t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * 1.05 + 1e-9])
@@ -168,47 +170,6 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
         sd_log[n] = float(np.std(vals)) if len(good) > 1 else 0.0
     return GliomaFit(float(dw), float(rho), float(t0), float(th1), float(thf), center, float(result.loss),
                      time.perf_counter() - start, sd_log)
-
-
-def nelder_mead_restarts(loss, bounds, init, *, n_restarts: int, max_evals: int, seed: int = 0, step: float = 0.35):
-    """Nelder-Mead from `init` and n_restarts-1 seeded jittered starts, in log space (for log bounds)
-    with an explicit initial simplex of `step` per axis, clipped to the bounds.
-
-    Written here rather than using ``hybrid.calibration.calibrate_derivative_free`` because that
-    one searches a logit-transformed space where scipy's default initial simplex (5% of each
-    coordinate, 0.00025 at the centre) is too small to leave the start: the search stalled at init.
-    Returns a ``hybrid.calibration.CalibrationResult``.
-    """
-    from scipy.optimize import minimize
-
-    from neurohybrid.hybrid.calibration import CalibrationResult
-
-    start_time = time.perf_counter()
-    logs = np.asarray(bounds.log, bool)
-    lo = np.where(logs, np.log(bounds.lower), bounds.lower)
-    hi = np.where(logs, np.log(bounds.upper), bounds.upper)
-    to_nat = lambda x: np.where(logs, np.exp(np.clip(x, lo, hi)), np.clip(x, lo, hi))  # noqa: E731
-    x_init = np.where(logs, np.log(np.asarray(init, float)), np.asarray(init, float))
-    rng = np.random.default_rng(seed)
-    width = np.where(logs, step, step * (hi - lo) / 4.0)
-    starts = [x_init] + [np.clip(x_init + rng.normal(0.0, 2.0, x_init.size) * width, lo, hi) for _ in range(max(0, n_restarts - 1))]
-    runs = []
-    for x0 in starts:
-        hist = []
-
-        def f(x):
-            # outside the box: the loss at the clipped point plus a quadratic wall, so NM comes back
-            val = float(loss(to_nat(x))) + 10.0 * float(np.sum((x - np.clip(x, lo, hi)) ** 2))
-            hist.append(val)
-            return val if np.isfinite(val) else 1e6
-
-        simplex = np.vstack([x0] + [x0 + np.eye(x0.size)[i] * width[i] for i in range(x0.size)])
-        res = minimize(f, x0, method="Nelder-Mead",
-                       options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-5})
-        runs.append((to_nat(res.x), float(res.fun), hist))
-    best = min(runs, key=lambda r: r[1])
-    return CalibrationResult(best[0], best[1], [(r[0], r[1]) for r in runs], best[2], time.perf_counter() - start_time,
-                             "nelder-mead (log space, restarts)")
 
 
 def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
