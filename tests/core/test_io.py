@@ -1,3 +1,5 @@
+import os
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -74,6 +76,9 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_tsv(target, pd.DataFrame({"a": [1, None]}))
     assert target.read_text() == "a\n1.0\nn/a\n"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 def test_read_connectome_checks(tmp_path):
