@@ -33,7 +33,15 @@ template point = subject world point + d), true GM/WM/CSF maps, brain and cerebe
 CBF and dead-fraction maps, territory mask).
 """
 
-from neurohybrid.synth.cohort import generate_cohort
-from neurohybrid.synth.warp import warp_to_subject
+# imported on first use, so `neurohybrid --help` and other commands do not pay for scipy/pandas here
+_LAZY = {"generate_cohort": "neurohybrid.synth.cohort", "warp_to_subject": "neurohybrid.synth.warp"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["generate_cohort", "warp_to_subject"]
