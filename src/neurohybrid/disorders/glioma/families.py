@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neurohybrid.disorders.base import Family, Forecast, SubjectData
 from neurohybrid.disorders import voxel
+from neurohybrid.disorders.base import Forecast, SubjectData
 from neurohybrid.disorders.glioma import mechanistic as mech
 from neurohybrid.disorders.glioma.inputs import cropped_target
-from neurohybrid.disorders.networks import (GridCorrection, ParamNet, TinyCNN, VoxelCorrection,
-                                                   flat_covariates, soft_dice_loss)
+from neurohybrid.disorders.networks import GridCorrection, ParamNet, TinyCNN, VoxelCorrection, flat_covariates, soft_dice_loss
+from neurohybrid.disorders.voxel_family import (VoxelFamily, check_trained, train_corrected_solver, train_mask_cnn,
+                                                train_param_net)
 from neurohybrid.errors import InputError
 
 GAP_SCALE_DAYS = 100.0
@@ -45,27 +46,8 @@ def _spacing(inputs: SubjectData):
     return tuple(float(v) for v in inputs.meta["voxel_mm"])
 
 
-def _check_trained(trained, name):
-    if not trained or "state_dict" not in trained:
-        raise InputError(f"family {name} needs a trained checkpoint with a state_dict")
-
-
-class GliomaFamily(Family):
-    def __init__(self, config, device):
-        super().__init__(config, device)
-        self.s = mech.settings(config)
-        if int(self.s["torch_threads"]) > 0:
-            # one intra-op thread per job by default: the workflow runs jobs side by side, and on
-            # a busy 2-core machine 2 threads per job made training ~4x slower than 1
-            torch.set_num_threads(int(self.s["torch_threads"]))
-
-    def tensor(self, a) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
-
-    def train_kw(self, s=None):
-        s = s or self.s
-        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=voxel.optional_float(s["time_limit_s"]),
-                    seed=int((self.config or {}).get("seed", 0)))
+class GliomaFamily(VoxelFamily):
+    settings = staticmethod(mech.settings)
 
 
 class Persistence(GliomaFamily):
@@ -81,7 +63,7 @@ class Mechanistic(GliomaFamily):
     name = "mechanistic"
 
     def forecast(self, inputs, trained):
-        fit = mech.calibrate_inputs(inputs, self.s, seed=int((self.config or {}).get("seed", 0)))
+        fit = mech.calibrate_inputs(inputs, self.s, seed=self.seed)
         d_last, d_target = mech.forecast_days(inputs)
         t = time.perf_counter()
         # saving at the last session too keeps the step schedule identical to the hybrids' (they
@@ -112,8 +94,6 @@ class DataDriven(GliomaFamily):
         return TinyCNN(5, 2, int(self.s["channels"]), 3, zero_init=True).to(self.device)
 
     def train(self, pairs):
-        from neurohybrid.hybrid.training import train_loop
-
         items = []
         for inputs, target in pairs:
             a = inputs.arrays
@@ -124,20 +104,11 @@ class DataDriven(GliomaFamily):
             items.append((self.tensor(x)[None], self.tensor(_prior_logits(a["t1gd"][-1][box], a["flair"][-1][box]))[None],
                           self.tensor(np.stack([tgt["t1gd"][box], tgt["flair"][box]]))[None]))
         net = self.net()
-
-        def loss_fn(idx):
-            total = 0.0
-            for i in idx:
-                x, prior, y = items[i]
-                logits = net(x) + prior
-                total = total + F.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(torch.sigmoid(logits), y)
-            return total / len(idx)
-
-        result = train_loop(net, loss_fn, len(items), **self.train_kw())
-        return {"state_dict": net.state_dict(), "history": result.history, "settings": self.s}
+        history = train_mask_cnn(net, items, self.train_kw())
+        return {"state_dict": net.state_dict(), "history": history, "settings": self.s}
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         net = self.net()
         net.load_state_dict(trained["state_dict"])
         t = time.perf_counter()
@@ -255,7 +226,7 @@ class _ParallelHybrid(GliomaFamily):
 
     # how the mechanistic parameters are obtained (calibrated, or amortised + t0)
     def fit_subject(self, inputs, trained):
-        return mech.calibrate_inputs(inputs, self.s, seed=int((self.config or {}).get("seed", 0)))
+        return mech.calibrate_inputs(inputs, self.s, seed=self.seed)
 
     def case(self, inputs, fit, target=None) -> _Case:
         d_last, d_target = mech.forecast_days(inputs)
@@ -295,7 +266,7 @@ class _ParallelHybrid(GliomaFamily):
         return self.train_correction(cases)
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         fit = self.fit_subject(inputs, trained)
         t = time.perf_counter()
         case = self.case(inputs, fit)
@@ -349,8 +320,6 @@ def _label(params, s) -> np.ndarray:
 def train_amortised(family: GliomaFamily, pairs) -> dict:
     """Labels: each training subject's (D_w, rho) calibrated on ALL its sessions (its target is
     training data); the network learns to predict them from the first session alone."""
-    from neurohybrid.hybrid.training import train_loop
-
     s = family.s
     xs, ys, labels = [], [], []
     for inputs, target in pairs:
@@ -363,14 +332,8 @@ def train_amortised(family: GliomaFamily, pairs) -> dict:
         xs.append(family.tensor(_amortised_image(inputs, s))[None])
         ys.append(family.tensor(_label((fit.dw, fit.rho), s))[None])
     net = ParamNet(4, 2, int(s["channels"])).to(family.device)
-
-    def loss_fn(idx):
-        return sum(((net(xs[i]) - ys[i]) ** 2).mean() for i in idx) / len(idx)
-
-    kw = family.train_kw()
-    kw["epochs"] = 4 * kw["epochs"]  # a handful of scalars: cheap epochs
-    result = train_loop(net, loss_fn, len(xs), **kw)
-    return {"amortised_state_dict": net.state_dict(), "amortised_history": result.history, "labels": labels}
+    history = train_param_net(net, xs, ys, family.train_kw())
+    return {"amortised_state_dict": net.state_dict(), "amortised_history": history, "labels": labels}
 
 
 def amortised_parameters(family: GliomaFamily, inputs, trained) -> dict:
@@ -393,7 +356,7 @@ class Amortised(GliomaFamily):
         return {"state_dict": out["amortised_state_dict"], **out, "settings": self.s}
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         start = time.perf_counter()
         params = amortised_parameters(self, inputs, trained)
         amortised_s = time.perf_counter() - start
@@ -487,7 +450,7 @@ class SolverInLoop(GliomaFamily):
         fines, covs, spacings = [], [], []
         for inputs, _ in pairs:
             a = inputs.arrays
-            fit = mech.calibrate_inputs(inputs, s, seed=int((self.config or {}).get("seed", 0)))
+            fit = mech.calibrate_inputs(inputs, s, seed=self.seed)
             d_last, _ = mech.forecast_days(inputs)
             u_last = mech.state_at(inputs, fit, [d_last], s)[0]
             center = np.argwhere(a["flair"][-1] | a["t1gd"][-1]).mean(axis=0) if (a["flair"][-1].any() or a["t1gd"][-1].any()) else np.array(fit.center)
@@ -510,24 +473,17 @@ class SolverInLoop(GliomaFamily):
         return self.tensor(np.stack(fines)), self.tensor(np.stack(covs)), spacings[0]
 
     def train(self, pairs):
-        from neurohybrid.hybrid.solver_in_loop import train_precomputed, train_sol
-
         fine, cov, spacing = self.training_data(pairs)
         model = self.model(spacing, float(self.s["sol_step_days"]))
         model.correction.set_shape(fine.shape[2:])
-        if self.precomputed:
-            result = train_precomputed(model, fine, covariates=cov, **self.train_kw())
-        else:
-            result = train_sol(model, fine, n_unroll=int(self.s["sol_unroll"]), covariates=cov, **self.train_kw())
-        return {"state_dict": model.correction.state_dict(), "history": result.history, "settings": self.s,
-                "training_target": "precomputed one-step" if self.precomputed else f"SOL-{int(self.s['sol_unroll'])} unrolled"}
+        return train_corrected_solver(model, fine, cov, self.s, self.train_kw(), precomputed=self.precomputed)
 
     def forecast(self, inputs, trained):
         from neurohybrid.hybrid.solver_in_loop import time_call
 
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         s = self.s
-        fit = mech.calibrate_inputs(inputs, s, seed=int((self.config or {}).get("seed", 0)))
+        fit = mech.calibrate_inputs(inputs, s, seed=self.seed)
         d_last, d_target = mech.forecast_days(inputs)
         gap = d_target - d_last
         a = inputs.arrays

@@ -22,23 +22,19 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from neurohybrid.disorders.base import Family, Forecast
 from neurohybrid.disorders import voxel
+from neurohybrid.disorders.base import Forecast
 from neurohybrid.disorders.networks import ParamNet, TinyCNN, soft_dice_loss
 from neurohybrid.disorders.stroke import mechanistic as mech
 from neurohybrid.disorders.stroke.inputs import cropped_target
+from neurohybrid.disorders.voxel_family import (VoxelFamily, check_trained, train_corrected_solver, train_mask_cnn,
+                                                train_param_net)
 from neurohybrid.errors import InputError
 
 HOURS = 24.0  # time features in days
 CBF_SCALE = 60.0
-
-
-def _check_trained(trained, name):
-    if not trained or "state_dict" not in trained:
-        raise InputError(f"family {name} needs a trained checkpoint with a state_dict")
 
 
 def _rep(m) -> float | None:
@@ -46,21 +42,8 @@ def _rep(m) -> float | None:
     return None if r is None or r >= float(m["hours_followup"]) else float(r)
 
 
-class StrokeFamily(Family):
-    def __init__(self, config, device):
-        super().__init__(config, device)
-        self.s = mech.settings(config)
-        if int(self.s["torch_threads"]) > 0:
-            # one intra-op thread per job by default: the workflow runs jobs side by side, and on
-            # a busy 2-core machine 2 threads per job made training ~4x slower than 1
-            torch.set_num_threads(int(self.s["torch_threads"]))
-
-    def tensor(self, a) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
-
-    def train_kw(self):
-        return dict(epochs=int(self.s["epochs"]), lr=float(self.s["lr"]), time_limit_s=voxel.optional_float(self.s["time_limit_s"]),
-                    seed=int((self.config or {}).get("seed", 0)))
+class StrokeFamily(VoxelFamily):
+    settings = staticmethod(mech.settings)
 
     def calibrate(self, inputs):
         return mech.calibrate(inputs, self.s)
@@ -116,8 +99,6 @@ class DataDriven(StrokeFamily):
         return TinyCNN(7, 1, int(self.s["channels"]), 3, zero_init=True).to(self.device)
 
     def train(self, pairs):
-        from neurohybrid.hybrid.training import train_loop
-
         items = []
         for inputs, target in pairs:
             tgt = cropped_target(inputs, target)
@@ -126,20 +107,11 @@ class DataDriven(StrokeFamily):
             items.append((self.tensor(_image(inputs, box))[None], self.tensor(3.0 * (2.0 * core - 1.0))[None, None],
                           self.tensor(tgt[box])[None, None]))
         net = self.net()
-
-        def loss_fn(idx):
-            total = 0.0
-            for i in idx:
-                x, prior, y = items[i]
-                logits = net(x) + prior
-                total = total + F.binary_cross_entropy_with_logits(logits, y) + soft_dice_loss(torch.sigmoid(logits), y)
-            return total / len(idx)
-
-        result = train_loop(net, loss_fn, len(items), **self.train_kw())
-        return {"state_dict": net.state_dict(), "history": result.history, "settings": self.s}
+        history = train_mask_cnn(net, items, self.train_kw())
+        return {"state_dict": net.state_dict(), "history": history, "settings": self.s}
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         net = self.net()
         net.load_state_dict(trained["state_dict"])
         t = time.perf_counter()
@@ -169,6 +141,14 @@ class _Case:
         self.fit = fit
         self.hours = float(m["hours_followup"])
         self.rep = _rep(m)
+
+    def on_grid(self, values, shape) -> np.ndarray:
+        """Values on the candidate voxels -> float32 map of the cropped grid (0 elsewhere)."""
+        out = np.zeros(shape, np.float32)
+        sub = out[self.box]
+        sub[self.cand] = values
+        out[self.box] = sub
+        return out
 
 
 def residual_dead(net, case: _Case, s, device):
@@ -223,27 +203,24 @@ class Residual(StrokeFamily):
         return self.train_correction([_Case(i, self.fit_subject(i, None), self.s, t) for i, t in pairs])
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         fit = self.fit_subject(inputs, trained)
         t = time.perf_counter()
         net = self.net()
         net.load_state_dict(trained["state_dict"])
         case = _Case(inputs, fit, self.s)
-        dead = np.zeros(inputs.arrays["cbf"].shape, np.float32)
+        dead = np.zeros(0, np.float32)
         if case.cand.any():
             with torch.no_grad():
                 d, _ = residual_dead(net, case, self.s, self.device)
-            sub = dead[case.box]
-            sub[case.cand] = d.cpu().numpy()
-            dead[case.box] = sub
+            dead = d.cpu().numpy()
+        dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
                         fit.seconds, time.perf_counter() - t)
 
 
 def train_amortised(family: StrokeFamily, pairs) -> dict:
     """Labels: each training subject's sigma calibrated on its acute core AND follow-up infarct."""
-    from neurohybrid.hybrid.training import train_loop
-
     xs, ys, labels = [], [], []
     for inputs, target in pairs:
         tgt = cropped_target(inputs, target)
@@ -254,14 +231,8 @@ def train_amortised(family: StrokeFamily, pairs) -> dict:
         xs.append(family.tensor(_image(inputs, _box(inputs, family.s)))[None])
         ys.append(torch.tensor([[math.log(fit.sensitivity)]], device=family.device))
     net = ParamNet(7, 1, int(family.s["channels"])).to(family.device)
-
-    def loss_fn(idx):
-        return sum(((net(xs[i]) - ys[i]) ** 2).mean() for i in idx) / len(idx)
-
-    kw = family.train_kw()
-    kw["epochs"] = 4 * kw["epochs"]
-    result = train_loop(net, loss_fn, len(xs), **kw)
-    return {"amortised_state_dict": net.state_dict(), "amortised_history": result.history, "labels": labels}
+    history = train_param_net(net, xs, ys, family.train_kw())
+    return {"amortised_state_dict": net.state_dict(), "amortised_history": history, "labels": labels}
 
 
 def amortised_fit(family: StrokeFamily, inputs, trained) -> mech.StrokeFit:
@@ -283,7 +254,7 @@ class Amortised(StrokeFamily):
         return {"state_dict": out["amortised_state_dict"], **out, "settings": self.s}
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         fit = amortised_fit(self, inputs, trained)
         t = time.perf_counter()
         dead = mech.forecast_dead(inputs, fit, self.s)
@@ -391,18 +362,17 @@ class UDE(StrokeFamily):
         return {"state_dict": model.dynamics.correction.state_dict(), "history": result.history, "settings": self.s}
 
     def forecast(self, inputs, trained):
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         fit = self.calibrate(inputs)
         t = time.perf_counter()
         model = self.model()
         model.dynamics.correction.load_state_dict(trained["state_dict"])
         case = _Case(inputs, fit, self.s)
-        dead = np.zeros(inputs.arrays["cbf"].shape, np.float32)
+        dead = np.zeros(0, np.float32)
         if case.cand.any():
             with torch.no_grad():
-                sub = dead[case.box]
-                sub[case.cand] = ude_dead(model, case, self.s, self.device).cpu().numpy()
-                dead[case.box] = sub
+                dead = ude_dead(model, case, self.s, self.device).cpu().numpy()
+        dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
                         fit.seconds, time.perf_counter() - t)
 
@@ -483,29 +453,22 @@ class SolverInLoop(StrokeFamily):
             raise InputError("no training subject has hypoperfused tissue: nothing to train the SOL correction on")
         d, t, h = np.concatenate(ds, axis=1), np.concatenate(ts, axis=1), np.concatenate(hs)
         if h.size > self.max_train_voxels:
-            pick = np.random.default_rng(int((self.config or {}).get("seed", 0))).choice(h.size, self.max_train_voxels, replace=False)
+            pick = np.random.default_rng(self.seed).choice(h.size, self.max_train_voxels, replace=False)
             d, t, h = d[:, pick], t[:, pick], h[pick]
         fine = self.tensor(np.concatenate([d, t], axis=1))[None]  # (1, K+1, 2N)
         return fine, self.tensor(h)[None, :, None]
 
     def train(self, pairs):
-        from neurohybrid.hybrid.solver_in_loop import train_precomputed, train_sol
-
         fine, cov = self.training_data(pairs)
         model = self.model(float(self.s["sol_step_hours"]))
         kw = self.train_kw()
         kw["epochs"] = 4 * kw["epochs"]  # one pointwise MLP: cheap epochs
-        if self.precomputed:
-            result = train_precomputed(model, fine, covariates=cov, **kw)
-        else:
-            result = train_sol(model, fine, n_unroll=int(self.s["sol_unroll"]), covariates=cov, **kw)
-        return {"state_dict": model.correction.state_dict(), "history": result.history, "settings": self.s,
-                "training_target": "precomputed one-step" if self.precomputed else f"SOL-{int(self.s['sol_unroll'])} unrolled"}
+        return train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
 
     def forecast(self, inputs, trained):
         from neurohybrid.hybrid.solver_in_loop import time_call
 
-        _check_trained(trained, self.name)
+        check_trained(trained, self.name)
         s = self.s
         fit = self.calibrate(inputs)
         case = _Case(inputs, fit, s)
@@ -545,10 +508,7 @@ class SolverInLoop(StrokeFamily):
         def rel(x):
             return float(np.linalg.norm(x - d_fine) / max(np.linalg.norm(d_fine), 1e-12))
 
-        dead = np.zeros(inputs.arrays["cbf"].shape, np.float32)
-        sub = dead[case.box]
-        sub[case.cand] = d_sol
-        dead[case.box] = sub
+        dead = case.on_grid(d_sol, inputs.arrays["cbf"].shape)
         extra = dict(sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
                      sol_error_metric=f"relative L2 error of the dead fraction vs the fine RK4 solver (dt {s['fine_dt_s']} s)",
                      training_target=trained.get("training_target"))
