@@ -11,11 +11,35 @@ from pathlib import Path
 
 import numpy as np
 
+from neurohybrid.disorders.base import Disorder, Forecast, SubjectData
 from neurohybrid.errors import InputError
 from neurohybrid.io import check_same_grid, load_volume
 from neurohybrid.io.tsv import read_table
 
 SPACE = "MNI152NLin2009cSym"
+
+
+class VoxelDisorder(Disorder):
+    """A voxel-wise disorder whose ``<package>.families`` (FAMILIES) and ``<package>.inputs``
+    (build_inputs, write_forecast) modules are imported on first use: torch is only needed once a
+    family is used."""
+
+    package: str = ""  # e.g. "neurohybrid.disorders.glioma"
+
+    def _module(self, name: str):
+        import importlib
+
+        return importlib.import_module(f"{self.package}.{name}")
+
+    @property
+    def families(self):
+        return self._module("families").FAMILIES
+
+    def build_inputs(self, subject: str, bids_dir: Path, preproc_dir: Path, config: dict) -> tuple[SubjectData, SubjectData]:
+        return self._module("inputs").build_inputs(subject, Path(bids_dir), Path(preproc_dir), config or {})
+
+    def write_forecast(self, forecast: Forecast, inputs: SubjectData, family: str, out_dir: Path):
+        return self._module("inputs").write_forecast(forecast, inputs, family, Path(out_dir))
 
 
 def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
