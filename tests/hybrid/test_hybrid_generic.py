@@ -8,8 +8,8 @@ import torch
 
 from neurohybrid.hybrid.amortised import ParameterNet, train_end_to_end, train_supervised
 from neurohybrid.hybrid.calibration import (
-    Bounds, calibrate_derivative_free, calibrate_gradient, gaussian_nll, initial_simplex, laplace_covariance,
-    restart_spread,
+    Bounds, CalibrationResult, calibrate_derivative_free, calibrate_gradient, gaussian_nll, initial_simplex,
+    laplace_covariance, restart_spread,
 )
 from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE, RegionwiseMLP, ZeroCorrection, integrate
 from neurohybrid.hybrid.residual import ParallelResidual, aphynity_loss
@@ -230,6 +230,15 @@ def test_gradient_calibration_recovers_parameters_with_laplace_uncertainty():
                                  res.theta)
     assert np.allclose(std2, 2 * std, rtol=1e-6)
     assert restart_spread(res).shape == (2,)
+
+
+def test_restart_spread_counts_only_restarts_near_the_best():
+    restarts = [(np.array([1.0, 2.0]), 1.0), (np.array([4.0, 8.0]), 1.04), (np.array([100.0, 100.0]), 1.2),
+                (np.array([7.0, 7.0]), np.inf)]
+    res = CalibrationResult(restarts[0][0], 1.0, restarts, [], 0.0, "test")
+    assert np.allclose(restart_spread(res), [1.5, 3.0])  # std of {1, 4} and {2, 8}
+    assert np.allclose(restart_spread(res, log=[False, True]), [1.5, np.log(2.0)])  # std of {log 2, log 8}
+    assert np.allclose(restart_spread(res, rel_tol=0.01), [0.0, 0.0])  # only the best qualifies
 
 
 def test_laplace_exact_for_quadratic():

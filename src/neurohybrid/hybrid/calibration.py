@@ -392,9 +392,15 @@ def laplace_covariance(nll_fn: Callable[[torch.Tensor], torch.Tensor], theta, *,
     return cov, std
 
 
-def restart_spread(result: CalibrationResult, rel_tol: float = 0.05) -> np.ndarray:
-    """Std of the restarts whose loss is within rel_tol of the best (ensemble-style uncertainty)."""
+def restart_spread(result: CalibrationResult, rel_tol: float = 0.05, log=None) -> np.ndarray:
+    """Std of the restarts whose loss is within rel_tol of the best (ensemble-style uncertainty);
+    of log(theta) for the parameters marked in ``log`` (e.g. ``Bounds.log``). Zeros when fewer than
+    two restarts qualify."""
     good = [t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * (1 + rel_tol) + 1e-12]
     if len(good) < 2:
         return np.zeros_like(result.theta)
-    return np.std(np.vstack(good), axis=0)
+    good = np.vstack(good)
+    if log is not None:
+        log = np.asarray(log, bool)
+        good = np.where(log, np.log(np.where(log, good, 1.0)), good)
+    return np.std(good, axis=0)

@@ -98,7 +98,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
     fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
     D_w and rho).
     """
-    from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free
+    from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free, restart_spread
 
     start = time.perf_counter()
     t1gd, flair = np.asarray(t1gd, bool), np.asarray(flair, bool)
@@ -163,11 +163,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
                                        max_evals=int(s["calib_iters"]), start_spread=0.15, seed=seed)
     dw, rho, t0, th1, thf = unpack(result.theta)
     names = ["t0"] if fixed is not None else ["dw", "rho", "t0"] + (["theta_t1gd", "theta_flair"] if fit_thr else [])
-    good = np.array([t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * 1.05 + 1e-9])
-    sd_log = {}
-    for i, n in enumerate(names):
-        vals = np.log(good[:, i]) if bounds.log[i] else good[:, i]
-        sd_log[n] = float(np.std(vals)) if len(good) > 1 else 0.0
+    sd_log = {n: float(v) for n, v in zip(names, restart_spread(result, 0.05, log=bounds.log))}
     return GliomaFit(float(dw), float(rho), float(t0), float(th1), float(thf), center, float(result.loss),
                      time.perf_counter() - start, sd_log)
 
