@@ -3,6 +3,9 @@
 Every subject's model inputs live on the same `res-model` template grid, cropped to one fixed box
 around the template brain, so cross-subject networks see arrays of one shape and forecasts can be
 written back onto the full grid from the offset stored in the inputs' json.
+
+Also here: ``VoxelDisorder``, the ``Disorder`` both are instances of; reading their preprocessed
+volumes (``GridReader``, ``preproc_*`` paths), sessions tables and model settings (``settings``).
 """
 
 from __future__ import annotations
