@@ -22,6 +22,10 @@ and the warp there is driven by the surrounding tissue through the SyN regularis
 
 Threads: ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when ANTs starts a filter;
 ``set_threads`` sets it (and the environment of any child process).
+
+Reproducibility: the Mattes metric samples voxels at random, so ``register`` passes a fixed
+``--random-seed`` to antsRegistration. With the same seed and the same thread count the
+transforms are identical run to run (ITK's per-thread sums are combined in a fixed order).
 """
 
 from __future__ import annotations
@@ -103,9 +107,16 @@ class Registration:
     inverse_invert: list[bool]
 
 
+REGISTRATION_SEED = 20261126
+
+
 def register(fixed, moving, *, sched: Schedule, moving_mask=None, fixed_mask=None, outprefix: str) -> Registration:
     """Affine then SyN (explicit schedules above), masks honoured in every stage."""
     import ants
+
+    # antspyx passes --random-seed only through this module-level setting; its public setter
+    # (set_ants_deterministic) would also force a single ITK thread, which we do not want
+    ants.config._random_seed = REGISTRATION_SEED
 
     aff = ants.registration(
         fixed, moving, type_of_transform="Affine", mask=fixed_mask, moving_mask=moving_mask,
