@@ -22,13 +22,13 @@ FAMILIES = ["persistence", "mechanistic", "residual"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_config(path, participants, **overrides):
+def tiny_config(path, participants, families=FAMILIES, **overrides):
     coarse = {"model_voxel_mm": 8.0}
     return write_config(
         path, participants=str(participants), sloppy=True, seed=7, device="cpu",
         synth={"voxel_mm": 4.0, "dwi_subjects": 1},  # one connectome from DWI (dipy), one normative
         preprocessing={"fast": True},
-        models={"families": FAMILIES, "n_folds": 2, "epochs": 2, "restarts": 1, "fit_iterations": 5},
+        models={"families": families, "n_folds": 2, "epochs": 2, "restarts": 1, "fit_iterations": 5},
         glioma=coarse, alzheimer=coarse, stroke=coarse, **overrides)
 
 
@@ -151,8 +151,8 @@ def test_keep_going_with_a_corrupt_subject(demo_run, tmp_path):
     broken.write_bytes(b"\x1f\x8b this is not a NIfTI image")
 
     participants = write_participants(tmp_path / "participants.tsv", [("glioma01", "glioma"), ("stroke01", "stroke")])
-    cfg = tiny_config(tmp_path / "config.yaml", participants, bids_dir=str(bids), output_dir="out",
-                      models={"families": ["persistence"]})
+    cfg = tiny_config(tmp_path / "config.yaml", participants, families=["persistence"], bids_dir=str(bids),
+                      output_dir="out")
     run = snakemake(tmp_path, cfg, "--cores", "2", "--keep-going", timeout=600)
     assert run.returncode != 0
 
