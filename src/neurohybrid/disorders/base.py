@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neurohybrid.disorders import DISORDERS
 from neurohybrid.errors import InputError
 from neurohybrid.io.atomic import atomic_path, write_json
 
@@ -130,6 +131,6 @@ class Disorder(abc.ABC):
 def get_disorder(name: str) -> Disorder:
     import importlib
 
-    if name not in ("glioma", "alzheimer", "stroke"):
+    if name not in DISORDERS:
         raise InputError(f"unknown disorder {name!r}: use glioma, alzheimer or stroke")
     return importlib.import_module(f"neurohybrid.disorders.{name}").DISORDER

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from neurohybrid.disorders import DISORDERS
 from neurohybrid.errors import InputError
 
 
@@ -116,7 +117,7 @@ def cmd_forecast(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("inputs", help="build a subject's model inputs and held-out target")
-    p.add_argument("--disorder", required=True, choices=["glioma", "alzheimer", "stroke"])
+    p.add_argument("--disorder", required=True, choices=DISORDERS)
     p.add_argument("--subject", required=True, help="subject label without 'sub-'")
     p.add_argument("--bids", required=True, help="raw BIDS root")
     p.add_argument("--preproc", required=True, help="preprocessing derivatives root")
@@ -126,7 +127,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_inputs)
 
     p = subparsers.add_parser("train", help="train a family's cross-subject component on a fold's training subjects")
-    p.add_argument("--disorder", required=True, choices=["glioma", "alzheimer", "stroke"])
+    p.add_argument("--disorder", required=True, choices=DISORDERS)
     p.add_argument("--family", required=True)
     p.add_argument("--subjects", required=True, help="comma-separated training subjects")
     p.add_argument("--inputs", required=True, help="model inputs root (results/inputs)")
@@ -136,7 +137,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("forecast", help="fit a subject and forecast its held-out session")
-    p.add_argument("--disorder", required=True, choices=["glioma", "alzheimer", "stroke"])
+    p.add_argument("--disorder", required=True, choices=DISORDERS)
     p.add_argument("--family", required=True)
     p.add_argument("--subject", required=True)
     p.add_argument("--inputs", required=True, help="model inputs root (results/inputs)")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from neurohybrid.evaluation.scoring import evaluate_subject
-from neurohybrid.evaluation.targets import DISORDERS
-from neurohybrid.io import write_tsv
+from neurohybrid.disorders import DISORDERS
+
+# scipy, pandas and nibabel are imported when the command runs, not when the CLI is built:
+# every workflow job pays the CLI's start-up
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
 
 
 def _evaluate(args) -> int:
+    from neurohybrid.evaluation.scoring import evaluate_subject
+    from neurohybrid.io import write_tsv
+
     frame = evaluate_subject(args.disorder, args.subject, args.model, args.forecast_dir, args.target, args.truth)
     write_tsv(args.out, frame)
     return 0

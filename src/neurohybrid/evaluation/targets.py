@@ -17,7 +17,7 @@ import numpy as np
 
 from neurohybrid.errors import InputError
 
-DISORDERS = ("glioma", "alzheimer", "stroke")
+from neurohybrid.disorders import DISORDERS
 
 # arrays in the npz and keys in the json that each disorder's target must carry
 NPZ_KEYS = {"glioma": ("t1gd", "flair"), "alzheimer": ("suvr",), "stroke": ("infarct",)}

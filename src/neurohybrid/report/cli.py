@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from neurohybrid.errors import InputError
-from neurohybrid.evaluation.statistics import collect_metrics, paired_tests, read_metrics, summarise
-from neurohybrid.io import write_tsv
 
 
 def register(subparsers) -> None:
@@ -41,11 +39,17 @@ def _table(args) -> int:
         paths += [p for p in found if p not in paths]
     if not paths:
         raise InputError("no metrics TSVs given or found", file=args.metrics_dir)
+    from neurohybrid.evaluation.statistics import collect_metrics
+    from neurohybrid.io import write_tsv
+
     write_tsv(args.out, collect_metrics(paths))
     return 0
 
 
 def _stats(args) -> int:
+    from neurohybrid.evaluation.statistics import paired_tests, read_metrics, summarise
+    from neurohybrid.io import write_tsv
+
     frame = read_metrics(args.metrics)
     summary = summarise(frame)
     tests = paired_tests(frame)
@@ -56,6 +60,8 @@ def _stats(args) -> int:
 
 def _figures(args) -> int:
     from neurohybrid.report.figures import write_all  # matplotlib only when figures are asked for
+
+    from neurohybrid.evaluation.statistics import read_metrics
 
     write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth)
     return 0

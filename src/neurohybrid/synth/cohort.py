@@ -26,7 +26,7 @@ from neurohybrid.synth.anatomy import make_subject_anatomy, template_set
 
 log = logging.getLogger(__name__)
 
-DISORDERS = ("glioma", "alzheimer", "stroke")
+from neurohybrid.disorders import DISORDERS
 ID_PREFIX = {"glioma": "glioma", "alzheimer": "ad", "stroke": "stroke"}
 SLOPPY_VOXEL_MM = 4.0
 TEMPLATE_SPACE = "MNI152NLin2009cSym"
