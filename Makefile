@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml envs/requirements.lock
 install: $(STAMP)
 
 run: install
-	snakemake --cores $(CORES)
+	snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
 	snakemake --report results/report.html
 
 test: install
