@@ -41,7 +41,7 @@ rule preprocess_anat:
         f"{BENCH}/preprocess_anat/sub-{{subject}}.tsv"
     group:
         "subject"
-    threads: 2
+    threads: 1  # one ITK thread per subject: parallel subjects scale better, and results do not depend on core count
     resources:
         mem_mb=4000,
         runtime=30,
