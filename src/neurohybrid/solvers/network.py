@@ -548,18 +548,23 @@ def simulate_network(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", baseline=
 # torch twin
 
 
-def _resolve_device(device):
-    if device is None:
-        return None
-    try:  # the package-wide helper, once present
-        from neurohybrid.hybrid.device import resolve_device
-    except ImportError:
-        import torch
+def _torch_converter(ref, device, dtype):
+    """(as_tensor, device, dtype) for a torch twin: device and dtype default to those of ``ref``
+    (a tensor argument, or None), else CPU / float64; ``as_tensor`` moves any array there."""
+    import torch
 
-        if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(device)
-    return resolve_device(device)
+    from neurohybrid.hybrid.device import resolve_device
+
+    ref = ref if torch.is_tensor(ref) else None
+    dev = resolve_device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+    dty = dtype or (ref.dtype if ref is not None else torch.float64)
+
+    def as_tensor(x):
+        if torch.is_tensor(x):
+            return x.to(device=dev, dtype=dty)
+        return torch.as_tensor(np.asarray(x, dtype=np.float64), device=dev, dtype=dty)
+
+    return as_tensor, dev, dty
 
 
 def network_rhs_torch(u, lap, kappa, alpha, model="fkpp", baseline=None, capacity=None):
@@ -586,14 +591,7 @@ def simulate_network_torch(L, u0, t_eval, *, kappa, alpha=0.0, model="fkpp", bas
 
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
-    ref = u0 if torch.is_tensor(u0) else None
-    dev = _resolve_device(device) or (ref.device if ref is not None else torch.device("cpu"))
-    dty = dtype or (ref.dtype if ref is not None else torch.float64)
-
-    def as_t(x):
-        if torch.is_tensor(x):
-            return x.to(device=dev, dtype=dty)
-        return torch.as_tensor(np.asarray(x, dtype=np.float64), device=dev, dtype=dty)
+    as_t, dev, dty = _torch_converter(u0, device, dtype)
 
     lap = as_t(L)
     n = lap.shape[0]

@@ -336,16 +336,9 @@ def simulate_tissue_death_torch(cbf, *, hours, reperfusion_h=None, cbf_after=Non
     """
     import torch
 
-    from neurohybrid.solvers.network import _resolve_device
+    from neurohybrid.solvers.network import _torch_converter
 
-    ref = cbf if torch.is_tensor(cbf) else None
-    dev = _resolve_device(device) or (ref.device if ref is not None else torch.device("cpu"))
-    dty = dtype or (ref.dtype if ref is not None else torch.float64)
-
-    def as_t(x):
-        if torch.is_tensor(x):
-            return x.to(device=dev, dtype=dty)
-        return torch.as_tensor(np.asarray(x, dtype=np.float64), device=dev, dtype=dty)
+    as_t, dev, dty = _torch_converter(cbf, device, dtype)
 
     f = as_t(cbf)
     w = as_t(wm_fraction)
