@@ -139,16 +139,16 @@ def test_cli_inputs_train_forecast_end_to_end(cohort, tmp_path):
     model = res / "models" / "alzheimer" / "fold-0" / "model-residual.pt"
     assert main(["train", "--disorder", "alzheimer", "--family", "residual", "--subjects", "AD01,AD02,AD03",
                  "--inputs", str(res / "inputs"), "--targets", str(res / "targets"), "--config", str(cfg),
-                 "--out", str(model)]) == 0
+                 "--out-dir", str(model.parent)]) == 0
     out = res / "forecasts" / "sub-AD04"
     assert main(["forecast", "--disorder", "alzheimer", "--family", "residual", "--subject", "AD04",
-                 "--inputs", str(res / "inputs"), "--trained", str(model), "--config", str(cfg), "--out-dir", str(out)]) == 0
+                 "--inputs", str(res / "inputs"), "--models-dir", str(model.parent), "--config", str(cfg), "--out-dir", str(out)]) == 0
     tsv = pd.read_csv(out / "sub-AD04_model-residual_pet.tsv", sep="\t")
     assert list(tsv.columns) == ["region", "suvr"] and len(tsv) == 8 and np.all(np.isfinite(tsv["suvr"]))
     fit = json.loads((out / "sub-AD04_model-residual_desc-fit.json").read_text())
     assert fit["trained_on"] == ["AD01", "AD02", "AD03"] and "kappa" in fit["parameters"]
     # a model trained on the subject itself is refused (split guarantee)
     assert main(["forecast", "--disorder", "alzheimer", "--family", "residual", "--subject", "AD01",
-                 "--inputs", str(res / "inputs"), "--trained", str(model), "--config", str(cfg), "--out-dir", str(out)]) == 2
+                 "--inputs", str(res / "inputs"), "--models-dir", str(model.parent), "--config", str(cfg), "--out-dir", str(out)]) == 2
     assert main(["forecast", "--disorder", "alzheimer", "--family", "persistence", "--subject", "AD04",
                  "--inputs", str(res / "inputs"), "--config", str(cfg), "--out-dir", str(out)]) == 0

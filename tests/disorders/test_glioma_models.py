@@ -217,9 +217,9 @@ def test_cli_end_to_end(tmp_path):
     assert inputs_path(tmp_path / "inputs", "c1").exists() and target_path(tmp_path / "targets", "c1").exists()
     ckpt = tmp_path / "models" / "model-data_driven.pt"
     assert main(["train", "--disorder", "glioma", "--family", "data_driven", "--subjects", "c1,c2", "--inputs", str(tmp_path / "inputs"),
-                 "--targets", str(tmp_path / "targets"), "--config", str(cfg), "--out", str(ckpt)]) == 0
+                 "--targets", str(tmp_path / "targets"), "--config", str(cfg), "--out-dir", str(ckpt.parent)]) == 0
     out = tmp_path / "forecasts" / "sub-c3"
-    for fam, extra in (("persistence", []), ("mechanistic", []), ("data_driven", ["--trained", str(ckpt)])):
+    for fam, extra in (("persistence", []), ("mechanistic", []), ("data_driven", ["--models-dir", str(ckpt.parent)])):
         assert main(["forecast", "--disorder", "glioma", "--family", fam, "--subject", "c3", "--inputs", str(tmp_path / "inputs"),
                      "--config", str(cfg), "--out-dir", str(out), *extra]) == 0
         fl = nib.load(str(out / f"sub-c3_model-{fam}_desc-FLAIR_mask.nii.gz"))
@@ -229,8 +229,18 @@ def test_cli_end_to_end(tmp_path):
         assert fit["model"] == fam and fit["fit_seconds"] >= 0
     assert (out / "sub-c3_model-mechanistic_desc-celldensity.nii.gz").exists()
     assert not (out / "sub-c3_model-persistence_desc-celldensity.nii.gz").exists()
+    # one process forecasting every family gives what one process per family gave
+    together = tmp_path / "together"
+    assert main(["forecast", "--disorder", "glioma", "--family", "persistence,mechanistic,data_driven", "--subject", "c3",
+                 "--inputs", str(tmp_path / "inputs"), "--config", str(cfg), "--out-dir", str(together),
+                 "--models-dir", str(ckpt.parent)]) == 0
+    for fam in ("persistence", "mechanistic", "data_driven"):
+        name = f"sub-c3_model-{fam}_desc-FLAIR_mask.nii.gz"
+        assert np.array_equal(nib.load(str(together / name)).get_fdata(), nib.load(str(out / name)).get_fdata()), fam
+        fits = [json.loads((d / f"sub-c3_model-{fam}_desc-fit.json").read_text())["parameters"] for d in (out, together)]
+        assert fits[0] == fits[1], fam
     # the split guarantee: a model trained on c1 refuses to forecast c1
     assert main(["forecast", "--disorder", "glioma", "--family", "data_driven", "--subject", "c1", "--inputs", str(tmp_path / "inputs"),
-                 "--config", str(cfg), "--out-dir", str(out), "--trained", str(ckpt)]) == 2
+                 "--config", str(cfg), "--out-dir", str(out), "--models-dir", str(ckpt.parent)]) == 2
     target = SubjectData.load(target_path(tmp_path / "targets", "c3"))
     assert set(target.arrays) == {"t1gd", "flair"} and target.meta["day"] == 50.0

@@ -170,9 +170,9 @@ def test_cli_end_to_end(tmp_path):
                      "--config", str(cfg), "--inputs-out", ins, "--targets-out", tgs]) == 0
     ckpt = tmp_path / "model-amortised.pt"
     assert main(["train", "--disorder", "stroke", "--family", "amortised", "--subjects", "c1,c2", "--inputs", ins,
-                 "--targets", tgs, "--config", str(cfg), "--out", str(ckpt)]) == 0
+                 "--targets", tgs, "--config", str(cfg), "--out-dir", str(ckpt.parent)]) == 0
     out = tmp_path / "forecasts"
-    for fam, extra in (("persistence", []), ("mechanistic", []), ("amortised", ["--trained", str(ckpt)])):
+    for fam, extra in (("persistence", []), ("mechanistic", []), ("amortised", ["--models-dir", str(ckpt.parent)])):
         assert main(["forecast", "--disorder", "stroke", "--family", fam, "--subject", "c3", "--inputs", ins,
                      "--config", str(cfg), "--out-dir", str(out), *extra]) == 0
         mask = nib.load(str(out / f"sub-c3_model-{fam}_desc-infarct_mask.nii.gz"))

@@ -60,9 +60,9 @@ def test_default_config_dag(tmp_path):
         "preprocess pet": n_ad,
         "preprocess connectome": n_ad,
         "inputs": len(subjects),
-        "train": n_trained * folds * 3,
-        "forecast": len(subjects) * len(families),
-        "evaluate": len(subjects) * len(families),
+        "train": folds * 3,  # one job per disorder x fold trains every cross-subject family
+        "forecast": len(subjects),  # one job per subject fits and forecasts every family
+        "evaluate": len(subjects),
         "cohort table": 1,
         "cohort stats": 1,
         "cohort figures": 1,
@@ -87,26 +87,29 @@ def test_default_config_dag(tmp_path):
             assert option(c, "--bids") == "results/sourcedata/bids"
             assert float(option(c, "--model-voxel-mm")) == config[subjects[subject]]["model_voxel_mm"]
 
-    # split guarantee: a forecast uses the fold model trained on its disorder's other subjects only
-    trained_on = {option(c, "--out"): set(option(c, "--subjects").split(",")) for c in commands if c[1] == "train"}
+    # split guarantee: a forecast uses the fold models trained on its disorder's other subjects only
+    trained_on = {option(c, "--out-dir"): set(option(c, "--subjects").split(",")) for c in commands if c[1] == "train"}
+    trained_families = [f for f in families if f in TRAINED]
     for c in commands:
+        if c[1] == "train":
+            assert option(c, "--family").split(",") == trained_families
         if c[1] != "forecast":
             continue
-        subject, family = option(c, "--subject"), option(c, "--family")
+        subject = option(c, "--subject")
         assert option(c, "--disorder") == subjects[subject]
-        model = option(c, "--trained")
-        if family in TRAINED:
-            assert model in trained_on, c
-            assert subject not in trained_on[model]
-            assert f"/{subjects[subject]}/" in model
-            assert all(subjects[s] == subjects[subject] for s in trained_on[model])
-        else:
-            assert model is None
+        assert option(c, "--family").split(",") == families
+        models = option(c, "--models-dir")
+        assert models in trained_on, c
+        assert subject not in trained_on[models]
+        assert f"/{subjects[subject]}/" in models
+        assert all(subjects[s] == subjects[subject] for s in trained_on[models])
     # each fold's model is trained on at least one subject, and every subject is tested exactly once
     for model, train in trained_on.items():
         assert train
-    tested = Counter((option(c, "--subject"), option(c, "--family")) for c in commands if c[1] == "forecast")
-    assert set(tested.values()) == {1}
+    tested = Counter(option(c, "--subject") for c in commands if c[1] == "forecast")
+    assert set(tested) == set(subjects) and set(tested.values()) == {1}
+    evaluated = {option(c, "--subject"): option(c, "--model").split(",") for c in commands if c[1] == "evaluate"}
+    assert evaluated == {s: families for s in subjects}
 
 
 def write_bids(root, subjects):
@@ -151,7 +154,7 @@ def test_user_bids_dag(tmp_path):
     counts = Counter(step(c) for c in commands)
     assert "synth" not in counts
     assert counts["preprocess anat"] == 6 and counts["preprocess lesions"] == 4 and counts["preprocess pet"] == 2
-    assert counts["train"] == 3 * 2 and counts["forecast"] == 6 * 3
+    assert counts["train"] == 3 * 2 and counts["forecast"] == 6 and counts["evaluate"] == 6
     for c in commands:
         if "--bids" in c:
             assert option(c, "--bids") == str(bids)

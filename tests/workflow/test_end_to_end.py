@@ -157,7 +157,7 @@ def test_keep_going_with_a_corrupt_subject(demo_run, tmp_path):
     assert run.returncode != 0
 
     out = tmp_path / "out"
-    assert (out / "metrics" / "sub-stroke01" / "sub-stroke01_model-persistence_metrics.tsv").is_file()
+    assert (out / "metrics" / "sub-stroke01" / "sub-stroke01_metrics.tsv").is_file()
     assert not (out / "metrics" / "sub-glioma01").exists()
     assert not (out / "cohort" / "metrics.tsv").exists()  # the cohort table needs every subject
     log = out / "logs" / "preprocess_anat" / "sub-glioma01.log"

@@ -139,6 +139,9 @@ def is_trained(family):
     return family in TRAINED_FAMILIES
 
 
+TRAINED = [f for f in FAMILIES if is_trained(f)]
+
+
 # ---------------------------------------------------------------------------------------------
 # subject-level folds, fixed at parse time (no subject in both a fold's training and test set)
 
@@ -150,14 +153,13 @@ def _assign_folds(subjects, n_folds, seed):
 
 
 def _check_fold_sizes():
-    trained = [f for f in FAMILIES if is_trained(f)]
-    if not trained:
+    if not TRAINED:
         return
     for d in COHORT_DISORDERS:
         if len(SUBJECTS_OF[d]) < 2:
             raise WorkflowError(
                 f"participants table {config['participants']}: disorder {d} has {len(SUBJECTS_OF[d])} subject; "
-                f"the cross-subject families in config key 'models.families' ({', '.join(trained)}) need at least 2"
+                f"the cross-subject families in config key 'models.families' ({', '.join(TRAINED)}) need at least 2"
             )
 
 
@@ -257,21 +259,22 @@ def training_data(wildcards):
         "targets": expand(f"{SUBJECT_TARGET}.npz", subject=subjects),
     }
 
-def trained_model(wildcards):
-    """The fold model a subject's forecast uses: trained without that subject."""
-    if not is_trained(wildcards.family):
+def fold_models_dir(disorder, fold):
+    return f"{MODELS}/{disorder}/fold-{fold}"
+
+
+def trained_models(wildcards):
+    """The fold models a subject's forecasts use: trained without that subject."""
+    if not TRAINED:
         return []
     disorder = DISORDER_OF[wildcards.subject]
-    return rules.train_model.output[0].format(disorder=disorder, fold=fold_of(wildcards.subject), family=wildcards.family)
+    return expand(rules.train_model.output, disorder=disorder, fold=fold_of(wildcards.subject))
 
 
-def persistence_reference(wildcards):
-    """Alzheimer's scores include the error relative to "no change", read from the persistence
-    forecast beside the scored one: make it a real dependency so the metric never depends on
-    which job happened to finish first."""
-    if DISORDER_OF[wildcards.subject] == "alzheimer" and "persistence" in FAMILIES:
-        return f"{FORECASTS}/sub-{wildcards.subject}/sub-{wildcards.subject}_model-persistence_desc-fit.json"
-    return []
+def models_dir_flag(wildcards):
+    if not TRAINED:
+        return ""
+    return f"--models-dir {fold_models_dir(DISORDER_OF[wildcards.subject], fold_of(wildcards.subject))}"
 
 
 def cohort_figure(name, caption, label):

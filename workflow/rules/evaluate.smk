@@ -4,21 +4,21 @@
 
 rule evaluate:
     input:
-        fit=rules.forecast.output[0],
+        fits=rules.forecast.output,
         target=f"{SUBJECT_TARGET}.npz",
         truth=truth_dir(),
-        reference=persistence_reference,
     output:
-        f"{METRICS}/sub-{{subject}}/sub-{{subject}}_model-{{family}}_metrics.tsv",
+        f"{METRICS}/sub-{{subject}}/sub-{{subject}}_metrics.tsv",
     params:
         disorder=disorder_of,
-        forecast_dir=lambda wildcards, input: os.path.dirname(input.fit),
+        families=",".join(FAMILIES),
+        forecast_dir=lambda wildcards, input: os.path.dirname(input.fits[0]),
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
     log:
-        f"{LOGS}/evaluate/sub-{{subject}}_model-{{family}}.log",
+        f"{LOGS}/evaluate/sub-{{subject}}.log",
     benchmark:
-        f"{BENCH}/evaluate/sub-{{subject}}_model-{{family}}.tsv"
+        f"{BENCH}/evaluate/sub-{{subject}}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
@@ -26,13 +26,13 @@ rule evaluate:
     conda:
         "../../envs/environment.yaml"
     shell:
-        "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {wildcards.family}"
+        "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {params.families}"
         " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} --out {output} > {log} 2>&1"
 
 
 rule cohort_table:
     input:
-        expand(rules.evaluate.output[0], subject=SUBJECTS, family=FAMILIES),
+        expand(rules.evaluate.output[0], subject=SUBJECTS),
     output:
         report(
             f"{COHORT}/metrics.tsv",

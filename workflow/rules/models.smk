@@ -1,5 +1,7 @@
-# Model inputs per subject, cross-subject training per disorder x fold x family, and the
-# per-subject fit + forecast of the held-out last session per subject x family.
+# Model inputs per subject, cross-subject training of every family per disorder x fold, and the
+# per-subject fit + forecast of the held-out last session by every family.
+# One process per disorder x fold and per subject (not per family): the families share the
+# subject's data and mechanistic fit, and each job pays the torch/numba start-up once.
 
 
 rule model_inputs:
@@ -40,52 +42,53 @@ rule train_model:
         unpack(training_data),
         config=RESOLVED_CONFIG,
     output:
-        f"{MODELS}/{{disorder}}/fold-{{fold}}/model-{{family}}.pt",
-    wildcard_constraints:
-        family=one_of([f for f in FAMILIES if is_trained(f)]),
+        expand(f"{MODELS}/{{{{disorder}}}}/fold-{{{{fold}}}}/model-{{family}}.pt", family=TRAINED),
     params:
+        families=",".join(TRAINED),
         subjects=lambda wildcards: ",".join(training_subjects(wildcards.disorder, wildcards.fold)),
         inputs=lambda wildcards: INPUTS,
         targets=lambda wildcards: TARGETS,
+        out_dir=lambda wildcards: fold_models_dir(wildcards.disorder, wildcards.fold),
     log:
-        f"{LOGS}/train_model/{{disorder}}_fold-{{fold}}_model-{{family}}.log",
+        f"{LOGS}/train_model/{{disorder}}_fold-{{fold}}.log",
     benchmark:
-        f"{BENCH}/train_model/{{disorder}}_fold-{{fold}}_model-{{family}}.tsv"
+        f"{BENCH}/train_model/{{disorder}}_fold-{{fold}}.tsv"
     threads: 2
     resources:
         mem_mb=6000,
-        runtime=60,
+        runtime=120,
         gpu=gpu_count(),
     conda:
         "../../envs/environment.yaml"
     shell:
-        "neurohybrid train --disorder {wildcards.disorder} --family {wildcards.family} --subjects {params.subjects}"
-        " --inputs {params.inputs} --targets {params.targets} --config {input.config} --out {output} > {log} 2>&1"
+        "neurohybrid train --disorder {wildcards.disorder} --family {params.families} --subjects {params.subjects}"
+        " --inputs {params.inputs} --targets {params.targets} --config {input.config} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule forecast:
     input:
         inputs=f"{SUBJECT_INPUTS}.npz",
-        trained=trained_model,
+        trained=trained_models,
         config=RESOLVED_CONFIG,
     output:
-        f"{FORECASTS}/sub-{{subject}}/sub-{{subject}}_model-{{family}}_desc-fit.json",
+        expand(f"{FORECASTS}/sub-{{{{subject}}}}/sub-{{{{subject}}}}_model-{{family}}_desc-fit.json", family=FAMILIES),
     params:
         disorder=disorder_of,
+        families=",".join(FAMILIES),
         inputs=lambda wildcards: INPUTS,
-        trained=lambda wildcards, input: f"--trained {input.trained}" if input.trained else "",
+        models_dir=models_dir_flag,
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
-        f"{LOGS}/forecast/sub-{{subject}}_model-{{family}}.log",
+        f"{LOGS}/forecast/sub-{{subject}}.log",
     benchmark:
-        f"{BENCH}/forecast/sub-{{subject}}_model-{{family}}.tsv"
+        f"{BENCH}/forecast/sub-{{subject}}.tsv"
     threads: 1
     resources:
         mem_mb=3000,
-        runtime=30,
+        runtime=60,
         gpu=gpu_count(),
     conda:
         "../../envs/environment.yaml"
     shell:
-        "neurohybrid forecast --disorder {params.disorder} --family {wildcards.family} --subject {wildcards.subject}"
-        " --inputs {params.inputs} {params.trained} --config {input.config} --out-dir {params.out_dir} > {log} 2>&1"
+        "neurohybrid forecast --disorder {params.disorder} --family {params.families} --subject {wildcards.subject}"
+        " --inputs {params.inputs} {params.models_dir} --config {input.config} --out-dir {params.out_dir} > {log} 2>&1"

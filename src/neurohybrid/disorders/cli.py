@@ -40,7 +40,24 @@ def cmd_inputs(args) -> int:
     return 0
 
 
+def _families(disorder, names: str, config: dict, device) -> list:
+    """The families named in a comma-separated list, validated before any work starts."""
+    names = [n for n in names.split(",") if n]
+    if not names:
+        raise InputError("no model family given")
+    return [disorder.family(name, config, device) for name in names]
+
+
+def checkpoint_path(models_dir, family: str) -> Path:
+    return Path(models_dir) / f"model-{family}.pt"
+
+
 def cmd_train(args) -> int:
+    """Train the cross-subject component of each family on one fold's training subjects.
+
+    One process for all families of a disorder x fold: the subjects' data are read once and the
+    per-subject work the families share (e.g. mechanistic fits) is reused within the process.
+    """
     import torch
 
     from neurohybrid.disorders.base import SubjectData, get_disorder, inputs_path, target_path
@@ -49,7 +66,7 @@ def cmd_train(args) -> int:
 
     config = _load_config(args.config)
     disorder = get_disorder(args.disorder)
-    family = disorder.family(args.family, config, _device(config))
+    families = _families(disorder, args.family, config, _device(config))
     subjects = [s for s in args.subjects.split(",") if s]
     if not subjects:
         raise InputError("no training subjects given")
@@ -57,61 +74,77 @@ def cmd_train(args) -> int:
         (SubjectData.load(inputs_path(args.inputs, s), subject=s), SubjectData.load(target_path(args.targets, s), subject=s))
         for s in subjects
     ]
-    seed_everything(int(config.get("seed", 0)))
-    start = time.perf_counter()
-    checkpoint = family.train(pairs)
-    checkpoint = {
-        "disorder": args.disorder,
-        "family": args.family,
-        "train_subjects": subjects,
-        "train_seconds": time.perf_counter() - start,
-        "config": config,
-        **checkpoint,
-    }
-    with atomic_path(args.out) as tmp:
-        torch.save(checkpoint, tmp)
+    for family in families:
+        if not family.trains_across_subjects:
+            raise InputError(f"family {family.name} has no cross-subject component to train")
+        seed_everything(int(config.get("seed", 0)))  # each family's result independent of the list's order
+        start = time.perf_counter()
+        checkpoint = family.train(pairs)
+        checkpoint = {
+            "disorder": args.disorder,
+            "family": family.name,
+            "train_subjects": subjects,
+            "train_seconds": time.perf_counter() - start,
+            "config": config,
+            **checkpoint,
+        }
+        with atomic_path(checkpoint_path(args.out_dir, family.name)) as tmp:
+            torch.save(checkpoint, tmp)
+        print(f"trained {args.disorder}/{family.name} on {len(subjects)} subjects in {checkpoint['train_seconds']:.1f} s", flush=True)
     return 0
 
 
-def cmd_forecast(args) -> int:
+def _trained(family, subject: str, models_dir) -> dict | None:
+    """The family's fold checkpoint, refused when it was trained on the subject itself."""
     import torch
 
+    if not family.trains_across_subjects:
+        return None
+    if not models_dir:
+        raise InputError(f"family {family.name} needs --models-dir (models trained on the fold's other subjects)")
+    path = checkpoint_path(models_dir, family.name)
+    if not path.exists():
+        raise InputError(f"no trained model for family {family.name}", file=path, subject=subject)
+    trained = torch.load(path, map_location="cpu", weights_only=False)
+    if subject in trained.get("train_subjects", []):
+        # the split guarantee, checked where it matters
+        raise InputError(f"{path} was trained on this subject: refusing to forecast with it", subject=subject)
+    return trained
+
+
+def cmd_forecast(args) -> int:
+    """Fit the subject and forecast its held-out session with each family, in one process."""
     from neurohybrid.disorders.base import SubjectData, get_disorder, inputs_path
     from neurohybrid.hybrid.device import seed_everything
     from neurohybrid.io.atomic import write_json
 
     config = _load_config(args.config)
     disorder = get_disorder(args.disorder)
-    family = disorder.family(args.family, config, _device(config))
+    families = _families(disorder, args.family, config, _device(config))
     inputs = SubjectData.load(inputs_path(args.inputs, args.subject), subject=args.subject)
-    trained = None
-    if family.trains_across_subjects:
-        if not args.trained:
-            raise InputError(f"family {args.family} needs --trained (a model trained on the fold's other subjects)")
-        trained = torch.load(args.trained, map_location="cpu", weights_only=False)
-        if args.subject in trained.get("train_subjects", []):
-            # the split guarantee, checked where it matters
-            raise InputError(f"{args.trained} was trained on this subject: refusing to forecast with it", subject=args.subject)
-    seed_everything(int(config.get("seed", 0)))
-    try:
-        forecast = family.forecast(inputs, trained)
-    except InputError as exc:
-        raise exc.with_context(subject=args.subject) from None
+    checkpoints = [_trained(family, args.subject, args.models_dir) for family in families]
     out_dir = Path(args.out_dir)
-    disorder.write_forecast(forecast, inputs, args.family, out_dir)
-    write_json(
-        out_dir / f"sub-{args.subject}_model-{args.family}_desc-fit.json",
-        {
-            "subject": args.subject,
-            "disorder": args.disorder,
-            "model": args.family,
-            "parameters": forecast.parameters,
-            "fit_seconds": forecast.fit_seconds,
-            "inference_seconds": forecast.inference_seconds,
-            "trained_on": trained.get("train_subjects") if trained else None,
-            **forecast.extra,
-        },
-    )
+    for family, trained in zip(families, checkpoints):
+        seed_everything(int(config.get("seed", 0)))
+        try:
+            forecast = family.forecast(inputs, trained)
+        except InputError as exc:
+            raise exc.with_context(subject=args.subject) from None
+        disorder.write_forecast(forecast, inputs, family.name, out_dir)
+        write_json(
+            out_dir / f"sub-{args.subject}_model-{family.name}_desc-fit.json",
+            {
+                "subject": args.subject,
+                "disorder": args.disorder,
+                "model": family.name,
+                "parameters": forecast.parameters,
+                "fit_seconds": forecast.fit_seconds,
+                "inference_seconds": forecast.inference_seconds,
+                "trained_on": trained.get("train_subjects") if trained else None,
+                **forecast.extra,
+            },
+        )
+        print(f"forecast sub-{args.subject} {family.name}: fit {forecast.fit_seconds:.1f} s", flush=True)
     return 0
 
 
@@ -126,22 +159,22 @@ def register(subparsers) -> None:
     p.add_argument("--targets-out", required=True)
     p.set_defaults(func=cmd_inputs)
 
-    p = subparsers.add_parser("train", help="train a family's cross-subject component on a fold's training subjects")
+    p = subparsers.add_parser("train", help="train families' cross-subject components on a fold's training subjects")
     p.add_argument("--disorder", required=True, choices=DISORDERS)
-    p.add_argument("--family", required=True)
+    p.add_argument("--family", required=True, help="comma-separated model families, e.g. residual,ude")
     p.add_argument("--subjects", required=True, help="comma-separated training subjects")
     p.add_argument("--inputs", required=True, help="model inputs root (results/inputs)")
     p.add_argument("--targets", required=True, help="targets root (results/targets)")
     p.add_argument("--config", help="resolved workflow config (YAML)")
-    p.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    p.add_argument("--out-dir", required=True, help="folder of the fold's checkpoints (model-<family>.pt)")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("forecast", help="fit a subject and forecast its held-out session")
+    p = subparsers.add_parser("forecast", help="fit a subject and forecast its held-out session with each family")
     p.add_argument("--disorder", required=True, choices=DISORDERS)
-    p.add_argument("--family", required=True)
+    p.add_argument("--family", required=True, help="comma-separated model families")
     p.add_argument("--subject", required=True)
     p.add_argument("--inputs", required=True, help="model inputs root (results/inputs)")
-    p.add_argument("--trained", help="checkpoint from `neurohybrid train` (families with a cross-subject component)")
+    p.add_argument("--models-dir", help="the subject's fold checkpoints from `neurohybrid train` (families with a cross-subject component)")
     p.add_argument("--config", help="resolved workflow config (YAML)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_forecast)
