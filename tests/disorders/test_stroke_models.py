@@ -142,6 +142,34 @@ def test_zero_correction_equals_mechanistic(cohort):
     np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
 
 
+def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
+    """One forecast process runs every family on the same inputs: the calibration of sigma and the
+    SOL families' fine reference solve are computed once and reused (neurohybrid.hybrid.cache)."""
+    from neurohybrid.disorders.stroke.families import SolCorrection
+    from neurohybrid.hybrid import cache
+
+    cache.clear()
+    calls = []
+    real = mech._calibrate
+    monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = cohort["data"]["s1"][0]
+    d = get_disorder("stroke")
+    trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["channels"]).state_dict()}
+    fc = {f: d.family(f, FAST, "cpu").forecast(inputs, trained if f.startswith("sol") else None)
+          for f in ("mechanistic", "sol", "sol_precomputed")}
+    again = mech.calibrate(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)),
+                           mech.settings(FAST))
+    assert len(calls) == 1
+    assert fc["mechanistic"].parameters == fc["sol"].parameters == fc["sol_precomputed"].parameters
+    assert again.parameters() == fc["mechanistic"].parameters
+    assert cache.stats["stroke.sol_fine_reference", "miss"] == 1 and cache.stats["stroke.sol_fine_reference", "hit"] == 1
+    assert fc["sol"].extra["fine_cost_seconds"] == fc["sol_precomputed"].extra["fine_cost_seconds"] > 0
+    # other data under the same subject id is calibrated afresh
+    other = SubjectData(inputs.subject, inputs.disorder, {**inputs.arrays, "cbf": inputs.arrays["cbf"] * 0.9}, dict(inputs.meta))
+    mech.calibrate(other, mech.settings(FAST))
+    assert len(calls) == 2
+
+
 def test_sol_and_precomputed_differ_only_in_targets(cohort):
     pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
     d = get_disorder("stroke")

@@ -74,8 +74,19 @@ def _soft_dice(p, m):
     return 1.0 - 2.0 * float((p * m).sum()) / (float(p.sum() + m.sum()) + 1e-6)
 
 
-def calibrate(inputs, s: dict, *, observations=None) -> StrokeFit:
-    """Fit sigma. observations: list of (hours, mask over the candidate voxels); default the acute core."""
+def calibrate(inputs, s: dict, *, observations=None, interval: bool = True) -> StrokeFit:
+    """Fit sigma. observations: list of (hours, mask over the candidate voxels); default the acute core.
+    interval=False skips the profile interval (callers that use sigma alone, e.g. training labels).
+
+    Memoised per process (``neurohybrid.hybrid.cache``, keyed on the inputs' content, the settings,
+    the observations and ``interval``): the families of one forecast job all start from this fit."""
+    from neurohybrid.hybrid import cache
+
+    return cache.memo("stroke.calibrate", (inputs, s, observations, interval),
+                      lambda: _calibrate(inputs, s, observations, interval))
+
+
+def _calibrate(inputs, s: dict, observations, with_interval: bool) -> StrokeFit:
     from scipy.optimize import minimize_scalar
 
     from neurohybrid.solvers.stroke import CORE_THRESHOLD
@@ -108,8 +119,8 @@ def calibrate(inputs, s: dict, *, observations=None) -> StrokeFit:
     best_x, best_l = (res.x, float(res.fun)) if res.fun <= grid_l[k] else (grid_x[k], float(grid_l[k]))
     # profile interval: walk out from the optimum in steps of 2% until the loss rises by 5% (+0.005)
     bound = best_l * 1.05 + 0.005
-    ends = []
-    for sign in (-1.0, 1.0):
+    ends = [] if with_interval else [float("nan")] * 2
+    for sign in (-1.0, 1.0) if with_interval else ():
         x = best_x
         for _ in range(15):
             nxt = x + sign * 0.02
