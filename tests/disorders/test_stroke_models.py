@@ -142,6 +142,30 @@ def test_zero_correction_equals_mechanistic(cohort):
     np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
 
 
+def test_residual_trains_on_voxel_subsets(cohort):
+    """Training solves the per-voxel model on random subsets of the candidate voxels: on a subset
+    it gives exactly the full solve's values there (the CNN still sees the whole image)."""
+    from neurohybrid.disorders.networks import TinyCNN
+    from neurohybrid.disorders.stroke.families import _Case, residual_dead
+
+    inputs, target = cohort["data"]["s1"]
+    s = mech.settings(FAST)
+    case = _Case(inputs, mech.calibrate(inputs, s), s, target)
+    torch.manual_seed(0)
+    net = TinyCNN(4, 1, 4, 3, zero_init=False)
+    voxels = np.random.default_rng(0).choice(case.target.size, 40, replace=False)
+    with torch.no_grad():
+        full, pen_full = residual_dead(net, case, s, "cpu")
+        sub, pen_sub = residual_dead(net, case, s, "cpu", voxels)
+    torch.testing.assert_close(sub, full[torch.as_tensor(voxels)])
+    assert float(pen_sub) == float(pen_full) > 0  # the penalty covers every candidate voxel
+    cfg = {**FAST, "stroke": {**FAST["stroke"], "residual_train_voxels": 40}}
+    fam = get_disorder("stroke").family("residual", cfg, "cpu")
+    torch.manual_seed(0)
+    hist = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])["history"]
+    assert case.target.size > 40 and hist[-1] < hist[0]
+
+
 def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
     """One forecast process runs every family on the same inputs: the calibration of sigma and the
     SOL families' fine reference solve are computed once and reused (neurohybrid.hybrid.cache)."""

@@ -32,6 +32,7 @@ DEFAULTS = dict(
     crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, calib_iters=20,
     epochs=12, lr=0.01, channels=8, aphynity_lambda=1e-3, train_margin=3, sol_step_hours=6.0, sol_unroll=3,
     sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, threads=1, torch_threads=1, ude_train_voxels=2000,
+    residual_train_voxels=4000,
 )
 SLOPPY = dict(calib_iters=12, epochs=6, sol_train_steps=4)
 
