@@ -109,6 +109,23 @@ def test_mechanistic_forecast_matches_truth_model(cohort):
     assert dice > 0.85
 
 
+def test_fitted_parameters_are_those_with_a_ground_truth(cohort):
+    """Parameter recovery compares like with like: the fit's parameters are sigma (truth:
+    disease.sensitivity, 1 in the generator) and its interval; the loss and timings sit elsewhere."""
+    from neurohybrid.evaluation.metrics import match_parameters, parameter_errors
+    from neurohybrid.synth.stroke import TISSUE_SENSITIVITY
+
+    inputs, _ = cohort["data"]["s1"]
+    fc = get_disorder("stroke").family("mechanistic", {}, "cpu").forecast(inputs, None)
+    assert set(fc.parameters) == {"sensitivity", "sensitivity_interval"}
+    assert "calibration_loss" in fc.extra and fc.fit_seconds > 0
+    truth = {"disease": {"sensitivity": TISSUE_SENSITIVITY, "collateral_strength": 0.5, "collateral_tau_h": 2.0,
+                         "inflow_scale": 0.3, "onset_to_reperfusion_h": 6.0, "followup_h": 120.0}, "voxel_mm": 2.0}
+    assert set(match_parameters(fc.parameters, truth)) == {"sensitivity"}
+    err = parameter_errors(fc.parameters, truth)
+    assert err["param_abs_error_sensitivity"] == pytest.approx(abs(fc.parameters["sensitivity"] - 1.0))
+
+
 TRAINED = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
 
 

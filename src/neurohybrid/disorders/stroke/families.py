@@ -67,7 +67,8 @@ class Mechanistic(StrokeFamily):
         dead = mech.forecast_dead(inputs, fit, self.s)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
                         fit.seconds, time.perf_counter() - t,
-                        {"uncertainty": "profile interval of sigma (loss within 5% + 0.005 of the minimum, 2% steps)"})
+                        {"uncertainty": "profile interval of sigma (loss within 5% + 0.005 of the minimum, 2% steps)",
+                         **fit.diagnostics()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class Residual(StrokeFamily):
             dead = d.cpu().numpy()
         dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 def train_amortised(family: StrokeFamily, pairs) -> dict:
@@ -280,7 +281,7 @@ class Amortised(StrokeFamily):
         t = time.perf_counter()
         dead = mech.forecast_dead(inputs, fit, self.s)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 class AmortisedResidual(Residual):
@@ -409,7 +410,7 @@ class UDE(StrokeFamily):
                 dead = ude_dead(model, case, self.s, self.device).cpu().numpy()
         dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +566,7 @@ class SolverInLoop(StrokeFamily):
             return float(np.linalg.norm(x - d_fine) / max(np.linalg.norm(d_fine), 1e-12))
 
         dead = case.on_grid(d_sol, inputs.arrays["cbf"].shape)
-        extra = dict(sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
+        extra = dict(**fit.diagnostics(), sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
                      sol_error_metric=f"relative L2 error of the dead fraction vs the fine RK4 solver (dt {s['fine_dt_s']} s)",
                      training_target=trained.get("training_target"))
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
