@@ -211,6 +211,33 @@ def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
     assert len(calls) == 2
 
 
+def test_training_process_shares_work_without_changing_results(cohort):
+    """amortised and amortised_residual train the same parameter network; in one process the second
+    reuses it. The checkpoints equal those of separate processes (memo off) bit for bit."""
+    from neurohybrid.hybrid import cache
+    from neurohybrid.hybrid.device import seed_everything
+
+    pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
+    d = get_disorder("stroke")
+
+    def run():
+        out = {}
+        for fam in ("amortised", "amortised_residual"):
+            seed_everything(0)
+            out[fam] = d.family(fam, FAST, "cpu").train(pairs)
+        return out
+
+    cache.clear()
+    shared = run()
+    assert cache.stats["stroke.train_amortised", "hit"] == 1
+    with cache.disabled():
+        separate = run()
+    for fam in shared:
+        for part in ("state_dict", "amortised_state_dict"):
+            for k, v in separate[fam][part].items():
+                assert torch.equal(shared[fam][part][k], v), (fam, part, k)
+
+
 def test_sol_and_precomputed_differ_only_in_targets(cohort):
     pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
     d = get_disorder("stroke")

@@ -55,3 +55,22 @@ def test_disabled_recomputes():
     cache.memo("fit", (1,), lambda: calls.append(1))
     cache.memo("fit", (1,), lambda: calls.append(1))
     assert len(calls) == 3
+
+
+def test_rng_memo_leaves_the_generators_where_the_computation_would():
+    import torch
+
+    def compute():
+        return torch.rand(3)
+
+    torch.manual_seed(0)
+    first = cache.memo("net", (1,), compute, rng=True)
+    after_first = torch.rand(2)
+    torch.manual_seed(0)
+    second = cache.memo("net", (1,), compute, rng=True)  # served from the memo
+    assert cache.stats["net", "hit"] == 1
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(torch.rand(2), after_first)
+    torch.manual_seed(1)  # other generator state: another computation
+    cache.memo("net", (1,), compute, rng=True)
+    assert cache.stats["net", "miss"] == 2

@@ -16,6 +16,10 @@ changed input or code version can never be served a stale result across runs.
 Cached values keep the seconds they measured when they were computed (e.g. a fit's calibration
 time): a family's reported fit time is the cost of its method, not of the process it ran in.
 
+Computations that draw from the global random generators (e.g. initialising a network) use
+``memo(..., rng=True)``: the generators' states enter the key, and a hit leaves them where the
+computation would have left them, so results do not depend on whether the memo served the call.
+
 ``clear()`` empties the memo; ``disabled()`` turns it off inside a ``with`` block (or set
 NEUROHYBRID_NO_CACHE=1); ``stats`` counts hits and misses per kind.
 """
@@ -78,19 +82,49 @@ def key(kind: str, *parts) -> str:
     return f"{kind}:{h.hexdigest()}"
 
 
-def memo(kind: str, parts, compute: Callable[[], Any]) -> Any:
-    """compute() once per process for the same (kind, parts); later calls get a deep copy."""
+def _rng_states():
+    """States of the global generators a computation may draw from (python, numpy, torch)."""
+    import random
+
+    import torch
+
+    states = [random.getstate(), np.random.get_state(), torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _set_rng_states(states) -> None:
+    import random
+
+    import torch
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.random.set_rng_state(states[2])
+    if len(states) > 3:
+        torch.cuda.set_rng_state_all(states[3])
+
+
+def memo(kind: str, parts, compute: Callable[[], Any], *, rng: bool = False) -> Any:
+    """compute() once per process for the same (kind, parts); later calls get a deep copy.
+
+    rng=True: compute() draws from the global random generators; their states are part of the key
+    and a hit restores the states the computation left behind."""
     if not _enabled[0]:
         stats[kind, "miss"] += 1
         return compute()
-    k = key(kind, *parts)
+    k = key(kind, *parts, *(_rng_states() if rng else ()))
     if k in _store:
         stats[kind, "hit"] += 1
         _store.move_to_end(k)
-        return copy.deepcopy(_store[k])
+        value, after = _store[k]
+        if after is not None:
+            _set_rng_states(after)
+        return copy.deepcopy(value)
     stats[kind, "miss"] += 1
     value = compute()
-    _store[k] = copy.deepcopy(value)
+    _store[k] = (copy.deepcopy(value), _rng_states() if rng else None)
     while len(_store) > MAX_ENTRIES:
         _store.popitem(last=False)
     return value

@@ -242,6 +242,16 @@ class Residual(StrokeFamily):
 
 def train_amortised(family: StrokeFamily, pairs) -> dict:
     """Labels: each training subject's sigma calibrated on its acute core AND follow-up infarct."""
+    # amortised and amortised_residual train this same network (same seed, labels and settings): the
+    # second family of a training process gets the first one's result (random states included)
+    from neurohybrid.hybrid import cache
+
+    return cache.memo("stroke.train_amortised", (pairs, family.s, family.train_kw(), str(family.device)),
+                      lambda: _train_amortised(family, pairs), rng=True)
+
+
+def _train_amortised(family: StrokeFamily, pairs) -> dict:
+    """``train_amortised`` without the memo."""
     xs, ys, labels = [], [], []
     for inputs, target in pairs:
         tgt = cropped_target(inputs, target)
