@@ -79,23 +79,6 @@ def cohort(tmp_path_factory):
     return dict(root=root, bids=bids, preproc=preproc, truth=truth, data=data)
 
 
-@pytest.fixture(autouse=True)
-def _memo_calibration(monkeypatch):
-    """Calibrations are deterministic: compute each distinct one once per test module run."""
-    cache = _memo_calibration.cache
-    real = mech.calibrate
-
-    def memo(wm, gm, t1gd, flair, days, spacing, s, *, fixed=None, seed=0):
-        key = (np.asarray(t1gd).tobytes(), np.asarray(flair).tobytes(), tuple(days), json.dumps(fixed, sort_keys=True),
-               json.dumps({k: s[k] for k in sorted(s)}, default=str))
-        if key not in cache:
-            cache[key] = real(wm, gm, t1gd, flair, days, spacing, s, fixed=fixed, seed=seed)
-        return cache[key]
-
-    monkeypatch.setattr(mech, "calibrate", memo)
-
-
-_memo_calibration.cache = {}
 
 
 def test_inputs_hold_only_earlier_sessions(cohort):
@@ -134,6 +117,28 @@ def test_calibration_recovers_dw_and_rho(cohort):
     assert fit.dw == pytest.approx(true["dw"], rel=0.25)
     assert fit.rho == pytest.approx(true["rho"], rel=0.25)
     assert fit.t0 == pytest.approx(true["t0"], rel=0.3)
+
+
+def test_calibration_is_done_once_per_process(cohort, monkeypatch):
+    """The families of one forecast process start from the same calibration and the same state at
+    the last session (neurohybrid.hybrid.cache): the second call does not recompute."""
+    from neurohybrid.hybrid import cache
+
+    cache.clear()
+    calls = []
+    real = mech._calibrate
+    monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs, _ = cohort["data"]["g1"]
+    s = mech.settings(FAST)
+    first = mech.calibrate_inputs(inputs, s, seed=0)
+    second = mech.calibrate_inputs(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)), s, seed=0)
+    assert len(calls) == 1 and first.parameters() == second.parameters()
+    mech.calibrate_inputs(inputs, s, seed=1)  # other settings: a new fit
+    assert len(calls) == 2
+    u1 = mech.state_at(inputs, first, [25.0], s)[0]
+    u2 = mech.state_at(inputs, second, [25.0], s)[0]
+    np.testing.assert_array_equal(u1, u2)
+    assert cache.stats["glioma.state_at", "hit"] == 1
 
 
 def _pairs(cohort, subjects):

@@ -109,6 +109,23 @@ def test_mechanistic_forecast_matches_truth_model(cohort):
     assert dice > 0.85
 
 
+def test_fitted_parameters_are_those_with_a_ground_truth(cohort):
+    """Parameter recovery compares like with like: the fit's parameters are sigma (truth:
+    disease.sensitivity, 1 in the generator) and its interval; the loss and timings sit elsewhere."""
+    from neurohybrid.evaluation.metrics import match_parameters, parameter_errors
+    from neurohybrid.synth.stroke import TISSUE_SENSITIVITY
+
+    inputs, _ = cohort["data"]["s1"]
+    fc = get_disorder("stroke").family("mechanistic", {}, "cpu").forecast(inputs, None)
+    assert set(fc.parameters) == {"sensitivity", "sensitivity_interval"}
+    assert "calibration_loss" in fc.extra and fc.fit_seconds > 0
+    truth = {"disease": {"sensitivity": TISSUE_SENSITIVITY, "collateral_strength": 0.5, "collateral_tau_h": 2.0,
+                         "inflow_scale": 0.3, "onset_to_reperfusion_h": 6.0, "followup_h": 120.0}, "voxel_mm": 2.0}
+    assert set(match_parameters(fc.parameters, truth)) == {"sensitivity"}
+    err = parameter_errors(fc.parameters, truth)
+    assert err["param_abs_error_sensitivity"] == pytest.approx(abs(fc.parameters["sensitivity"] - 1.0))
+
+
 TRAINED = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
 
 
@@ -140,6 +157,85 @@ def test_zero_correction_equals_mechanistic(cohort):
     assert (res.outputs["infarct"] == ref.outputs["infarct"]).all()
     ude = d.family("ude", FAST, "cpu").forecast(inputs, {"state_dict": PointwiseCorrection(8).state_dict()})
     np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
+
+
+def test_residual_trains_on_voxel_subsets(cohort):
+    """Training solves the per-voxel model on random subsets of the candidate voxels: on a subset
+    it gives exactly the full solve's values there (the CNN still sees the whole image)."""
+    from neurohybrid.disorders.networks import TinyCNN
+    from neurohybrid.disorders.stroke.families import _Case, residual_dead
+
+    inputs, target = cohort["data"]["s1"]
+    s = mech.settings(FAST)
+    case = _Case(inputs, mech.calibrate(inputs, s), s, target)
+    torch.manual_seed(0)
+    net = TinyCNN(4, 1, 4, 3, zero_init=False)
+    voxels = np.random.default_rng(0).choice(case.target.size, 40, replace=False)
+    with torch.no_grad():
+        full, pen_full = residual_dead(net, case, s, "cpu")
+        sub, pen_sub = residual_dead(net, case, s, "cpu", voxels)
+    torch.testing.assert_close(sub, full[torch.as_tensor(voxels)])
+    assert float(pen_sub) == float(pen_full) > 0  # the penalty covers every candidate voxel
+    cfg = {**FAST, "stroke": {**FAST["stroke"], "residual_train_voxels": 40}}
+    fam = get_disorder("stroke").family("residual", cfg, "cpu")
+    torch.manual_seed(0)
+    hist = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])["history"]
+    assert case.target.size > 40 and hist[-1] < hist[0]
+
+
+def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
+    """One forecast process runs every family on the same inputs: the calibration of sigma and the
+    SOL families' fine reference solve are computed once and reused (neurohybrid.hybrid.cache)."""
+    from neurohybrid.disorders.stroke.families import SolCorrection
+    from neurohybrid.hybrid import cache
+
+    cache.clear()
+    calls = []
+    real = mech._calibrate
+    monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = cohort["data"]["s1"][0]
+    d = get_disorder("stroke")
+    trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["channels"]).state_dict()}
+    fc = {f: d.family(f, FAST, "cpu").forecast(inputs, trained if f.startswith("sol") else None)
+          for f in ("mechanistic", "sol", "sol_precomputed")}
+    again = mech.calibrate(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)),
+                           mech.settings(FAST))
+    assert len(calls) == 1
+    assert fc["mechanistic"].parameters == fc["sol"].parameters == fc["sol_precomputed"].parameters
+    assert again.parameters() == fc["mechanistic"].parameters
+    assert cache.stats["stroke.sol_fine_reference", "miss"] == 1 and cache.stats["stroke.sol_fine_reference", "hit"] == 1
+    assert fc["sol"].extra["fine_cost_seconds"] == fc["sol_precomputed"].extra["fine_cost_seconds"] > 0
+    # other data under the same subject id is calibrated afresh
+    other = SubjectData(inputs.subject, inputs.disorder, {**inputs.arrays, "cbf": inputs.arrays["cbf"] * 0.9}, dict(inputs.meta))
+    mech.calibrate(other, mech.settings(FAST))
+    assert len(calls) == 2
+
+
+def test_training_process_shares_work_without_changing_results(cohort):
+    """amortised and amortised_residual train the same parameter network; in one process the second
+    reuses it. The checkpoints equal those of separate processes (memo off) bit for bit."""
+    from neurohybrid.hybrid import cache
+    from neurohybrid.hybrid.device import seed_everything
+
+    pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
+    d = get_disorder("stroke")
+
+    def run():
+        out = {}
+        for fam in ("amortised", "amortised_residual"):
+            seed_everything(0)
+            out[fam] = d.family(fam, FAST, "cpu").train(pairs)
+        return out
+
+    cache.clear()
+    shared = run()
+    assert cache.stats["stroke.train_amortised", "hit"] == 1
+    with cache.disabled():
+        separate = run()
+    for fam in shared:
+        for part in ("state_dict", "amortised_state_dict"):
+            for k, v in separate[fam][part].items():
+                assert torch.equal(shared[fam][part][k], v), (fam, part, k)
 
 
 def test_sol_and_precomputed_differ_only_in_targets(cohort):

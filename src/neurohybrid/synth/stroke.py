@@ -40,6 +40,10 @@ COLLATERAL_LENGTH_MM = 10.0
 CBF_NOISE = 2.0
 PERMEABILITY = 16.0  # mm^2/min: Darcy smoothing length sqrt(K / beta) = 4 mm blurs the territory border
 DARCY_TOL = 1e-6     # CG relative tolerance: CBF to ~1e-4 ml/100 ml/min, far below the noise
+# The generator's tissue has the published Xue 2021 sensitivity: CBF enters H unscaled, which is
+# sigma = 1 in the model families' CBF / sigma (neurohybrid.disorders.stroke.mechanistic). Written
+# to the ground truth as disease.sensitivity, the counterpart of the fitted sigma.
+TISSUE_SENSITIVITY = 1.0
 DEATH_DT_S = 300.0   # RK4 step (solver default 60 s): kb dt = 0.65, RK4 decay factor off by 0.1%, 5x cheaper
 MCA_SUPERIOR = ["caudalmiddlefrontal", "rostralmiddlefrontal", "parsopercularis", "parstriangularis",
                 "parsorbitalis", "lateralorbitofrontal", "precentral", "postcentral", "supramarginal", "insula"]
@@ -164,4 +168,4 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
         desc = name.replace("_", "")
         bids.write_image(sub / f"sub-{subject}_desc-{desc}_map.nii.gz", sim[name], aff)
     bids.write_mask(sub / f"sub-{subject}_desc-territory_mask.nii.gz", sim["territory"], aff)
-    return params
+    return {**params, "sensitivity": TISSUE_SENSITIVITY}

@@ -318,7 +318,20 @@ def misfit(pred: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def fit_subjects(batch: Batch, settings: Settings, correction=None, init=None, seed=None):
     """Per-subject calibration of theta (kappa, alpha, scale) on each member's observed visits,
-    all subjects and restarts in one batched solve per iteration. Returns CalibrationResults."""
+    all subjects and restarts in one batched solve per iteration. Returns CalibrationResults.
+
+    Without a correction the fit is memoised per process (``neurohybrid.hybrid.cache``, keyed on
+    the batch's tensors, the settings, init and seed): the residual and UDE trainings of a fold
+    start from the same mechanistic fits of its training subjects."""
+    if correction is None:
+        from neurohybrid.hybrid import cache
+
+        return cache.memo("alzheimer.fit_subjects", (batch, settings, init, seed),
+                          lambda: _fit_subjects(batch, settings, None, init, seed))
+    return _fit_subjects(batch, settings, correction, init, seed)
+
+
+def _fit_subjects(batch: Batch, settings: Settings, correction=None, init=None, seed=None):
     r = max(1, settings.restarts)
     rep = batch.repeat(r)
     if correction is not None:

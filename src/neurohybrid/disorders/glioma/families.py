@@ -320,6 +320,16 @@ def _label(params, s) -> np.ndarray:
 def train_amortised(family: GliomaFamily, pairs) -> dict:
     """Labels: each training subject's (D_w, rho) calibrated on ALL its sessions (its target is
     training data); the network learns to predict them from the first session alone."""
+    # amortised and amortised_residual train this same network (same seed, labels and settings): the
+    # second family of a training process gets the first one's result (random states included)
+    from neurohybrid.hybrid import cache
+
+    return cache.memo("glioma.train_amortised", (pairs, family.s, family.train_kw(), str(family.device)),
+                      lambda: _train_amortised(family, pairs), rng=True)
+
+
+def _train_amortised(family: GliomaFamily, pairs) -> dict:
+    """``train_amortised`` without the memo."""
     s = family.s
     xs, ys, labels = [], [], []
     for inputs, target in pairs:

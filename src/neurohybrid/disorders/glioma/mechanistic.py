@@ -97,7 +97,22 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
 
     fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
     D_w and rho).
+
+    Memoised per process (``neurohybrid.hybrid.cache``, keyed on every argument's content): the
+    mechanistic, residual, ude, sol and sol_precomputed families of a forecast job, and the
+    training of the fold's families, start from the same fits.
     """
+    from neurohybrid.hybrid import cache
+
+    def compute():
+        return _calibrate(wm, gm, t1gd, flair, days, spacing, s, fixed=fixed, seed=seed)
+
+    return cache.memo("glioma.calibrate", (np.asarray(wm), np.asarray(gm), np.asarray(t1gd), np.asarray(flair),
+                                           [float(d) for d in days], [float(v) for v in spacing], s, fixed, int(seed)),
+                      compute)
+
+
+def _calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
     from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free, restart_spread
 
     start = time.perf_counter()
@@ -175,11 +190,17 @@ def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 
 
 
 def state_at(inputs, fit: GliomaFit, rel_days: list[float], s: dict) -> list[np.ndarray]:
-    """Model states on the whole crop at days relative to the first session."""
-    a = inputs.arrays
-    spacing = tuple(inputs.meta["voxel_mm"])
-    u0 = initial_density(a["wm"].shape, spacing, fit.center, s)
-    return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s)
+    """Model states on the whole crop at days relative to the first session (memoised per process:
+    the hybrids of a forecast job all start from the fitted state at the last session)."""
+    from neurohybrid.hybrid import cache
+
+    def compute():
+        a = inputs.arrays
+        spacing = tuple(inputs.meta["voxel_mm"])
+        u0 = initial_density(a["wm"].shape, spacing, fit.center, s)
+        return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s)
+
+    return cache.memo("glioma.state_at", (inputs, fit, [float(d) for d in rel_days], s), compute)
 
 
 def forecast_days(inputs) -> tuple[float, float]:

@@ -67,7 +67,8 @@ class Mechanistic(StrokeFamily):
         dead = mech.forecast_dead(inputs, fit, self.s)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
                         fit.seconds, time.perf_counter() - t,
-                        {"uncertainty": "profile interval of sigma (loss within 5% + 0.005 of the minimum, 2% steps)"})
+                        {"uncertainty": "profile interval of sigma (loss within 5% + 0.005 of the minimum, 2% steps)",
+                         **fit.diagnostics()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,19 +152,27 @@ class _Case:
         return out
 
 
-def residual_dead(net, case: _Case, s, device):
-    """D at follow-up on the case's candidate voxels, driven by CBF / sigma + c_phi; and mean c^2."""
+def residual_dead(net, case: _Case, s, device, voxels=None):
+    """D at follow-up on the case's candidate voxels (or on the subset ``voxels`` of them), driven by
+    CBF / sigma + c_phi; and mean c^2 over all candidate voxels.
+
+    The correction c is a CNN of the whole image (spatial context); the tissue-death model is per
+    voxel, so solving it on a subset gives exactly those voxels' values of the full solve."""
     from neurohybrid.solvers.stroke import normal_cbf, simulate_tissue_death_torch
 
     img = torch.as_tensor(case.image, device=device)[None]
     cand = torch.as_tensor(case.cand, device=device)
-    c = net(img)[0, 0][cand]
-    cbf = torch.as_tensor(case.cbf, dtype=torch.float32, device=device) / case.fit.sensitivity + c
-    after = torch.as_tensor(normal_cbf(case.wm) / case.fit.sensitivity, dtype=torch.float32, device=device)
+    c_all = net(img)[0, 0][cand]
+    pen = (c_all ** 2).mean() if c_all.numel() else torch.zeros((), device=device)
+    c, cbf_v, wm_v = c_all, case.cbf, case.wm
+    if voxels is not None:
+        c, cbf_v, wm_v = c_all[torch.as_tensor(voxels, device=device)], case.cbf[voxels], case.wm[voxels]
+    cbf = torch.as_tensor(cbf_v, dtype=torch.float32, device=device) / case.fit.sensitivity + c
+    after = torch.as_tensor(normal_cbf(wm_v) / case.fit.sensitivity, dtype=torch.float32, device=device)
     out = simulate_tissue_death_torch(cbf.clamp_min(0.0), hours=case.hours, reperfusion_h=case.rep, cbf_after=after,
-                                      wm_fraction=torch.as_tensor(case.wm, dtype=torch.float32, device=device),
+                                      wm_fraction=torch.as_tensor(wm_v, dtype=torch.float32, device=device),
                                       dt_s=float(s["dt_s"]), dtype=torch.float32, device=str(device))
-    return out["dead"], (c ** 2).mean() if c.numel() else torch.zeros((), device=device)
+    return out["dead"], pen
 
 
 def _dead_loss(dead, target, s, device):
@@ -188,12 +197,24 @@ class Residual(StrokeFamily):
 
         net = self.net()
         lam = float(self.s["aphynity_lambda"])
+        # As for the UDE: each epoch solves the (per-voxel) tissue-death model on a seeded random
+        # subset of every case's candidate voxels (residual_train_voxels; 0 = all); the CNN still
+        # sees the whole image and the penalty covers every voxel. The soft Dice of the subset is a
+        # minibatch estimate of the full one; unrolling ~500 RK4 steps on ~16k voxels per subject
+        # and epoch made this the demo's most expensive training.
+        rng = np.random.default_rng(self.seed)
+        n_vox = int(self.s["residual_train_voxels"])
 
         def loss_fn(idx):
             total = 0.0
             for i in idx:
-                dead, pen = residual_dead(net, cases[i], self.s, self.device)
-                total = total + _dead_loss(dead, cases[i].target, self.s, self.device) + lam * pen
+                case = cases[i]
+                voxels = None
+                if 0 < n_vox < case.target.size:
+                    voxels = rng.choice(case.target.size, size=n_vox, replace=False)
+                dead, pen = residual_dead(net, case, self.s, self.device, voxels)
+                target = case.target if voxels is None else case.target[voxels]
+                total = total + _dead_loss(dead, target, self.s, self.device) + lam * pen
             return total / len(idx)
 
         result = train_loop(net, loss_fn, len(cases), **self.train_kw())
@@ -216,17 +237,28 @@ class Residual(StrokeFamily):
             dead = d.cpu().numpy()
         dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 def train_amortised(family: StrokeFamily, pairs) -> dict:
     """Labels: each training subject's sigma calibrated on its acute core AND follow-up infarct."""
+    # amortised and amortised_residual train this same network (same seed, labels and settings): the
+    # second family of a training process gets the first one's result (random states included)
+    from neurohybrid.hybrid import cache
+
+    return cache.memo("stroke.train_amortised", (pairs, family.s, family.train_kw(), str(family.device)),
+                      lambda: _train_amortised(family, pairs), rng=True)
+
+
+def _train_amortised(family: StrokeFamily, pairs) -> dict:
+    """``train_amortised`` without the memo."""
     xs, ys, labels = [], [], []
     for inputs, target in pairs:
         tgt = cropped_target(inputs, target)
         cand = mech.candidates(inputs, family.s)
         obs = [(float(inputs.meta["hours_acute"]), inputs.arrays["core"][cand]), (float(inputs.meta["hours_followup"]), tgt[cand])]
-        fit = mech.calibrate(inputs, family.s, observations=obs)
+        # only sigma is used (no profile interval); amortised and amortised_residual share these fits
+        fit = mech.calibrate(inputs, family.s, observations=obs, interval=False)
         labels.append({"subject": inputs.subject, "sensitivity": fit.sensitivity})
         xs.append(family.tensor(_image(inputs, _box(inputs, family.s)))[None])
         ys.append(torch.tensor([[math.log(fit.sensitivity)]], device=family.device))
@@ -259,7 +291,7 @@ class Amortised(StrokeFamily):
         t = time.perf_counter()
         dead = mech.forecast_dead(inputs, fit, self.s)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 class AmortisedResidual(Residual):
@@ -388,7 +420,7 @@ class UDE(StrokeFamily):
                 dead = ude_dead(model, case, self.s, self.device).cpu().numpy()
         dead = case.on_grid(dead, inputs.arrays["cbf"].shape)
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),
-                        fit.seconds, time.perf_counter() - t)
+                        fit.seconds, time.perf_counter() - t, fit.diagnostics())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,17 +471,18 @@ class SolverInLoop(StrokeFamily):
         """One member of every candidate voxel of every training subject (the model is pointwise):
         fine trajectories from onset under the acute flow and, for reperfused subjects, from the
         reperfusion state under the restored flow, sampled every `sol_step_hours`."""
+        from neurohybrid.hybrid import cache
         from neurohybrid.solvers.stroke import hypoxic_fraction, normal_cbf, simulate_tissue_death
 
         s = self.s
         step, k = float(s["sol_step_hours"]), int(s["sol_train_steps"])
         save = [step * i for i in range(1, k + 1)]
-        ds, ts, hs = [], [], []
-        for inputs, _ in pairs:
-            fit = self.calibrate(inputs)
+
+        def trajectories(inputs, fit):
             case = _Case(inputs, fit, s)
+            out_d, out_t, out_h = [], [], []
             if case.cbf.size == 0:
-                continue
+                return out_d, out_t, out_h
             flows = [(case.cbf / fit.sensitivity, None, None)]
             if case.rep is not None:
                 start = simulate_tissue_death(case.cbf / fit.sensitivity, hours=case.rep, wm_fraction=case.wm,
@@ -460,9 +493,20 @@ class SolverInLoop(StrokeFamily):
                                             save_hours=save, dead0=d0, toxic0=t0, threads=int(s["threads"]))
                 z = np.zeros_like(flow) if d0 is None else d0
                 zt = np.zeros_like(flow) if t0 is None else t0
-                ds.append(np.vstack([z[None], out["dead"]]))
-                ts.append(np.vstack([zt[None], out["toxic"]]))
-                hs.append(hypoxic_fraction(flow, case.wm))
+                out_d.append(np.vstack([z[None], out["dead"]]))
+                out_t.append(np.vstack([zt[None], out["toxic"]]))
+                out_h.append(hypoxic_fraction(flow, case.wm))
+            return out_d, out_t, out_h
+
+        ds, ts, hs = [], [], []
+        for inputs, _ in pairs:
+            fit = self.calibrate(inputs)
+            # the same fine trajectories train sol and sol_precomputed (memoised per process)
+            d_, t_, h_ = cache.memo("stroke.sol_fine_trajectories", (inputs, s, fit.sensitivity),
+                                    lambda: trajectories(inputs, fit))
+            ds += d_
+            ts += t_
+            hs += h_
         if not ds:
             raise InputError("no training subject has hypoperfused tissue: nothing to train the SOL correction on")
         d, t, h = np.concatenate(ds, axis=1), np.concatenate(ts, axis=1), np.concatenate(hs)
@@ -480,6 +524,7 @@ class SolverInLoop(StrokeFamily):
         return train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
 
     def forecast(self, inputs, trained):
+        from neurohybrid.hybrid import cache
         from neurohybrid.hybrid.solver_in_loop import time_call
 
         check_trained(trained, self.name)
@@ -510,20 +555,28 @@ class SolverInLoop(StrokeFamily):
         def run_fine():
             return mech.simulate(case.cbf, case.wm, fit.sensitivity, case.hours, case.rep, s, dt_s=float(s["fine_dt_s"]))
 
+        def fine_reference():
+            """(fine solution, best-of-2 wall time of the fine solve): the run that gives the solution is one of the two."""
+            if not n:
+                return np.zeros(0), 0.0
+            start = time.perf_counter()
+            d = run_fine()
+            return d, min(time.perf_counter() - start, time_call(run_fine, repeats=1))
+
         t = time.perf_counter()
         with torch.no_grad():
             d_sol = run().cpu().numpy()
             d_coarse = run(False).cpu().numpy()
         inference = time.perf_counter() - t
-        d_fine = run_fine() if n else np.zeros(0)
+        # the same reference for sol and sol_precomputed (memoised per process)
+        d_fine, fine_cost = cache.memo("stroke.sol_fine_reference", (inputs, s, fit.sensitivity), fine_reference)
         sol_cost = time_call(run, repeats=2)
-        fine_cost = time_call(run_fine, repeats=2) if n else 0.0
 
         def rel(x):
             return float(np.linalg.norm(x - d_fine) / max(np.linalg.norm(d_fine), 1e-12))
 
         dead = case.on_grid(d_sol, inputs.arrays["cbf"].shape)
-        extra = dict(sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
+        extra = dict(**fit.diagnostics(), sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
                      sol_error_metric=f"relative L2 error of the dead fraction vs the fine RK4 solver (dt {s['fine_dt_s']} s)",
                      training_target=trained.get("training_target"))
         return Forecast(dict(infarct=mech.infarct_from_dead(dead, inputs.arrays["core"]), dead=dead), fit.parameters(),

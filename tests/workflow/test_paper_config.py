@@ -1,0 +1,28 @@
+"""config/paper.yaml is merged over config/config.yaml (snakemake --configfile): no demo compute
+budget of config.yaml may survive into the paper run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_paper_budgets_override_the_demo_budgets():
+    from snakemake.utils import update_config
+
+    from neurohybrid.disorders.alzheimer.model import Settings
+    from neurohybrid.disorders.glioma import mechanistic as glioma
+    from neurohybrid.disorders.stroke import mechanistic as stroke
+
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    merged = copy.deepcopy(demo)
+    update_config(merged, paper)
+    epochs = int(paper["models"]["epochs"])
+    assert stroke.settings(merged)["epochs"] == epochs
+    assert glioma.settings(merged)["epochs"] == epochs
+    assert Settings.from_config(merged).epochs == epochs
