@@ -361,7 +361,7 @@ def laplace_sd(theta: np.ndarray, subject: Subject, settings: Settings, correcti
     corr = None
     if correction is not None:
         import copy
-        corr = copy.deepcopy(correction).double()
+        corr = copy.deepcopy(correction).to("cpu", torch.float64)  # the Laplace step runs on the CPU in float64
         for p in corr.parameters():
             p.requires_grad_(False)
     n_obs = int(subject.suvr.size)
