@@ -53,7 +53,9 @@ rule train_model:
         f"{LOGS}/train_model/{{disorder}}_fold-{{fold}}.log",
     benchmark:
         f"{BENCH}/train_model/{{disorder}}_fold-{{fold}}.tsv"
-    threads: 2
+    # the families train with `torch_threads` intra-op threads (config models:, default 1: jobs run
+    # side by side); a job reserving more cores than torch uses only leaves them idle
+    threads: 1
     resources:
         mem_mb=6000,
         runtime=120,
