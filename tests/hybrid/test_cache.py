@@ -74,3 +74,15 @@ def test_rng_memo_leaves_the_generators_where_the_computation_would():
     torch.manual_seed(1)  # other generator state: another computation
     cache.memo("net", (1,), compute, rng=True)
     assert cache.stats["net", "miss"] == 2
+
+
+def test_memory_budget_drops_the_oldest(monkeypatch):
+    monkeypatch.setattr(cache, "MAX_BYTES", 3 * 800)
+    for i in range(4):
+        cache.memo("big", (i,), lambda: np.zeros(100))  # 800 bytes each
+    cache.memo("big", (0,), lambda: np.zeros(100))  # dropped: computed again
+    cache.memo("big", (3,), lambda: np.zeros(100))  # kept
+    assert cache.stats["big", "miss"] == 5 and cache.stats["big", "hit"] == 1
+    cache.memo("huge", (0,), lambda: np.zeros(1000))  # over the budget on its own: not kept
+    cache.memo("huge", (0,), lambda: np.zeros(1000))
+    assert cache.stats["huge", "miss"] == 2

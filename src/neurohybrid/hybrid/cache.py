@@ -20,6 +20,8 @@ Computations that draw from the global random generators (e.g. initialising a ne
 ``memo(..., rng=True)``: the generators' states enter the key, and a hit leaves them where the
 computation would have left them, so results do not depend on whether the memo served the call.
 
+The memo holds at most ``MAX_ENTRIES`` results and ``MAX_BYTES`` of arrays, dropping the oldest first.
+
 ``clear()`` empties the memo; ``disabled()`` turns it off inside a ``with`` block (or set
 NEUROHYBRID_NO_CACHE=1); ``stats`` counts hits and misses per kind.
 """
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 MAX_ENTRIES = 256  # a process holds one subject (forecast) or one fold's subjects (training)
+MAX_BYTES = 512 * 2**20  # arrays held (e.g. fine trajectories of a paper-scale fold); oldest dropped first
 
 _store: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 _enabled = [os.environ.get("NEUROHYBRID_NO_CACHE", "") in ("", "0")]
@@ -106,6 +109,21 @@ def _set_rng_states(states) -> None:
         torch.cuda.set_rng_state_all(states[3])
 
 
+def _nbytes(obj) -> int:
+    """Bytes of the arrays and tensors inside obj (the rest is small)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if type(obj).__module__ == "torch" and hasattr(obj, "element_size"):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
 def memo(kind: str, parts, compute: Callable[[], Any], *, rng: bool = False) -> Any:
     """compute() once per process for the same (kind, parts); later calls get a deep copy.
 
@@ -118,14 +136,17 @@ def memo(kind: str, parts, compute: Callable[[], Any], *, rng: bool = False) -> 
     if k in _store:
         stats[kind, "hit"] += 1
         _store.move_to_end(k)
-        value, after = _store[k]
+        value, after, _ = _store[k]
         if after is not None:
             _set_rng_states(after)
         return copy.deepcopy(value)
     stats[kind, "miss"] += 1
     value = compute()
-    _store[k] = (copy.deepcopy(value), _rng_states() if rng else None)
-    while len(_store) > MAX_ENTRIES:
+    size = _nbytes(value)
+    if size > MAX_BYTES:
+        return value
+    _store[k] = (copy.deepcopy(value), _rng_states() if rng else None, size)
+    while len(_store) > MAX_ENTRIES or sum(v[2] for v in _store.values()) > MAX_BYTES:
         _store.popitem(last=False)
     return value
 
