@@ -19,8 +19,8 @@ SHAPE = (18, 18, 18)
 VOX = 2.0
 DAYS = (0.0, 25.0, 50.0)
 FAST = {"sloppy": True, "seed": 0, "device": "cpu",
-        "glioma": {"epochs": 3, "time_limit_s": 300.0, "calib_restarts": 2, "calib_iters": 25, "sol_box_vox": 12, "sol_train_steps": 3,
-                   "sol_step_days": 10.0, "channels": 4}}
+        "glioma": {"epochs": 3, "time_limit_s": 300.0, "restarts": 2, "fit_iterations": 25, "sol_box_vox": 12, "sol_train_steps": 3,
+                   "sol_step_days": 10.0, "hidden": 4}}
 
 
 def _save(path, data, affine):
@@ -175,7 +175,7 @@ def test_zero_correction_equals_mechanistic(cohort):
     inputs, _ = cohort["data"]["g3"]
     disorder = get_disorder("glioma")
     ref = disorder.family("mechanistic", FAST, "cpu").forecast(inputs, None)
-    zero = {"state_dict": TinyCNN(3, 1, FAST["glioma"]["channels"]).state_dict()}  # last layer zero-initialised
+    zero = {"state_dict": TinyCNN(3, 1, FAST["glioma"]["hidden"]).state_dict()}  # last layer zero-initialised
     res = disorder.family("residual", FAST, "cpu").forecast(inputs, zero)
     np.testing.assert_allclose(res.outputs["celldensity"], ref.outputs["celldensity"], atol=2e-5)
     assert (res.outputs["flair"] == ref.outputs["flair"]).all()
@@ -187,7 +187,7 @@ def test_zero_correction_equals_mechanistic(cohort):
 def _zero_voxel_correction():
     from neurohybrid.disorders.networks import VoxelCorrection
 
-    return VoxelCorrection(2, hidden=2 * FAST["glioma"]["channels"]).state_dict()
+    return VoxelCorrection(2, hidden=2 * FAST["glioma"]["hidden"]).state_dict()
 
 
 def test_sol_and_precomputed_share_network_and_differ_only_in_targets(cohort):
@@ -195,7 +195,7 @@ def test_sol_and_precomputed_share_network_and_differ_only_in_targets(cohort):
     disorder = get_disorder("glioma")
     out = {}
     for unroll in (1, 2):
-        cfg = {**FAST, "glioma": {**FAST["glioma"], "sol_unroll": unroll}}
+        cfg = {**FAST, "glioma": {**FAST["glioma"], "sol_steps": unroll}}
         for fam in ("sol", "sol_precomputed"):
             torch.manual_seed(0)
             out[fam, unroll] = disorder.family(fam, cfg, "cpu").train(pairs)

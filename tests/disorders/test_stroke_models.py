@@ -18,7 +18,7 @@ SPACE = "MNI152NLin2009cSym"
 SHAPE = (16, 16, 16)
 VOX = 2.0
 FAST = {"sloppy": True, "seed": 0, "device": "cpu",
-        "stroke": {"epochs": 4, "channels": 4, "sol_train_steps": 3, "sol_step_hours": 6.0, "time_limit_s": 300.0}}
+        "stroke": {"epochs": 4, "hidden": 4, "sol_train_steps": 3, "sol_step_hours": 6.0, "time_limit_s": 300.0}}
 
 
 def _save(path, data, affine):
@@ -195,7 +195,7 @@ def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
     monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     inputs = cohort["data"]["s1"][0]
     d = get_disorder("stroke")
-    trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["channels"]).state_dict()}
+    trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["hidden"]).state_dict()}
     fc = {f: d.family(f, FAST, "cpu").forecast(inputs, trained if f.startswith("sol") else None)
           for f in ("mechanistic", "sol", "sol_precomputed")}
     again = mech.calibrate(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)),
@@ -243,7 +243,7 @@ def test_sol_and_precomputed_differ_only_in_targets(cohort):
     d = get_disorder("stroke")
     out = {}
     for unroll in (1, 3):
-        cfg = {**FAST, "stroke": {**FAST["stroke"], "sol_unroll": unroll}}
+        cfg = {**FAST, "stroke": {**FAST["stroke"], "sol_steps": unroll}}
         for fam in ("sol", "sol_precomputed"):
             torch.manual_seed(0)
             out[fam, unroll] = d.family(fam, cfg, "cpu").train(pairs)["state_dict"]

@@ -48,7 +48,9 @@ class VoxelFamily(Family):
 
     def train_kw(self, s=None) -> dict:
         s = s or self.s
-        return dict(epochs=int(s["epochs"]), lr=float(s["lr"]), time_limit_s=voxel.optional_float(s["time_limit_s"]),
+        return dict(epochs=int(s["epochs"]), lr=float(s["learning_rate"]), time_limit_s=voxel.optional_float(s["time_limit_s"]),
+                    batch_size=None if s["batch_size"] is None else int(s["batch_size"]),
+                    val_fraction=float(s["val_fraction"]), patience=None if s["patience"] is None else int(s["patience"]),
                     seed=self.seed)
 
 
@@ -82,12 +84,12 @@ def train_param_net(net, xs, ys, train_kw: dict) -> list[float]:
 
 def train_corrected_solver(model, fine, covariates, s: dict, train_kw: dict, *, precomputed: bool) -> dict:
     """Train a ``hybrid.solver_in_loop.CorrectedSolver``'s correction on fine trajectories: one-step
-    targets (precomputed) or ``sol_unroll`` unrolled steps (SOL). Returns the checkpoint dict."""
+    targets (precomputed) or ``sol_steps`` unrolled steps (SOL). Returns the checkpoint dict."""
     from neurohybrid.hybrid.solver_in_loop import train_precomputed, train_sol
 
     if precomputed:
         result = train_precomputed(model, fine, covariates=covariates, **train_kw)
     else:
-        result = train_sol(model, fine, n_unroll=int(s["sol_unroll"]), covariates=covariates, **train_kw)
+        result = train_sol(model, fine, n_unroll=int(s["sol_steps"]), covariates=covariates, **train_kw)
     return {"state_dict": model.correction.state_dict(), "history": result.history, "settings": s,
-            "training_target": "precomputed one-step" if precomputed else f"SOL-{int(s['sol_unroll'])} unrolled"}
+            "training_target": "precomputed one-step" if precomputed else f"SOL-{int(s['sol_steps'])} unrolled"}

@@ -66,6 +66,7 @@ class Settings:
     hidden: int = 16
     residual_penalty: float = 0.01
     weight_decay: float = 0.0
+    batch_size: int | None = None
     val_fraction: float = 0.0
     patience: int | None = None
     sol_steps: int = 4
@@ -108,6 +109,7 @@ class Settings:
             hidden=int(_get(config, "hidden", d.hidden)),
             residual_penalty=float(_get(config, "residual_penalty", d.residual_penalty)),
             weight_decay=float(_get(config, "weight_decay", d.weight_decay)),
+            batch_size=_get(config, "batch_size", d.batch_size),
             val_fraction=float(_get(config, "val_fraction", d.val_fraction)),
             patience=_get(config, "patience", d.patience),
             sol_steps=int(_get(config, "sol_steps", d.sol_steps)),
@@ -134,6 +136,8 @@ class Settings:
             raise InputError("alzheimer.suvr_capacity must exceed alzheimer.suvr_baseline")
         if s.patience is not None:
             s.patience = int(s.patience)
+        if s.batch_size is not None:
+            s.batch_size = int(s.batch_size)
         return s
 
     @property
@@ -158,7 +162,7 @@ class Settings:
         return np.sqrt(b.lower * b.upper)
 
     def train_kw(self) -> dict:
-        return dict(epochs=self.epochs, lr=self.learning_rate, weight_decay=self.weight_decay,
+        return dict(epochs=self.epochs, lr=self.learning_rate, weight_decay=self.weight_decay, batch_size=self.batch_size,
                     val_fraction=self.val_fraction, patience=self.patience, seed=self.seed,
                     time_limit_s=self.time_limit_s)
 

@@ -91,7 +91,7 @@ class DataDriven(GliomaFamily):
     trains_across_subjects = True
 
     def net(self):
-        return TinyCNN(5, 2, int(self.s["channels"]), 3, zero_init=True).to(self.device)
+        return TinyCNN(5, 2, int(self.s["hidden"]), 3, zero_init=True).to(self.device)
 
     def train(self, pairs):
         items = []
@@ -246,7 +246,7 @@ class _ParallelHybrid(GliomaFamily):
         from neurohybrid.hybrid.training import train_loop
 
         model = self.model()
-        lam = float(self.s["aphynity_lambda"])
+        lam = float(self.s["residual_penalty"])
         tau = float(self.s["soft_tau"])
 
         def loss_fn(idx):
@@ -283,7 +283,7 @@ class Residual(_ParallelHybrid):
     name = "residual"
 
     def model(self):
-        return TinyCNN(3, 1, int(self.s["channels"]), 3, zero_init=True).to(self.device)
+        return TinyCNN(3, 1, int(self.s["hidden"]), 3, zero_init=True).to(self.device)
 
 
 class UDE(_ParallelHybrid):
@@ -293,7 +293,7 @@ class UDE(_ParallelHybrid):
     def model(self):
         from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE
 
-        corr = VoxelCorrection(2, hidden=int(self.s["channels"]) * 2, scale=0.01).to(self.device)
+        corr = VoxelCorrection(2, hidden=int(self.s["hidden"]) * 2, scale=0.01).to(self.device)
         return NeuralODE(HybridDynamics(lambda u: torch.zeros_like(u), corr), method="euler")
 
     def correction(self, model):
@@ -341,14 +341,14 @@ def _train_amortised(family: GliomaFamily, pairs) -> dict:
         labels.append({"subject": inputs.subject, "dw": fit.dw, "rho": fit.rho})
         xs.append(family.tensor(_amortised_image(inputs, s))[None])
         ys.append(family.tensor(_label((fit.dw, fit.rho), s))[None])
-    net = ParamNet(4, 2, int(s["channels"])).to(family.device)
+    net = ParamNet(4, 2, int(s["hidden"])).to(family.device)
     history = train_param_net(net, xs, ys, family.train_kw())
     return {"amortised_state_dict": net.state_dict(), "amortised_history": history, "labels": labels}
 
 
 def amortised_parameters(family: GliomaFamily, inputs, trained) -> dict:
     s = family.s
-    net = ParamNet(4, 2, int(s["channels"])).to(family.device)
+    net = ParamNet(4, 2, int(s["hidden"])).to(family.device)
     net.load_state_dict(trained["amortised_state_dict"])
     with torch.no_grad():
         z = net(family.tensor(_amortised_image(inputs, s))[None])[0].cpu().numpy()
@@ -448,7 +448,7 @@ class SolverInLoop(GliomaFamily):
     def model(self, spacing, delta):
         from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
 
-        corr = GridCorrection(4, int(self.s["channels"]), scale=0.01).to(self.device)
+        corr = GridCorrection(4, int(self.s["hidden"]), scale=0.01).to(self.device)
         return CorrectedSolver(CoarseGliomaStep(spacing, delta, self.s), corr)
 
     def training_data(self, pairs):

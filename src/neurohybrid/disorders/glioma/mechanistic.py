@@ -26,12 +26,12 @@ from neurohybrid.errors import InputError
 
 DEFAULTS = dict(
     crop_margin=3, theta_t1gd=0.7, theta_flair=0.25, dg_ratio=0.1, max_rho_dt=0.2, soft_tau=0.02,
-    seed_sigma_mm=2.0, calib_restarts=2, calib_iters=40, calib_margin=6, fit_thresholds=False,
+    seed_sigma_mm=2.0, restarts=2, fit_iterations=40, calib_margin=6, fit_thresholds=False,
     prior_dw=0.1, prior_rho=0.05, prior_weight=0.02,
-    epochs=12, lr=0.01, channels=8, aphynity_lambda=0.1, train_margin=4,
-    sol_step_days=10.0, sol_unroll=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, threads=1, torch_threads=1,
+    epochs=12, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
+    sol_step_days=10.0, sol_steps=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, batch_size=None, val_fraction=0.0, patience=None, threads=1, torch_threads=1,
 )
-SLOPPY = dict(calib_restarts=1, calib_iters=25, epochs=6, sol_train_steps=4, sol_box_vox=16)
+SLOPPY = dict(restarts=1, fit_iterations=25, epochs=6, sol_train_steps=4, sol_box_vox=16)
 
 DW_BOUNDS = (0.01, 1.0)
 RHO_BOUNDS = (0.005, 0.5)
@@ -174,8 +174,8 @@ def _calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | Non
         bounds = Bounds(lo, hi, logs)
     # restarts near the informed start (the budget is a few dozen solver runs); their spread is the
     # uncertainty reported below
-    result = calibrate_derivative_free(loss, bounds, init=init, n_restarts=int(s["calib_restarts"]),
-                                       max_evals=int(s["calib_iters"]), start_spread=0.15, seed=seed)
+    result = calibrate_derivative_free(loss, bounds, init=init, n_restarts=int(s["restarts"]),
+                                       max_evals=int(s["fit_iterations"]), start_spread=0.15, seed=seed)
     dw, rho, t0, th1, thf = unpack(result.theta)
     names = ["t0"] if fixed is not None else ["dw", "rho", "t0"] + (["theta_t1gd", "theta_flair"] if fit_thr else [])
     sd_log = {n: float(v) for n, v in zip(names, restart_spread(result, 0.05, log=bounds.log))}

@@ -97,7 +97,7 @@ class DataDriven(StrokeFamily):
     trains_across_subjects = True
 
     def net(self):
-        return TinyCNN(7, 1, int(self.s["channels"]), 3, zero_init=True).to(self.device)
+        return TinyCNN(7, 1, int(self.s["hidden"]), 3, zero_init=True).to(self.device)
 
     def train(self, pairs):
         items = []
@@ -187,7 +187,7 @@ class Residual(StrokeFamily):
     trains_across_subjects = True
 
     def net(self):
-        return TinyCNN(4, 1, int(self.s["channels"]), 3, zero_init=True).to(self.device)
+        return TinyCNN(4, 1, int(self.s["hidden"]), 3, zero_init=True).to(self.device)
 
     def fit_subject(self, inputs, trained):
         return self.calibrate(inputs)
@@ -196,7 +196,7 @@ class Residual(StrokeFamily):
         from neurohybrid.hybrid.training import train_loop
 
         net = self.net()
-        lam = float(self.s["aphynity_lambda"])
+        lam = float(self.s["residual_penalty"])
         # As for the UDE: each epoch solves the (per-voxel) tissue-death model on a seeded random
         # subset of every case's candidate voxels (residual_train_voxels; 0 = all); the CNN still
         # sees the whole image and the penalty covers every voxel. The soft Dice of the subset is a
@@ -262,14 +262,14 @@ def _train_amortised(family: StrokeFamily, pairs) -> dict:
         labels.append({"subject": inputs.subject, "sensitivity": fit.sensitivity})
         xs.append(family.tensor(_image(inputs, _box(inputs, family.s)))[None])
         ys.append(torch.tensor([[math.log(fit.sensitivity)]], device=family.device))
-    net = ParamNet(7, 1, int(family.s["channels"])).to(family.device)
+    net = ParamNet(7, 1, int(family.s["hidden"])).to(family.device)
     history = train_param_net(net, xs, ys, family.train_kw())
     return {"amortised_state_dict": net.state_dict(), "amortised_history": history, "labels": labels}
 
 
 def amortised_fit(family: StrokeFamily, inputs, trained) -> mech.StrokeFit:
     start = time.perf_counter()
-    net = ParamNet(7, 1, int(family.s["channels"])).to(family.device)
+    net = ParamNet(7, 1, int(family.s["hidden"])).to(family.device)
     net.load_state_dict(trained["amortised_state_dict"])
     with torch.no_grad():
         z = float(net(family.tensor(_image(inputs, _box(inputs, family.s)))[None])[0, 0])
@@ -380,7 +380,7 @@ class UDE(StrokeFamily):
     def model(self):
         from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE
 
-        corr = PointwiseCorrection(hidden=2 * int(self.s["channels"])).to(self.device)
+        corr = PointwiseCorrection(hidden=2 * int(self.s["hidden"])).to(self.device)
         return NeuralODE(HybridDynamics(lambda u: torch.zeros_like(u), corr), method="rk4")
 
     def train(self, pairs):
@@ -465,7 +465,7 @@ class SolverInLoop(StrokeFamily):
     def model(self, hours):
         from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
 
-        return CorrectedSolver(CoarseXueStep(hours), SolCorrection(2 * int(self.s["channels"])).to(self.device))
+        return CorrectedSolver(CoarseXueStep(hours), SolCorrection(2 * int(self.s["hidden"])).to(self.device))
 
     def training_data(self, pairs):
         """One member of every candidate voxel of every training subject (the model is pointwise):

@@ -29,12 +29,12 @@ from neurohybrid.disorders import voxel
 # (dt < 1290 s); 900 s keeps kb dt = 1.94. dt_s drives the model (calibration, forecasts,
 # residual / UDE rollouts); fine_dt_s is the SOL families' fine reference, ~100x more accurate than dt_s.
 DEFAULTS = dict(
-    crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, calib_iters=20,
-    epochs=12, lr=0.01, channels=8, aphynity_lambda=1e-3, train_margin=3, sol_step_hours=6.0, sol_unroll=3,
-    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, threads=1, torch_threads=1, ude_train_voxels=2000,
+    crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, fit_iterations=20,
+    epochs=12, learning_rate=0.01, hidden=8, residual_penalty=1e-3, train_margin=3, sol_step_hours=6.0, sol_steps=3,
+    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.0, patience=None, threads=1, torch_threads=1, ude_train_voxels=2000,
     residual_train_voxels=4000,
 )
-SLOPPY = dict(calib_iters=12, epochs=6, sol_train_steps=4)
+SLOPPY = dict(fit_iterations=12, epochs=6, sol_train_steps=4)
 
 
 def settings(config: dict) -> dict:
@@ -131,7 +131,7 @@ def _calibrate(inputs, s: dict, observations, with_interval: bool) -> StrokeFit:
     grid_l = np.array([loss(x) for x in grid_x])
     k = int(np.argmin(grid_l))
     a_, b_ = grid_x[max(k - 1, 0)], grid_x[min(k + 1, grid_x.size - 1)]
-    res = minimize_scalar(loss, bounds=(a_, b_), method="bounded", options={"xatol": 1e-3, "maxiter": int(s["calib_iters"])})
+    res = minimize_scalar(loss, bounds=(a_, b_), method="bounded", options={"xatol": 1e-3, "maxiter": int(s["fit_iterations"])})
     best_x, best_l = (res.x, float(res.fun)) if res.fun <= grid_l[k] else (grid_x[k], float(grid_l[k]))
     # profile interval: walk out from the optimum in steps of 2% until the loss rises by 5% (+0.005)
     bound = best_l * 1.05 + 0.005
