@@ -13,7 +13,7 @@ import yaml
 
 from conftest import DEFAULT_CONFIG, REPO, snakemake, write_config, write_participants
 
-TRAINED = {"data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"}
+from neurohybrid.registry import trained_families
 
 
 def shell_commands(stdout: str) -> list[list[str]]:
@@ -51,7 +51,6 @@ def test_default_config_dag(tmp_path):
     commands = dry_run(tmp_path, cfg)
     counts = Counter(step(c) for c in commands)
     n_ad = sum(d == "alzheimer" for d in subjects.values())
-    n_trained = len([f for f in families if f in TRAINED])
     folds = config["models"]["n_folds"]
     assert counts == {
         "synth": 1,
@@ -89,10 +88,9 @@ def test_default_config_dag(tmp_path):
 
     # split guarantee: a forecast uses the fold models trained on its disorder's other subjects only
     trained_on = {option(c, "--out-dir"): set(option(c, "--subjects").split(",")) for c in commands if c[1] == "train"}
-    trained_families = [f for f in families if f in TRAINED]
     for c in commands:
         if c[1] == "train":
-            assert option(c, "--family").split(",") == trained_families
+            assert option(c, "--family").split(",") == trained_families(families, option(c, "--disorder"))
         if c[1] != "forecast":
             continue
         subject = option(c, "--subject")
@@ -110,6 +108,22 @@ def test_default_config_dag(tmp_path):
     assert set(tested) == set(subjects) and set(tested.values()) == {1}
     evaluated = {option(c, "--subject"): option(c, "--model").split(",") for c in commands if c[1] == "evaluate"}
     assert evaluated == {s: families for s in subjects}
+
+
+def test_a_fold_trains_only_what_its_disorder_needs(tmp_path):
+    """persistence + mechanistic: only stroke's mechanistic model has a fold component (its
+    population prior of tissue sensitivity), so only stroke gets training jobs."""
+    participants = write_participants(tmp_path / "p.tsv", [("glioma01", "glioma"), ("glioma02", "glioma"),
+                                                           ("stroke01", "stroke"), ("stroke02", "stroke")])
+    cfg = write_config(tmp_path / "config.yaml", participants=str(participants),
+                       models={"families": ["persistence", "mechanistic"], "n_folds": 2})
+    commands = dry_run(tmp_path, cfg)
+    train = [c for c in commands if c[1] == "train"]
+    assert sorted(option(c, "--disorder") for c in train) == ["stroke", "stroke"]
+    assert {option(c, "--family") for c in train} == {"mechanistic"}
+    for c in commands:
+        if c[1] == "forecast":
+            assert ("--models-dir" in c) == c[c.index("--subject") + 1].startswith("stroke"), c
 
 
 def write_bids(root, subjects):
@@ -200,6 +214,8 @@ def test_device_cuda_requests_a_gpu(tmp_path):
         ({"models": {"n_folds": 1}}, "key 'models.n_folds': 1 is less than the minimum of 2"),
         ({"preprocessing": {"backend": "ants", "fsat": True}}, "key 'preprocessing.fsat': unknown key"),
         ({"glioma": {"model_voxel_mm": -4.0}}, "key 'glioma.model_voxel_mm': -4.0 is less than or equal to the minimum of 0"),
+        ({"models": {"n_folds": 2, "nfolds": 3}}, "config key 'models.nfolds': unknown model setting (did you mean 'n_folds'?)"),
+        ({"stroke": {"model_voxel_mm": 4.0, "epoch": 3}}, "config key 'stroke.epoch': unknown model setting"),
     ],
 )
 def test_invalid_config_key_stops_before_any_job(tmp_path, override, expected):

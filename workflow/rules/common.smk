@@ -12,8 +12,9 @@ import yaml
 
 from snakemake.exceptions import WorkflowError
 
-DISORDERS = ["glioma", "alzheimer", "stroke"]
-TRAINED_FAMILIES = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
+from neurohybrid import registry
+
+DISORDERS = list(registry.DISORDERS)
 
 def schema_path(name):
     """A schema shipped with the workflow, wherever snakemake is run from (--directory)."""
@@ -35,6 +36,14 @@ def check_config(config):
         else:
             message = error.message
         raise WorkflowError(f"invalid config: key '{key or '(top level)'}': {message}")
+    # model settings: one loader for every disorder, which knows each key the model code reads
+    from neurohybrid.errors import InputError
+    from neurohybrid.settings import check_keys
+
+    try:
+        check_keys(config)
+    except InputError as exc:
+        raise WorkflowError(f"invalid config: {exc.problem}") from None
 
 
 check_config(config)
@@ -135,11 +144,8 @@ def disorder_of(wildcards):
     return DISORDER_OF[wildcards.subject]
 
 
-def is_trained(family):
-    return family in TRAINED_FAMILIES
-
-
-TRAINED = [f for f in FAMILIES if is_trained(f)]
+# the families a fold trains, per disorder (neurohybrid.registry)
+TRAINED_OF = {d: registry.trained_families(FAMILIES, d) for d in DISORDERS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +159,11 @@ def _assign_folds(subjects, n_folds, seed):
 
 
 def _check_fold_sizes():
-    if not TRAINED:
-        return
     for d in COHORT_DISORDERS:
-        if len(SUBJECTS_OF[d]) < 2:
+        if TRAINED_OF[d] and len(SUBJECTS_OF[d]) < 2:
             raise WorkflowError(
                 f"participants table {config['participants']}: disorder {d} has {len(SUBJECTS_OF[d])} subject; "
-                f"the cross-subject families in config key 'models.families' ({', '.join(TRAINED)}) need at least 2"
+                f"its cross-subject families in config key 'models.families' ({', '.join(TRAINED_OF[d])}) need at least 2"
             )
 
 
@@ -265,16 +269,17 @@ def fold_models_dir(disorder, fold):
 
 def trained_models(wildcards):
     """The fold models a subject's forecasts use: trained without that subject."""
-    if not TRAINED:
-        return []
     disorder = DISORDER_OF[wildcards.subject]
-    return expand(rules.train_model.output, disorder=disorder, fold=fold_of(wildcards.subject))
+    if not TRAINED_OF[disorder]:
+        return []
+    return fold_models_dir(disorder, fold_of(wildcards.subject))
 
 
 def models_dir_flag(wildcards):
-    if not TRAINED:
+    disorder = DISORDER_OF[wildcards.subject]
+    if not TRAINED_OF[disorder]:
         return ""
-    return f"--models-dir {fold_models_dir(DISORDER_OF[wildcards.subject], fold_of(wildcards.subject))}"
+    return f"--models-dir {fold_models_dir(disorder, fold_of(wildcards.subject))}"
 
 
 def cohort_figure(name, caption, label):

@@ -42,13 +42,15 @@ rule train_model:
         unpack(training_data),
         config=RESOLVED_CONFIG,
     output:
-        expand(f"{MODELS}/{{{{disorder}}}}/fold-{{{{fold}}}}/model-{{family}}.pt", family=TRAINED),
+        # model-<family>.pt for each family the disorder trains (registry.trained_families), which
+        # differ by disorder: the folder is the output
+        directory(f"{MODELS}/{{disorder}}/fold-{{fold}}"),
     params:
-        families=",".join(TRAINED),
+        families=lambda wildcards: ",".join(TRAINED_OF[wildcards.disorder]),
         subjects=lambda wildcards: ",".join(training_subjects(wildcards.disorder, wildcards.fold)),
         inputs=lambda wildcards: INPUTS,
         targets=lambda wildcards: TARGETS,
-        out_dir=lambda wildcards: fold_models_dir(wildcards.disorder, wildcards.fold),
+        out_dir=lambda wildcards, output: output[0],
     log:
         f"{LOGS}/train_model/{{disorder}}_fold-{{fold}}.log",
     benchmark:

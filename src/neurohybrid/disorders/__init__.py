@@ -1,3 +1,3 @@
 """Disorder-specific model inputs, model families and forecasts (glioma, Alzheimer's, stroke)."""
 
-DISORDERS = ("glioma", "alzheimer", "stroke")
+from neurohybrid.registry import DISORDERS  # noqa: F401  (the names live in neurohybrid.registry)

@@ -18,22 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from neurohybrid.disorders import DISORDERS
+from neurohybrid.registry import DISORDERS, FAMILY_NAMES as FAMILIES  # noqa: F401  (re-exported)
 from neurohybrid.errors import InputError
 from neurohybrid.io.atomic import atomic_path, write_json
 
-FAMILIES = (
-    "persistence",
-    "mechanistic",
-    "data_driven",
-    "residual",
-    "ude",
-    "sol",
-    "sol_precomputed",
-    "amortised",
-    "amortised_residual",
-)
-TRAINED_FAMILIES = tuple(f for f in FAMILIES if f not in ("persistence", "mechanistic"))
 
 
 @dataclasses.dataclass

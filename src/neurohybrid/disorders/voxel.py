@@ -159,26 +159,12 @@ def read_sessions(bids: Path, subject: str, time_column: str) -> list[tuple[str,
     return rows
 
 
-def settings(config: dict, disorder: str, defaults: dict, sloppy_overrides: dict) -> dict:
-    """Model settings: code defaults, then config `models:`, then config `<disorder>:`; `sloppy: true`
-    (top level or in either section) applies the fast overrides to keys the config did not set."""
-    config = config or {}
-    models = config.get("models") or {}
-    section = config.get(disorder) or {}
-    out = dict(defaults)
-    explicit = set()
-    for src in (models, section):
-        for key in defaults:
-            if key in src:
-                out[key] = type(defaults[key])(src[key]) if defaults[key] is not None else src[key]
-                explicit.add(key)
-    sloppy = bool(config.get("sloppy", False) or models.get("sloppy", False) or section.get("sloppy", False))
-    if sloppy:
-        for key, value in sloppy_overrides.items():
-            if key not in explicit:
-                out[key] = value
-    out["sloppy"] = sloppy
-    return out
+def settings(config: dict, disorder: str, defaults: dict | None = None, sloppy_overrides: dict | None = None) -> dict:
+    """The disorder's model settings (``neurohybrid.settings.resolve``: one loader for all disorders;
+    the defaults live in the disorder's module, the arguments are kept for the callers' signature)."""
+    from neurohybrid.settings import resolve
+
+    return resolve(config, disorder)
 
 
 def tumour_box(masks: list[np.ndarray], shape, margin: int) -> tuple[slice, slice, slice]:

@@ -12,8 +12,7 @@ from scipy import stats
 
 from neurohybrid.errors import InputError
 from neurohybrid.evaluation.scoring import COLUMNS
-
-BASELINES = ("mechanistic", "data_driven", "persistence")
+from neurohybrid.registry import BASELINES
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from neurohybrid.evaluation.metrics import match_parameters  # noqa: E402
 from neurohybrid.evaluation.scoring import (forecast_path, load_forecast_mask, read_fit_json,  # noqa: E402
                                             read_regional_forecast, read_truth)
 from neurohybrid.evaluation.targets import DISORDERS, read_target  # noqa: E402
+from neurohybrid.registry import FAMILY_NAMES  # noqa: E402
 from neurohybrid.io import atomic_path  # noqa: E402
 
 FIGURE_NAMES = (
@@ -36,8 +37,7 @@ PRIMARY_METRICS = {
     "alzheimer": ["rmse_suvr", "pearson_r", "rmse_rel_persistence", "fit_seconds"],
     "stroke": ["dice_infarct", "abs_volume_error_ml_infarct", "hd95_mm_infarct", "fit_seconds"],
 }
-MODEL_ORDER = ["persistence", "mechanistic", "data_driven", "residual", "ude", "sol", "sol_precomputed",
-               "amortised", "amortised_residual"]
+MODEL_ORDER = list(FAMILY_NAMES)
 
 
 def _models_in(frame: pd.DataFrame) -> list[str]:
