@@ -90,3 +90,25 @@ def test_overlay_colours():
     assert rgb[0, 1].tolist() == [1, 0, 0]  # observed only: red
     assert rgb[1, 0].tolist() == [0, 1, 0]  # forecast only: green
     assert rgb[1, 1].tolist() == [0, 0, 0]
+
+
+def test_training_curves_read_every_fold_checkpoint(tmp_path):
+    import torch
+
+    from neurohybrid.report.figures import read_training_histories, training_curves
+
+    for disorder, fold, model, hist, val in (("glioma", 0, "residual", [1.0, 0.5, 0.25], [1.2, 0.7, 0.6]),
+                                              ("glioma", 1, "residual", [2.0, 1.0], []),
+                                              ("stroke", 0, "mechanistic", [], [])):
+        path = tmp_path / "models" / disorder / f"fold-{fold}" / f"model-{model}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"history": hist, "val_history": val}, path)
+    frame = read_training_histories(tmp_path / "models")
+    assert len(frame) == 3 + 3 + 2
+    assert set(frame["split"]) == {"train", "validation"}
+    fold0 = frame[(frame["fold"] == 0) & (frame["split"] == "validation")]
+    assert fold0["loss"].tolist() == [1.2, 0.7, 0.6] and fold0["epoch"].tolist() == [0, 1, 2]
+    assert training_curves(tmp_path / "models", tmp_path / "curves.png")
+    assert mpimg.imread(tmp_path / "curves.png").shape[0] > 50
+    assert not training_curves(tmp_path / "nothing", tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").exists()

@@ -19,7 +19,8 @@ import yaml
 
 from test_slurm_profile import REPO, SNAKEMAKE, cluster_profile
 
-# One stroke subject, persistence + mechanistic (neither is trained, so no train_model job):
+# One glioma subject, persistence + mechanistic (neither has a fold component for glioma, so no
+# train_model job; stroke's mechanistic model has one, its population prior, and would need two):
 # synth -> preprocess (anat, lesions) -> model inputs -> forecast -> evaluate -> cohort table,
 # stats and figures, the smallest DAG that still runs every stage of the real workflow. Runs in
 # `make test`: measured 2026-11-26 on the shared 2-core machine (load average 1.2-1.8, cluster
@@ -31,7 +32,7 @@ from test_slurm_profile import REPO, SNAKEMAKE, cluster_profile
 # test fails naming exactly those files.
 pytestmark = [pytest.mark.slurm]
 
-SUBJECTS = [("stroke01", "stroke")]
+SUBJECTS = [("glioma01", "glioma")]
 FAMILIES = ["persistence", "mechanistic"]
 # run on the submitting host: the target rule and the provenance rule (`localrules`)
 LOCAL_RULES = {"all", "provenance"}

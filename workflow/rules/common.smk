@@ -275,6 +275,11 @@ def trained_models(wildcards):
     return fold_models_dir(disorder, fold_of(wildcards.subject))
 
 
+def all_fold_models():
+    """Every fold's model folder (the cohort figures plot their training curves)."""
+    return [fold_models_dir(d, k) for d in COHORT_DISORDERS if TRAINED_OF[d] for k in fold_ids(d)]
+
+
 def models_dir_flag(wildcards):
     disorder = DISORDER_OF[wildcards.subject]
     if not TRAINED_OF[disorder]:

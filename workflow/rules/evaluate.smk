@@ -15,6 +15,7 @@ rule evaluate:
         forecast_dir=lambda wildcards, input: os.path.dirname(input.fits[0]),
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
+        models=lambda wildcards, input: f"--models {MODELS}" if input.models else "",
     log:
         f"{LOGS}/evaluate/sub-{{subject}}.log",
     benchmark:
@@ -91,6 +92,7 @@ rule cohort_figures:
     input:
         metrics=rules.cohort_table.output[0],
         truth=truth_dir(),
+        models=all_fold_models(),
     output:
         boxplot_glioma=cohort_figure("boxplot_glioma", "boxplot", "glioma metrics"),
         boxplot_alzheimer=cohort_figure("boxplot_alzheimer", "boxplot", "Alzheimer's metrics"),
@@ -100,10 +102,12 @@ rule cohort_figures:
         scatter_alzheimer=cohort_figure("scatter_alzheimer", "scatter_alzheimer", "Alzheimer's regional SUVR"),
         parameter_recovery=cohort_figure("parameter_recovery", "parameter_recovery", "parameter recovery"),
         sol_accuracy_cost=cohort_figure("sol_accuracy_cost", "sol_accuracy_cost", "SOL accuracy vs cost"),
+        training_curves=cohort_figure("training_curves", "training_curves", "training curves"),
     params:
         forecasts=lambda wildcards: FORECASTS,
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
+        models=lambda wildcards, input: f"--models {MODELS}" if input.models else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.boxplot_glioma),
     log:
         f"{LOGS}/cohort_figures.log",
@@ -117,4 +121,4 @@ rule cohort_figures:
         "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort figures --metrics {input.metrics} --forecasts {params.forecasts} --targets {params.targets}"
-        " {params.truth} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.truth} {params.models} --out-dir {params.out_dir} > {log} 2>&1"

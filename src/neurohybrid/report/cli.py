@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     f.add_argument("--forecasts", default=None, help="results/forecasts (for overlays and parameter recovery)")
     f.add_argument("--targets", default=None, help="results/targets")
     f.add_argument("--truth", default=None, help="results/groundtruth (parameter recovery), optional")
+    f.add_argument("--models", default=None, help="results/models (training curves of the fold models), optional")
     f.add_argument("--out-dir", required=True, help="results/cohort/figures")
     f.set_defaults(func=_figures)
 
@@ -63,5 +64,5 @@ def _figures(args) -> int:
 
     from neurohybrid.evaluation.statistics import read_metrics
 
-    write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth)
+    write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth, args.models)
     return 0

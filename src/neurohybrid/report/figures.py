@@ -1,5 +1,5 @@
 """Cohort figures (PNG, matplotlib's Agg backend): metric box plots, forecast-vs-observed
-overlays, parameter recovery and SOL accuracy vs cost.
+overlays, parameter recovery, SOL accuracy vs cost and the training curves of every fold model.
 
 Every figure file is always written, so a workflow can declare them as outputs; a figure
 whose data the cohort lacks (no stroke subjects, no ground truth, no SOL model) says so in
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from neurohybrid.errors import InputError  # noqa: E402
 from neurohybrid.evaluation.metrics import match_parameters  # noqa: E402
 from neurohybrid.evaluation.scoring import (forecast_path, load_forecast_mask, read_fit_json,  # noqa: E402
                                             read_regional_forecast, read_truth)
@@ -27,7 +28,7 @@ from neurohybrid.io import atomic_path  # noqa: E402
 FIGURE_NAMES = (
     "boxplot_glioma.png", "boxplot_alzheimer.png", "boxplot_stroke.png",
     "overlay_glioma.png", "overlay_stroke.png", "scatter_alzheimer.png",
-    "parameter_recovery.png", "sol_accuracy_cost.png",
+    "parameter_recovery.png", "sol_accuracy_cost.png", "training_curves.png",
 )
 
 # the headline metrics of each disorder, in the order they are shown
@@ -205,7 +206,59 @@ def sol_accuracy_cost(frame, path: Path) -> bool:
     return True
 
 
-def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None) -> dict[str, bool]:
+def read_training_histories(models_root) -> pd.DataFrame:
+    """Loss per epoch of every fold checkpoint under models_root (<disorder>/fold-<k>/model-<family>.pt):
+    columns disorder, fold, model, epoch, split (train | validation), loss."""
+    import torch
+
+    rows = []
+    for path in sorted(Path(models_root).glob("*/fold-*/model-*.pt")) if models_root else []:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise InputError(f"cannot read model checkpoint ({type(exc).__name__}: {exc})", file=path) from None
+        disorder, fold = path.parent.parent.name, int(path.parent.name.removeprefix("fold-"))
+        model = path.stem.removeprefix("model-")
+        for split, key in (("train", "history"), ("validation", "val_history")):
+            for epoch, loss in enumerate(ckpt.get(key) or []):
+                rows.append((disorder, fold, model, epoch, split, float(loss)))
+    return pd.DataFrame(rows, columns=["disorder", "fold", "model", "epoch", "split", "loss"])
+
+
+def training_curves(models_root, path: Path) -> bool:
+    """One panel per disorder x trained family: training (solid) and validation (dashed) loss per
+    epoch of each fold's model, each curve divided by its first value (so families with different
+    losses share a scale)."""
+    hist = read_training_histories(models_root)
+    if hist.empty:
+        _no_data(path, "training curves", "no fold model with a loss history")
+        return False
+    panels = [(d, m) for d in DISORDERS for m in _models_in(hist[hist["disorder"] == d]) if ((hist["disorder"] == d) & (hist["model"] == m)).any()]
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.1 * nrow), squeeze=False)
+    for ax, (disorder, model) in zip(axes.flat, panels):
+        grp = hist[(hist["disorder"] == disorder) & (hist["model"] == model)]
+        for (fold, split), curve in grp.groupby(["fold", "split"]):
+            first = curve["loss"].iloc[0]
+            scale = first if np.isfinite(first) and abs(first) > 0 else 1.0
+            ax.plot(curve["epoch"], curve["loss"] / scale, "-" if split == "train" else "--", lw=1,
+                    color=f"C{fold}", label=f"fold {fold} {split}")
+        ax.set_title(f"{disorder} {model}", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if (grp["loss"] > 0).all():
+            ax.set_yscale("log")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("loss / first epoch's", fontsize=7)
+    axes[0][0].legend(fontsize=5)
+    fig.suptitle("training curves (solid: training, dashed: validation)", fontsize=9)
+    _save(fig, path)
+    return True
+
+
+def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None,
+              models_root=None) -> dict[str, bool]:
     """Write every figure of FIGURE_NAMES into out_dir.
 
     Returns {file name: True if it shows data, False if it is a "no data" panel}.
@@ -221,6 +274,7 @@ def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=No
     drawn["scatter_alzheimer.png"] = alzheimer_scatter(frame, forecasts_root, targets_root, out / "scatter_alzheimer.png")
     drawn["parameter_recovery.png"] = parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png")
     drawn["sol_accuracy_cost.png"] = sol_accuracy_cost(frame, out / "sol_accuracy_cost.png")
+    drawn["training_curves.png"] = training_curves(models_root, out / "training_curves.png")
     missing = [n for n in FIGURE_NAMES if not (out / n).exists()]
     if missing:  # a bug, not bad input: every branch above writes its file
         raise RuntimeError(f"figures not written: {missing}")
