@@ -31,6 +31,8 @@ bench: install
 	$(BIN)/neurohybrid bench all
 
 lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 	snakemake --lint
 
 clean:

@@ -37,6 +37,7 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.provenance.output,
         rules.cohort_table.output,
@@ -44,4 +45,3 @@ rule all:
         rules.cohort_figures.output,
         expand(rules.preprocess_anat.output.qc, subject=SUBJECTS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),
-    default_target: True

@@ -10,7 +10,8 @@ from neurohybrid.io import atomic_path, load_volume, save_volume, write_tsv
 from neurohybrid.io.tsv import read_connectome
 
 
-def _save(path, data, affine=np.eye(4)):
+def _save(path, data, affine=None):
+    affine = np.eye(4) if affine is None else affine
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
 

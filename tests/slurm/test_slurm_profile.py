@@ -4,7 +4,6 @@ fails the run with its log named."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

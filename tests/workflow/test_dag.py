@@ -102,8 +102,7 @@ def test_default_config_dag(tmp_path):
         assert f"/{subjects[subject]}/" in models
         assert all(subjects[s] == subjects[subject] for s in trained_on[models])
     # each fold's model is trained on at least one subject, and every subject is tested exactly once
-    for model, train in trained_on.items():
-        assert train
+    assert all(trained_on.values())
     tested = Counter(option(c, "--subject") for c in commands if c[1] == "forecast")
     assert set(tested) == set(subjects) and set(tested.values()) == {1}
     evaluated = {option(c, "--subject"): option(c, "--model").split(",") for c in commands if c[1] == "evaluate"}

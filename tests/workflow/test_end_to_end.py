@@ -6,7 +6,6 @@ few iterations), then the same pipeline on a user-style BIDS folder with one cor
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import numpy as np

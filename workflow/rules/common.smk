@@ -16,6 +16,7 @@ from neurohybrid import registry
 
 DISORDERS = list(registry.DISORDERS)
 
+
 def schema_path(name):
     """A schema shipped with the workflow, wherever snakemake is run from (--directory)."""
     return os.path.join(workflow.basedir, "workflow", "schemas", name)
@@ -25,12 +26,17 @@ def check_config(config):
     """Stop with one line naming the offending key (snakemake's validate prints the whole schema)."""
     with open(schema_path("config.schema.yaml")) as fh:
         validator = jsonschema.Draft202012Validator(yaml.safe_load(fh))
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
+    errors = sorted(
+        validator.iter_errors(config),
+        key=lambda e: (len(e.path), list(map(str, e.path))),
+    )
     if errors:
         error = errors[0]
         key = ".".join(str(p) for p in error.path)
         if error.validator == "additionalProperties":
-            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            unknown = sorted(
+                set(error.instance) - set(error.schema.get("properties", {}))
+            )
             key = ".".join([*map(str, error.path), unknown[0]]) if unknown else key
             message = "unknown key (not in workflow/schemas/config.schema.yaml)"
         else:
@@ -117,8 +123,14 @@ def check_demo_participants(table, path):
         expected = [f"{prefix}{i + 1:02d}" for i in range(len(rows))]
         if sorted(rows["subject"]) != expected:
             wrong = sorted(set(rows["subject"]) - set(expected)) or expected
-            line = next((i + 2 for i, s in enumerate(table["subject"]) if s == wrong[0]), None)
-            where = f"row {line} (participant_id 'sub-{wrong[0]}')" if line else f"disorder {disorder}"
+            line = next(
+                (i + 2 for i, s in enumerate(table["subject"]) if s == wrong[0]), None
+            )
+            where = (
+                f"row {line} (participant_id 'sub-{wrong[0]}')"
+                if line
+                else f"disorder {disorder}"
+            )
             raise WorkflowError(
                 f"participants table {path}, {where}: the demo cohort (bids_dir empty) names its {disorder} "
                 f"subjects {prefix}01..{prefix}{len(rows):02d}; set bids_dir to use other subjects"
@@ -137,7 +149,9 @@ FAMILIES = list(config["models"]["families"])
 
 def one_of(names):
     """A wildcard regex matching exactly these names (and nothing else)."""
-    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) or "(?!)"
+    return (
+        "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) or "(?!)"
+    )
 
 
 def disorder_of(wildcards):
@@ -169,7 +183,9 @@ def _check_fold_sizes():
 
 _check_fold_sizes()
 FOLDS = {
-    d: _assign_folds(SUBJECTS_OF[d], int(config["models"]["n_folds"]), int(config["seed"]))
+    d: _assign_folds(
+        SUBJECTS_OF[d], int(config["models"]["n_folds"]), int(config["seed"])
+    )
     for d in COHORT_DISORDERS
     if len(SUBJECTS_OF[d]) >= 2
 }
@@ -209,7 +225,10 @@ def raw_files(*patterns):
         root = Path(BIDS)
         found = []
         for pattern in patterns:
-            found.extend(str(p) for p in sorted(root.glob(pattern.format(subject=wildcards.subject))))
+            found.extend(
+                str(p)
+                for p in sorted(root.glob(pattern.format(subject=wildcards.subject)))
+            )
         return found
 
     return inputs
@@ -256,12 +275,14 @@ def disorder_preprocessing(wildcards):
         ]
     return [rules.preprocess_lesions.output[0].format(subject=subject)]
 
+
 def training_data(wildcards):
     subjects = training_subjects(wildcards.disorder, wildcards.fold)
     return {
         "inputs": expand(f"{SUBJECT_INPUTS}.npz", subject=subjects),
         "targets": expand(f"{SUBJECT_TARGET}.npz", subject=subjects),
     }
+
 
 def fold_models_dir(disorder, fold):
     return f"{MODELS}/{disorder}/fold-{fold}"
@@ -277,7 +298,12 @@ def trained_models(wildcards):
 
 def all_fold_models():
     """Every fold's model folder (the cohort figures plot their training curves)."""
-    return [fold_models_dir(d, k) for d in COHORT_DISORDERS if TRAINED_OF[d] for k in fold_ids(d)]
+    return [
+        fold_models_dir(d, k)
+        for d in COHORT_DISORDERS
+        if TRAINED_OF[d]
+        for k in fold_ids(d)
+    ]
 
 
 def models_dir_flag(wildcards):
@@ -322,9 +348,22 @@ def write_provenance(resolved, config_out, description_out):
             "BIDSVersion": "1.9.0",
             "DatasetType": "derivative",
             "GeneratedBy": [
-                {"Name": "neurohybrid", "Version": __version__, "Description": "hybrid mechanistic + deep-learning models"},
+                {
+                    "Name": "neurohybrid",
+                    "Version": __version__,
+                    "Description": "hybrid mechanistic + deep-learning models",
+                },
                 {"Name": "snakemake", "Version": _snakemake.__version__},
             ],
-            "SourceDatasets": [{"URL": Path(os.path.abspath(BIDS)).as_uri(), "Description": "demo cohort generated by neurohybrid synth" if DEMO else "input BIDS dataset"}],
+            "SourceDatasets": [
+                {
+                    "URL": Path(os.path.abspath(BIDS)).as_uri(),
+                    "Description": (
+                        "demo cohort generated by neurohybrid synth"
+                        if DEMO
+                        else "input BIDS dataset"
+                    ),
+                }
+            ],
         },
     )

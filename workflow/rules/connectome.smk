@@ -10,6 +10,18 @@ rule preprocess_connectome:
     output:
         tsv=f"{PREPROC}/sub-{{subject}}/dwi/sub-{{subject}}_atlas-DK_connectivity.tsv",
         json=f"{PREPROC}/sub-{{subject}}/dwi/sub-{{subject}}_atlas-DK_connectivity.json",
+    log:
+        f"{LOGS}/preprocess_connectome/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/preprocess_connectome/sub-{{subject}}.tsv"
+    group:
+        "subject"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         bids=lambda wildcards: BIDS,
         out=lambda wildcards: PREPROC,
@@ -20,18 +32,6 @@ rule preprocess_connectome:
             else ""
         ),
         fast=fast_flag(),
-    log:
-        f"{LOGS}/preprocess_connectome/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/preprocess_connectome/sub-{{subject}}.tsv"
-    group:
-        "subject"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../../envs/environment.yaml"
     shell:
         "neurohybrid preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --method {params.method} {params.normative} --threads {threads} {params.fast} > {log} 2>&1"

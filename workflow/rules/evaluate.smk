@@ -9,23 +9,22 @@ rule evaluate:
         truth=truth_dir(),
     output:
         f"{METRICS}/sub-{{subject}}/sub-{{subject}}_metrics.tsv",
+    log:
+        f"{LOGS}/evaluate/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/sub-{{subject}}.tsv"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         disorder=disorder_of,
         families=",".join(FAMILIES),
         forecast_dir=lambda wildcards, input: os.path.dirname(input.fits[0]),
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
-        models=lambda wildcards, input: f"--models {MODELS}" if input.models else "",
-    log:
-        f"{LOGS}/evaluate/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/evaluate/sub-{{subject}}.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../../envs/environment.yaml"
     shell:
         "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {params.families}"
         " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} --out {output} > {log} 2>&1"
@@ -46,12 +45,12 @@ rule cohort_table:
         f"{LOGS}/cohort_table.log",
     benchmark:
         f"{BENCH}/cohort_table.tsv"
+    conda:
+        "../../envs/environment.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort table {input} --out {output} > {log} 2>&1"
 
@@ -78,12 +77,12 @@ rule cohort_stats:
         f"{LOGS}/cohort_stats.log",
     benchmark:
         f"{BENCH}/cohort_stats.tsv"
+    conda:
+        "../../envs/environment.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort stats --metrics {input} --summary-out {output.summary} --stats-out {output.stats} > {log} 2>&1"
 
@@ -95,30 +94,44 @@ rule cohort_figures:
         models=all_fold_models(),
     output:
         boxplot_glioma=cohort_figure("boxplot_glioma", "boxplot", "glioma metrics"),
-        boxplot_alzheimer=cohort_figure("boxplot_alzheimer", "boxplot", "Alzheimer's metrics"),
+        boxplot_alzheimer=cohort_figure(
+            "boxplot_alzheimer", "boxplot", "Alzheimer's metrics"
+        ),
         boxplot_stroke=cohort_figure("boxplot_stroke", "boxplot", "stroke metrics"),
-        overlay_glioma=cohort_figure("overlay_glioma", "overlay", "glioma forecast vs observed"),
-        overlay_stroke=cohort_figure("overlay_stroke", "overlay", "stroke forecast vs observed"),
-        scatter_alzheimer=cohort_figure("scatter_alzheimer", "scatter_alzheimer", "Alzheimer's regional SUVR"),
-        parameter_recovery=cohort_figure("parameter_recovery", "parameter_recovery", "parameter recovery"),
-        sol_accuracy_cost=cohort_figure("sol_accuracy_cost", "sol_accuracy_cost", "SOL accuracy vs cost"),
-        training_curves=cohort_figure("training_curves", "training_curves", "training curves"),
+        overlay_glioma=cohort_figure(
+            "overlay_glioma", "overlay", "glioma forecast vs observed"
+        ),
+        overlay_stroke=cohort_figure(
+            "overlay_stroke", "overlay", "stroke forecast vs observed"
+        ),
+        scatter_alzheimer=cohort_figure(
+            "scatter_alzheimer", "scatter_alzheimer", "Alzheimer's regional SUVR"
+        ),
+        parameter_recovery=cohort_figure(
+            "parameter_recovery", "parameter_recovery", "parameter recovery"
+        ),
+        sol_accuracy_cost=cohort_figure(
+            "sol_accuracy_cost", "sol_accuracy_cost", "SOL accuracy vs cost"
+        ),
+        training_curves=cohort_figure(
+            "training_curves", "training_curves", "training curves"
+        ),
+    log:
+        f"{LOGS}/cohort_figures.log",
+    benchmark:
+        f"{BENCH}/cohort_figures.tsv"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         forecasts=lambda wildcards: FORECASTS,
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
         models=lambda wildcards, input: f"--models {MODELS}" if input.models else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.boxplot_glioma),
-    log:
-        f"{LOGS}/cohort_figures.log",
-    benchmark:
-        f"{BENCH}/cohort_figures.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../../envs/environment.yaml"
     shell:
         "neurohybrid cohort figures --metrics {input.metrics} --forecasts {params.forecasts} --targets {params.targets}"
         " {params.truth} {params.models} --out-dir {params.out_dir} > {log} 2>&1"

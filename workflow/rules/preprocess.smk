@@ -14,39 +14,52 @@ rule preprocess_anat:
     output:
         t1w=f"{ANAT}_desc-preproc_T1w.nii.gz",
         brain_mask=f"{ANAT}_desc-brain_mask.nii.gz",
-        probseg=expand(f"{ANAT}_label-{{label}}_probseg.nii.gz", label=["GM", "WM", "CSF"], allow_missing=True),
-        to_template=multiext(f"{ANAT}_from-T1w_to-{TEMPLATE}_mode-image_xfm", ".mat", ".nii.gz"),
-        from_template=multiext(f"{ANAT}_from-{TEMPLATE}_to-T1w_mode-image_xfm", ".mat", ".nii.gz"),
+        probseg=expand(
+            f"{ANAT}_label-{{label}}_probseg.nii.gz",
+            label=["GM", "WM", "CSF"],
+            allow_missing=True,
+        ),
+        to_template=multiext(
+            f"{ANAT}_from-T1w_to-{TEMPLATE}_mode-image_xfm", ".mat", ".nii.gz"
+        ),
+        from_template=multiext(
+            f"{ANAT}_from-{TEMPLATE}_to-T1w_mode-image_xfm", ".mat", ".nii.gz"
+        ),
         dseg=f"{ANAT}_atlas-DK_dseg.nii.gz",
         volumes=f"{ANAT}_atlas-DK_desc-volumes.tsv",
         reference=f"{ANAT}_label-cerebellumGM_mask.nii.gz",
         model_grid=expand(
-            f"{ANAT}_space-{TEMPLATE}_res-model_label-{{label}}_probseg.nii.gz", label=["GM", "WM"], allow_missing=True
+            f"{ANAT}_space-{TEMPLATE}_res-model_label-{{label}}_probseg.nii.gz",
+            label=["GM", "WM"],
+            allow_missing=True,
         ),
         qc=report(
             f"{PREPROC}/sub-{{subject}}/figures/sub-{{subject}}_desc-qc.png",
             caption="../report/qc.rst",
             category="Quality control",
-            labels={"subject": "{subject}", "figure": "registration, segmentation, parcellation"},
+            labels={
+                "subject": "{subject}",
+                "figure": "registration, segmentation, parcellation",
+            },
         ),
-    params:
-        bids=lambda wildcards: BIDS,
-        out=lambda wildcards: PREPROC,
-        voxel=model_voxel_mm,
-        fast=fast_flag(),
-        backend=config["preprocessing"]["backend"],
     log:
         f"{LOGS}/preprocess_anat/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/preprocess_anat/sub-{{subject}}.tsv"
     group:
         "subject"
+    conda:
+        "../../envs/environment.yaml"
     threads: 1  # one ITK thread per subject: parallel subjects scale better, and results do not depend on core count
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/environment.yaml"
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
+        voxel=model_voxel_mm,
+        fast=fast_flag(),
+        backend=config["preprocessing"]["backend"],
     shell:
         "neurohybrid preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} --backend {params.backend} --threads {threads} {params.fast} > {log} 2>&1"
@@ -64,22 +77,22 @@ rule preprocess_lesions:
         ),
     output:
         touch(f"{OUT}/flags/preprocess_lesions/sub-{{subject}}.done"),
-    params:
-        bids=lambda wildcards: BIDS,
-        out=lambda wildcards: PREPROC,
-        voxel=model_voxel_mm,
     log:
         f"{LOGS}/preprocess_lesions/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/preprocess_lesions/sub-{{subject}}.tsv"
     group:
         "subject"
+    conda:
+        "../../envs/environment.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/environment.yaml"
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
+        voxel=model_voxel_mm,
     shell:
         "neurohybrid preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} > {log} 2>&1"
@@ -92,20 +105,20 @@ rule preprocess_pet:
         raw=raw_files("sub-{subject}/ses-*/pet/sub-{subject}_ses-*_pet.nii.gz"),
     output:
         touch(f"{OUT}/flags/preprocess_pet/sub-{{subject}}.done"),
-    params:
-        bids=lambda wildcards: BIDS,
-        out=lambda wildcards: PREPROC,
     log:
         f"{LOGS}/preprocess_pet/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/preprocess_pet/sub-{{subject}}.tsv"
     group:
         "subject"
+    conda:
+        "../../envs/environment.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/environment.yaml"
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
     shell:
         "neurohybrid preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"

@@ -6,9 +6,6 @@ rule provenance:
     output:
         config=RESOLVED_CONFIG,
         description=f"{OUT}/dataset_description.json",
-    params:
-        # a changed config re-runs this rule and, through results/config.yaml, everything that reads it
-        resolved=provenance_config(),
     log:
         f"{LOGS}/provenance.log",
     benchmark:
@@ -17,6 +14,9 @@ rule provenance:
     resources:
         mem_mb=500,
         runtime=5,
+    params:
+        # a changed config re-runs this rule and, through results/config.yaml, everything that reads it
+        resolved=provenance_config(),
     run:
         write_provenance(params.resolved, output.config, output.description)
 

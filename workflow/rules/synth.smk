@@ -12,23 +12,25 @@ if DEMO:
             participants=f"{BIDS}/participants.tsv",
             sessions=[sessions_table(s) for s in SUBJECTS],
             truth=directory(TRUTH),
-        params:
-            bids=lambda wildcards, output: os.path.dirname(output.description),
-            counts=" ".join(f"--{d} {len(SUBJECTS_OF[d])}" for d in DISORDERS),
-            voxel=config["synth"].get("voxel_mm", 2.0),
-            dwi=min(config["synth"].get("dwi_subjects", 0), len(SUBJECTS_OF["alzheimer"])),
-            seed=config["seed"],
-            sloppy="--sloppy" if SLOPPY else "",
         log:
             f"{LOGS}/synth_cohort.log",
         benchmark:
             f"{BENCH}/synth_cohort.tsv"
+        conda:
+            "../../envs/environment.yaml"
         threads: 2
         resources:
             mem_mb=4000,
             runtime=30,
-        conda:
-            "../../envs/environment.yaml"
+        params:
+            bids=lambda wildcards, output: os.path.dirname(output.description),
+            counts=" ".join(f"--{d} {len(SUBJECTS_OF[d])}" for d in DISORDERS),
+            voxel=config["synth"].get("voxel_mm", 2.0),
+            dwi=min(
+                config["synth"].get("dwi_subjects", 0), len(SUBJECTS_OF["alzheimer"])
+            ),
+            seed=config["seed"],
+            sloppy="--sloppy" if SLOPPY else "",
         shell:
             "neurohybrid synth --out {params.bids} --truth-out {output.truth} {params.counts}"
             " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --seed {params.seed} --jobs {threads} {params.sloppy} > {log} 2>&1"

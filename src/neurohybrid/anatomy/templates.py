@@ -63,3 +63,10 @@ def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
     if kind in ("gm", "wm"):
         data = np.clip(data, 0.0, 1.0)
     return nib.Nifti1Image(data, out.affine)
+
+
+def registration_voxel_mm(img) -> float:
+    """Template resolution used as the registration target for a subject image (nibabel): the
+    subject's voxel size, in [1, 4] mm, in 0.5 mm steps (shared by the ANTs and FSL backends)."""
+    vox = float(np.mean(nib.affines.voxel_sizes(img.affine)))
+    return float(np.clip(np.round(vox * 2) / 2, 1.0, 4.0))

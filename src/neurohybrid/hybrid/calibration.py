@@ -332,7 +332,7 @@ def calibrate_derivative_free(
         for x0 in _starts(bounds, n_restarts, init, seed, start_spread):
             hist: list[float] = []
 
-            def f(z):
+            def f(z, hist=hist):  # bound now: each restart keeps its own history
                 with torch.no_grad():
                     theta = bounds.to_natural(torch.as_tensor(z, dtype=torch.float64)).numpy()
                 val = float(loss_fn(theta))
@@ -396,7 +396,7 @@ def restart_spread(result: CalibrationResult, rel_tol: float = 0.05, log=None) -
     """Std of the restarts whose loss is within rel_tol of the best (ensemble-style uncertainty);
     of log(theta) for the parameters marked in ``log`` (e.g. ``Bounds.log``). Zeros when fewer than
     two restarts qualify."""
-    good = [t for t, l in result.restarts if np.isfinite(l) and l <= result.loss * (1 + rel_tol) + 1e-12]
+    good = [t for t, loss in result.restarts if np.isfinite(loss) and loss <= result.loss * (1 + rel_tol) + 1e-12]
     if len(good) < 2:
         return np.zeros_like(result.theta)
     good = np.vstack(good)

@@ -8,7 +8,6 @@ unlabelled voxels (nearest label, like tck2connectome's ``-assignment_radial_sea
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path

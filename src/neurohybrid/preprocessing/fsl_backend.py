@@ -103,17 +103,16 @@ def run_anat_fsl(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, threads=N
     import time
 
     from neurohybrid.anatomy.atlas import load_dk_atlas
-    from neurohybrid.anatomy.templates import load_template
+    from neurohybrid.anatomy.templates import load_template, registration_voxel_mm
     from neurohybrid.io import save_volume, write_json, write_tsv
     from neurohybrid.preprocessing.layout import Derivatives
     from neurohybrid.preprocessing.parcellation import cerebellum_gm_template, regional_volumes
-    from neurohybrid.preprocessing.pipeline import _registration_voxel_mm
     from neurohybrid.preprocessing.qc import qc_figure
 
     check_fsl(subject=sub, file=t1_path)
     d = Derivatives(out, sub)
     times = {}
-    reg_mm = _registration_voxel_mm(t1_img)
+    reg_mm = registration_voxel_mm(t1_img)
     aff = t1_img.affine
     with tempfile.TemporaryDirectory(prefix=f"nh-fsl-{sub}-") as work:
         w = Path(work)

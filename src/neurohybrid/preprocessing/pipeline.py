@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import ndimage
 
 from neurohybrid.anatomy.atlas import load_dk_atlas, region_table
-from neurohybrid.anatomy.templates import load_template
+from neurohybrid.anatomy.templates import load_template, registration_voxel_mm
 from neurohybrid.errors import InputError
 from neurohybrid.io import check_same_grid, load_image, save_volume, write_json, write_tsv
 from neurohybrid.preprocessing import layout
@@ -23,19 +23,13 @@ from neurohybrid.preprocessing.layout import Derivatives
 log = logging.getLogger(__name__)
 
 
-def _registration_voxel_mm(img: nib.Nifti1Image) -> float:
-    """Template resolution used as the registration target: the subject's, in [1, 4] mm, 0.5 mm steps."""
-    vox = float(np.mean(nib.affines.voxel_sizes(img.affine)))
-    return float(np.clip(np.round(vox * 2) / 2, 1.0, 4.0))
-
-
 def _lesion_union(bids, sub, ses, ref_img, ref_path) -> np.ndarray | None:
     found = layout.raw_lesions(bids, sub, ses)
     if not found:
         return None
     union = np.zeros(ref_img.shape, bool)
     ref = (str(ref_path), np.empty(ref_img.shape), ref_img.affine)
-    for kind, path in found.items():
+    for path in found.values():
         img = load_image(path, subject=sub)
         data = np.asarray(img.dataobj)
         check_same_grid(ref, (str(path), data, img.affine), subject=sub)
@@ -78,7 +72,7 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
     sched = ab.schedule(fast)
     d = Derivatives(out, sub)
     times = {}
-    reg_mm = _registration_voxel_mm(t1_img)
+    reg_mm = registration_voxel_mm(t1_img)
     tpl_t1 = load_template("t1", reg_mm)
     tpl_brain = load_template("brain", reg_mm)
     a_t1 = ab.to_ants(t1_img)

@@ -112,7 +112,7 @@ class Radiotherapy:
             days = tuple(float(t) for t in self.fraction_days)
         except (TypeError, ValueError):
             raise InputError(f"radiotherapy fraction_days must be numbers, "
-                             f"got {self.fraction_days!r}")
+                             f"got {self.fraction_days!r}") from None
         if not all(math.isfinite(t) and t >= 0 for t in days):
             raise InputError(f"radiotherapy fraction_days must be finite and >= 0, got {days}")
         for name in ("dose_gy", "alpha", "beta"):
@@ -222,7 +222,7 @@ def _check_spacing(spacing):
     try:
         sp = tuple(float(h) for h in spacing)
     except TypeError:
-        raise InputError(f"spacing must be three voxel sizes in mm, got {spacing!r}")
+        raise InputError(f"spacing must be three voxel sizes in mm, got {spacing!r}") from None
     if len(sp) != 3 or not all(math.isfinite(h) and h > 0 for h in sp):
         raise InputError(f"spacing must be three positive voxel sizes in mm, got {spacing!r}")
     return sp
@@ -232,7 +232,7 @@ def _check_scalar(name, value, *, positive=False):
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         bound = "> 0" if positive else ">= 0"
         raise InputError(f"{name} must be finite and {bound}, got {value!r}")
@@ -294,7 +294,7 @@ def _check_save_days(save_days, days):
     try:
         sd = [float(t) for t in save_days]
     except TypeError:
-        raise InputError(f"save_days must be a sequence of days, got {save_days!r}")
+        raise InputError(f"save_days must be a sequence of days, got {save_days!r}") from None
     if any(not math.isfinite(t) or t < 0 or t > days + 1e-12 for t in sd):
         raise InputError(f"save_days must lie in [0, days={days}], got {sd}")
     if sd != sorted(sd):

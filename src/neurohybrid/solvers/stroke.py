@@ -30,7 +30,7 @@ the voxel spacing in mm (faces to voxels outside the mask carry no flux); the RK
 stability bound dt <= 0.9 * 2.78 / (4 D_T sum 1/h^2 + kb).
 
 ``simulate_tissue_death_torch`` is the twin (same RK4 grid, float32/float64, any device);
-``darcy_perfusion`` lives in ``neurohybrid.solvers.perfusion`` and is re-exported here.
+``darcy_perfusion`` lives in ``neurohybrid.solvers.perfusion`` (which reads this module's normal CBF).
 """
 
 from __future__ import annotations
@@ -383,11 +383,3 @@ def simulate_tissue_death_torch(cbf, *, hours, reperfusion_h=None, cbf_after=Non
         return {"dead": dead[0], "toxic": toxic[0]}
     return {"dead": torch.stack(dead), "toxic": torch.stack(toxic)}
 
-
-def __getattr__(name):
-    # darcy_perfusion is documented under stroke in the architecture; it lives in perfusion.py
-    if name == "darcy_perfusion":
-        from neurohybrid.solvers.perfusion import darcy_perfusion
-
-        return darcy_perfusion
-    raise AttributeError(name)

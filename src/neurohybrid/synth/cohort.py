@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from neurohybrid.disorders import DISORDERS
 from neurohybrid.errors import InputError
 from neurohybrid.io import atomic_path, write_json
 from neurohybrid.synth import bids
-from neurohybrid.synth.anatomy import make_subject_anatomy, template_set
+from neurohybrid.synth.anatomy import make_subject_anatomy
 
 log = logging.getLogger(__name__)
 
-from neurohybrid.disorders import DISORDERS
 ID_PREFIX = {"glioma": "glioma", "alzheimer": "ad", "stroke": "stroke"}
 SLOPPY_VOXEL_MM = 4.0
 TEMPLATE_SPACE = "MNI152NLin2009cSym"
