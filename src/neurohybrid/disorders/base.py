@@ -12,9 +12,12 @@ so models read exactly the arrays they need and nothing of the held-out session.
 from __future__ import annotations
 
 import abc
+import collections
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,14 +27,77 @@ from neurohybrid.io.atomic import atomic_path, write_json
 
 
 
+class SharedWork:
+    """Work that several families of one process start from, done once: the per-subject context.
+
+    `neurohybrid train` and `forecast` load each subject's inputs once and hand the same
+    ``SubjectData`` to every family, and a fold's training pairs as one ``TrainingPairs``; their
+    ``shared`` holds what the families share (the mechanistic calibration, the state at the last
+    session, fine-solver trajectories, a parameter network both amortised families use). A result
+    is named and keyed by the settings it depends on, lives as long as the subject's data, and is
+    the same object for every family (read it, do not modify it).
+
+    ``seed``: the computation runs on its own seeded random generators and leaves the global ones
+    untouched, so a result and everything after it are the same whichever family asked first.
+    """
+
+    def __init__(self):
+        self._results: dict[tuple[str, str], Any] = {}
+        self.computed: collections.Counter = collections.Counter()  # per name, for tests and logs
+
+    def get(self, name: str, depends_on, compute: Callable[[], Any], *, seed: int | None = None) -> Any:
+        key = (name, json.dumps(depends_on, sort_keys=True, default=repr))
+        if key not in self._results:
+            with _own_random_generators(seed):
+                self._results[key] = compute()
+            self.computed[name] += 1
+        return self._results[key]
+
+
+@contextlib.contextmanager
+def _own_random_generators(seed: int | None):
+    if seed is None:
+        yield
+        return
+    import random
+
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class TrainingPairs(list):
+    """A fold's (inputs, target) pairs with the work its families share (``SharedWork``)."""
+
+    def __init__(self, pairs=()):
+        super().__init__(pairs)
+        self.shared = SharedWork()
+
+
+def shared_work(obj) -> SharedWork:
+    """``obj.shared`` (SubjectData, TrainingPairs); a throw-away one for a plain list."""
+    return getattr(obj, "shared", None) or SharedWork()
+
+
 @dataclasses.dataclass
 class SubjectData:
-    """Arrays + metadata of one subject: either its model inputs or its held-out target."""
+    """Arrays + metadata of one subject: either its model inputs or its held-out target, with the
+    work the families of one process share on it (``shared``, never saved)."""
 
     subject: str
     disorder: str
     arrays: dict[str, np.ndarray]
     meta: dict
+    shared: SharedWork = dataclasses.field(default_factory=SharedWork, repr=False, compare=False)
 
     def save(self, npz_path: str | Path) -> None:
         npz_path = Path(npz_path)

@@ -56,11 +56,11 @@ def cmd_train(args) -> int:
     """Train the cross-subject component of each family on one fold's training subjects.
 
     One process for all families of a disorder x fold: the subjects' data are read once and the
-    per-subject work the families share (e.g. mechanistic fits) is reused within the process.
+    per-subject work the families share (e.g. mechanistic fits) is done once (``SharedWork``).
     """
     import torch
 
-    from neurohybrid.disorders.base import SubjectData, get_disorder, inputs_path, target_path
+    from neurohybrid.disorders.base import SubjectData, TrainingPairs, get_disorder, inputs_path, target_path
     from neurohybrid.hybrid.device import seed_everything
     from neurohybrid.io.atomic import atomic_path
 
@@ -70,10 +70,11 @@ def cmd_train(args) -> int:
     subjects = [s for s in args.subjects.split(",") if s]
     if not subjects:
         raise InputError("no training subjects given")
-    pairs = [
+    # read once; the families share the work done on them (SubjectData.shared, TrainingPairs.shared)
+    pairs = TrainingPairs(
         (SubjectData.load(inputs_path(args.inputs, s), subject=s), SubjectData.load(target_path(args.targets, s), subject=s))
         for s in subjects
-    ]
+    )
     for family in families:
         if not family.trains_across_subjects:
             raise InputError(f"family {family.name} has no cross-subject component to train")
