@@ -102,14 +102,14 @@ def test_zero_correction_residual_equals_mechanistic(cohort):
 
 def test_mechanistic_recovers_kappa_alpha_from_noiseless_data(tmp_path):
     w, names = make_connectome(8, seed=3)
-    traj = simulate_subject(w, 0.12, 0.25, 0.8)
+    traj = simulate_subject(w, 0.12, 0.5, 0.8)
     write_subject(tmp_path / "bids", tmp_path / "pre", "R1", w, names, traj)
     inputs, target = DISORDER.build_inputs("R1", tmp_path / "bids", tmp_path / "pre", {})
     cfg = {"alzheimer": {"dt": 0.25, "fit_iterations": 60, "lbfgs_iterations": 20, "restarts": 1, "dtype": "float64"}}
     fc = Mechanistic(cfg, CPU).forecast(inputs, None)
     assert fc.parameters["kappa"] == pytest.approx(0.12, rel=0.02)
-    assert fc.parameters["alpha"] == pytest.approx(0.25, rel=0.02)
-    assert fc.parameters["scale"] == pytest.approx(1.0, rel=0.02)
+    assert fc.parameters["alpha"] == pytest.approx(0.5, rel=0.02)
+    assert fc.parameters["suvr_amplitude"] == pytest.approx(2.0, rel=0.02)
     assert np.allclose(fc.outputs["suvr"], target.arrays["suvr"], atol=5e-3)
     assert all(np.isfinite(fc.parameters[k]) for k in ("kappa_sd", "alpha_sd"))
 
@@ -118,7 +118,7 @@ def test_settings_read_config_sections():
     s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "sol_kappa_range": [0.1, 1]},
                               "sloppy": False})
     assert s.epochs == 9 and s.hidden == 5
-    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], 0.5])
+    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], s.amplitude_bounds[0]])
     assert Settings.from_config({"sloppy": True}).epochs <= 15
     with pytest.raises(InputError):
         Settings.from_config({"alzheimer": {"amortised_training": "magic"}})
