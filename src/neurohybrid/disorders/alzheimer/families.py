@@ -86,7 +86,7 @@ class _ADFamily(Family):
         return {"suvr": pred_last.detach().cpu().numpy().astype(np.float64).ravel()}
 
 
-VAL_REFIT_STEPS = 10  # Adam steps per epoch on a validation subject's theta (warm-started)
+VAL_REFIT_STEPS = 5  # Adam steps per epoch on a validation subject's theta (warm-started)
 
 
 def _last_members(subjects: list[Subject]) -> torch.Tensor:

@@ -72,7 +72,7 @@ class Settings:
     hidden: int = 16
     embedding_dim: int = 4
     correction_rate: float = 0.3
-    rate_penalty: float = 0.01
+    rate_penalty: float = 0.05
     residual_penalty: float = 0.01
     weight_decay: float = 0.0
     batch_size: int | None = 2
