@@ -23,7 +23,7 @@ from neurohybrid.errors import InputError  # noqa: E402
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 # tiny but real: few epochs/iterations, the same code paths as the demo
-FAST = {"seed": 0, "models": {"epochs": 12, "hidden": 8}, "alzheimer": {"fit_iterations": 15, "restarts": 1,
+FAST = {"seed": 0, "models": {"epochs": 20, "hidden": 8}, "alzheimer": {"fit_iterations": 15, "restarts": 1,
                                                                          "lbfgs_iterations": 0, "sol_samples": 2}}
 
 
@@ -64,18 +64,29 @@ def test_build_inputs_errors_name_subject_and_file(tmp_path):
 
 
 def test_every_family_trains_and_forecasts(cohort):
+    """Every family trains (its loss at least halves), forecasts finite SUVR in range and starts
+    from the last observed visit."""
     _, _, _, _, data = cohort
     train = [data[s] for s in ("AD01", "AD02", "AD03")]
     inputs, target = data["AD04"]
     assert set(DISORDER.families) == set(FAMILIES)
+    last_year = float(inputs.arrays["years"][-1])
     for name in FAMILIES:
         fam = DISORDER.family(name, FAST, CPU)
         ck = fam.train(train) if fam.trains_across_subjects else None
         if ck is not None:
             hist = ck["history"]
-            assert len(hist) >= 2 and min(hist[1:]) < hist[0], f"{name}: loss did not decrease {hist[:3]}..{hist[-1]}"
+            # training converges, not just moves: at least half the first epoch's loss (sol_precomputed
+            # learns its one-step targets within the first epoch's mini-batches: a third; issue 11)
+            frac = 2 / 3 if name == "sol_precomputed" else 0.5
+            assert len(hist) >= 2 and min(hist) <= frac * hist[0], f"{name}: loss did not fall enough {hist[:3]}..{min(hist)}"
+            assert "val_history" in ck
         fc = fam.forecast(inputs, ck)
         out = fc.outputs["suvr"]
+        # fair information: with (almost) no time to the held-out visit, the forecast is the last
+        # observed visit, whatever the family fitted to the earlier ones
+        near = fam.forecast(dataclasses.replace(inputs, meta={**inputs.meta, "target_years": last_year + 1e-6}), ck)
+        assert np.allclose(near.outputs["suvr"], inputs.arrays["suvr"][-1], atol=1e-4), name
         assert out.shape == (8,) and np.all(np.isfinite(out)), name
         assert np.all(out > 0.5) and np.all(out < 4.0), name
         json.dumps(fc.parameters), json.dumps(fc.extra)  # the fit json must be writable
@@ -188,18 +199,3 @@ def test_residual_learns_position_dependent_clearance(clearance):
         assert min(ck["history"]) <= 0.5 * ck["history"][0], ck["history"]  # training converges, not just moves
     else:
         assert res <= 1.05 * mech, (res, mech)
-
-
-def test_every_forecast_starts_from_the_last_observed_visit(cohort):
-    """Fair information: with (almost) no time to the held-out visit, every family's forecast is
-    the last observed visit, whatever it fitted to the earlier ones."""
-    _, _, _, _, data = cohort
-    train = [data[s] for s in ("AD01", "AD02", "AD03")]
-    inputs = data["AD04"][0]
-    near = dataclasses.replace(inputs, meta={**inputs.meta, "target_years": float(inputs.arrays["years"][-1]) + 1e-6})
-    last = inputs.arrays["suvr"][-1]
-    for name in FAMILIES:
-        fam = DISORDER.family(name, FAST, CPU)
-        ck = fam.train(train) if fam.trains_across_subjects else None
-        out = fam.forecast(near, ck).outputs["suvr"]
-        assert np.allclose(out, last, atol=1e-4), (name, np.abs(out - last).max())

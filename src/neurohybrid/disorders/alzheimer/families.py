@@ -86,7 +86,7 @@ class _ADFamily(Family):
         return {"suvr": pred_last.detach().cpu().numpy().astype(np.float64).ravel()}
 
 
-VAL_REFIT_STEPS = 5  # Adam steps per epoch on a validation subject's theta (warm-started)
+VAL_REFIT_STEPS = 2  # Adam steps per epoch on a validation subject's theta (warm-started)
 
 
 def _last_members(subjects: list[Subject]) -> torch.Tensor:
@@ -469,6 +469,7 @@ class SolverInTheLoop(_ADFamily):
         self._seed()
         model = _sol_model(self.s, self.device, self.s.torch_dtype)
         model.set_context(cov, lap)
+        # items are the fine trajectories (mini-batches of batch_size trajectories)
         kw = self.s.train_kw()
         if self.precomputed:
             res = train_precomputed(model, fine, **kw)

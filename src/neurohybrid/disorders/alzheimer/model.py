@@ -56,17 +56,17 @@ class Settings:
 
     suvr_baseline: float = 1.0
     baseline_quantile: float = 0.25
-    kappa_bounds: tuple[float, float] = (0.005, 3.0)
+    kappa_bounds: tuple[float, float] = (0.005, 1.0)
     alpha_bounds: tuple[float, float] = (0.01, 2.0)
     amplitude_bounds: tuple[float, float] = (0.3, 3.0)
     sol_kappa_range: tuple[float, float] | None = None
     sol_alpha_range: tuple[float, float] | None = None
     dt: float = 0.5
     restarts: int = 2
-    fit_iterations: int = 100
+    fit_iterations: int = 40
     fit_learning_rate: float = 0.1
-    lbfgs_iterations: int = 10
-    epochs: int = 150
+    lbfgs_iterations: int = 5
+    epochs: int = 100
     learning_rate: float = 0.01
     theta_learning_rate: float = 0.01
     hidden: int = 16
@@ -75,9 +75,9 @@ class Settings:
     rate_penalty: float = 0.05
     residual_penalty: float = 0.01
     weight_decay: float = 0.0
-    batch_size: int | None = 2
+    batch_size: int | None = 1
     val_fraction: float = 0.25
-    patience: int | None = 40
+    patience: int | None = 20
     sol_steps: int = 4
     sol_coarse_dt: float = 1.5
     sol_samples: int = 3
