@@ -169,7 +169,7 @@ def test_cli_inputs_train_forecast_end_to_end(cohort, tmp_path):
 # ------------------------------------------------------------------------------------------
 # fairness and hybrids that can see the missing physics (issue 10)
 
-HYBRID = {"seed": 0, "models": {"epochs": 80, "patience": 25, "batch_size": 2},
+HYBRID = {"seed": 0, "models": {"epochs": 50, "patience": 15, "batch_size": 2},
           "alzheimer": {"fit_iterations": 100, "lbfgs_iterations": 10, "restarts": 2}}
 
 
