@@ -1,6 +1,7 @@
 """Alzheimer's disorder: inputs, every family on a tiny synthetic cohort, zero-correction
 equivalence, parameter recovery, and the inputs/train/forecast CLI end to end."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from neurohybrid.errors import InputError  # noqa: E402
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 # tiny but real: few epochs/iterations, the same code paths as the demo
-FAST = {"seed": 0, "models": {"epochs": 12, "hidden": 8}, "alzheimer": {"fit_iterations": 15, "restarts": 1,
+FAST = {"seed": 0, "models": {"epochs": 20, "hidden": 8}, "alzheimer": {"fit_iterations": 15, "restarts": 1,
                                                                          "lbfgs_iterations": 0, "sol_samples": 2}}
 
 
@@ -63,18 +64,29 @@ def test_build_inputs_errors_name_subject_and_file(tmp_path):
 
 
 def test_every_family_trains_and_forecasts(cohort):
+    """Every family trains (its loss at least halves), forecasts finite SUVR in range and starts
+    from the last observed visit."""
     _, _, _, _, data = cohort
     train = [data[s] for s in ("AD01", "AD02", "AD03")]
     inputs, target = data["AD04"]
     assert set(DISORDER.families) == set(FAMILIES)
+    last_year = float(inputs.arrays["years"][-1])
     for name in FAMILIES:
         fam = DISORDER.family(name, FAST, CPU)
         ck = fam.train(train) if fam.trains_across_subjects else None
         if ck is not None:
             hist = ck["history"]
-            assert len(hist) >= 2 and min(hist[1:]) < hist[0], f"{name}: loss did not decrease {hist[:3]}..{hist[-1]}"
+            # training converges, not just moves: at least half the first epoch's loss (sol_precomputed
+            # learns its one-step targets within the first epoch's mini-batches: a third; issue 11)
+            frac = 2 / 3 if name == "sol_precomputed" else 0.5
+            assert len(hist) >= 2 and min(hist) <= frac * hist[0], f"{name}: loss did not fall enough {hist[:3]}..{min(hist)}"
+            assert "val_history" in ck
         fc = fam.forecast(inputs, ck)
         out = fc.outputs["suvr"]
+        # fair information: with (almost) no time to the held-out visit, the forecast is the last
+        # observed visit, whatever the family fitted to the earlier ones
+        near = fam.forecast(dataclasses.replace(inputs, meta={**inputs.meta, "target_years": last_year + 1e-6}), ck)
+        assert np.allclose(near.outputs["suvr"], inputs.arrays["suvr"][-1], atol=1e-4), name
         assert out.shape == (8,) and np.all(np.isfinite(out)), name
         assert np.all(out > 0.5) and np.all(out < 4.0), name
         json.dumps(fc.parameters), json.dumps(fc.extra)  # the fit json must be writable
@@ -102,14 +114,14 @@ def test_zero_correction_residual_equals_mechanistic(cohort):
 
 def test_mechanistic_recovers_kappa_alpha_from_noiseless_data(tmp_path):
     w, names = make_connectome(8, seed=3)
-    traj = simulate_subject(w, 0.12, 0.25, 0.8)
+    traj = simulate_subject(w, 0.12, 0.5, 0.8)
     write_subject(tmp_path / "bids", tmp_path / "pre", "R1", w, names, traj)
     inputs, target = DISORDER.build_inputs("R1", tmp_path / "bids", tmp_path / "pre", {})
     cfg = {"alzheimer": {"dt": 0.25, "fit_iterations": 60, "lbfgs_iterations": 20, "restarts": 1, "dtype": "float64"}}
     fc = Mechanistic(cfg, CPU).forecast(inputs, None)
     assert fc.parameters["kappa"] == pytest.approx(0.12, rel=0.02)
-    assert fc.parameters["alpha"] == pytest.approx(0.25, rel=0.02)
-    assert fc.parameters["scale"] == pytest.approx(1.0, rel=0.02)
+    assert fc.parameters["alpha"] == pytest.approx(0.5, rel=0.02)
+    assert fc.parameters["suvr_amplitude"] == pytest.approx(2.0, rel=0.02)
     assert np.allclose(fc.outputs["suvr"], target.arrays["suvr"], atol=5e-3)
     assert all(np.isfinite(fc.parameters[k]) for k in ("kappa_sd", "alpha_sd"))
 
@@ -118,7 +130,7 @@ def test_settings_read_config_sections():
     s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "sol_kappa_range": [0.1, 1]},
                               "sloppy": False})
     assert s.epochs == 9 and s.hidden == 5
-    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], 0.5])
+    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], s.amplitude_bounds[0]])
     assert Settings.from_config({"sloppy": True}).epochs <= 15
     with pytest.raises(InputError):
         Settings.from_config({"alzheimer": {"amortised_training": "magic"}})
@@ -152,3 +164,38 @@ def test_cli_inputs_train_forecast_end_to_end(cohort, tmp_path):
                  "--inputs", str(res / "inputs"), "--models-dir", str(model.parent), "--config", str(cfg), "--out-dir", str(out)]) == 2
     assert main(["forecast", "--disorder", "alzheimer", "--family", "persistence", "--subject", "AD04",
                  "--inputs", str(res / "inputs"), "--config", str(cfg), "--out-dir", str(out)]) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# fairness and hybrids that can see the missing physics (issue 10)
+
+HYBRID = {"seed": 0, "models": {"epochs": 50, "patience": 15, "batch_size": 2},
+          "alzheimer": {"fit_iterations": 100, "lbfgs_iterations": 10, "restarts": 2}}
+
+
+def _rmse(fam, ck, data, subjects):
+    return float(np.mean([np.sqrt(np.mean((fam.forecast(data[s][0], ck).outputs["suvr"] - data[s][1].arrays["suvr"]) ** 2))
+                          for s in subjects]))
+
+
+@pytest.mark.parametrize("clearance", [0.3, 0.0])
+def test_residual_learns_position_dependent_clearance(clearance):
+    """A regional clearance that depends on a region's position (frontal regions clear tau) is
+    missing from the mechanistic model; the residual, which sees region positions, must beat the
+    mechanistic forecast by >= 20% on held-out subjects, and not degrade a cohort without it by
+    more than 5%."""
+    from alzheimer_synth import hidden_cohort
+
+    data = hidden_cohort(8, clearance, n_regions=10)
+    subjects = list(data)
+    train, test = subjects[:5], subjects[5:]
+    mech = _rmse(Mechanistic(HYBRID, CPU), None, data, test)
+    fam = Residual(HYBRID, CPU)
+    ck = fam.train([data[s] for s in train])
+    res = _rmse(fam, ck, data, test)
+    assert len(ck["val_history"]) == len(ck["history"]) and ck["validation_subjects"]
+    if clearance:
+        assert res <= 0.8 * mech, (res, mech)
+        assert min(ck["history"]) <= 0.5 * ck["history"][0], ck["history"]  # training converges, not just moves
+    else:
+        assert res <= 1.05 * mech, (res, mech)

