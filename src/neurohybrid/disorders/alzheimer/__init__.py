@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from neurohybrid.disorders.alzheimer.families import FAMILY_CLASSES
-from neurohybrid.disorders.alzheimer.inputs import build_inputs
 from neurohybrid.disorders.base import Disorder, Forecast, SubjectData
 from neurohybrid.errors import InputError
 from neurohybrid.io.atomic import write_tsv
@@ -21,9 +19,18 @@ from neurohybrid.io.atomic import write_tsv
 
 class AlzheimerDisorder(Disorder):
     name = "alzheimer"
-    families = FAMILY_CLASSES
+
+    @property
+    def families(self):
+        # imported on first use: torch is only needed once a family is (the workflow imports
+        # this package's settings when it parses the Snakefile)
+        from neurohybrid.disorders.alzheimer.families import FAMILY_CLASSES
+
+        return FAMILY_CLASSES
 
     def build_inputs(self, subject, bids_dir, preproc_dir, config):
+        from neurohybrid.disorders.alzheimer.inputs import build_inputs
+
         return build_inputs(subject, Path(bids_dir), Path(preproc_dir), config or {})
 
     def write_forecast(self, forecast: Forecast, inputs: SubjectData, family: str, out_dir: Path) -> list[Path]:

@@ -132,7 +132,7 @@ class Mechanistic(_ADFamily):
         start = time.perf_counter()
         pred, _, _ = forecast(res.theta, subj, self.s, self.device)
         return Forecast(self._output(pred), theta_dict(res.theta, std), fit_s, time.perf_counter() - start,
-                        {"calibration_loss": res.loss, "restart_losses": [float(l) for _, l in res.restarts]})
+                        {"calibration_loss": res.loss, "restart_losses": [float(loss) for _, loss in res.restarts]})
 
 
 # ------------------------------------------------------------------------------------------

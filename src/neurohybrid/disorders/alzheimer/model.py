@@ -30,155 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from neurohybrid.disorders.alzheimer.settings import Settings  # noqa: F401  (re-exported: the families read it here)
 from neurohybrid.disorders.base import SubjectData
 from neurohybrid.errors import InputError
-from neurohybrid.hybrid.calibration import Bounds, calibrate_gradient_many, gaussian_nll, laplace_covariance
+from neurohybrid.hybrid.calibration import calibrate_gradient_many, gaussian_nll, laplace_covariance
 from neurohybrid.hybrid.neural_ode import HybridDynamics, integrate, transport
 from neurohybrid.solvers.network import laplacian
 
 THETA_NAMES = ("kappa", "alpha", "suvr_amplitude")
 N_COVARIATES = 4  # |x|, y, z of the region's centroid (MNI, /100 mm), z-scored log regional volume
-
-
-def _get(config: dict, key: str, default):
-    """alzheimer.<key> overrides models.<key>; both absent -> default."""
-    for section in ("alzheimer", "models"):
-        sec = config.get(section) or {}
-        if key in sec and sec[key] is not None:
-            return sec[key]
-    return default
-
-
-@dataclasses.dataclass
-class Settings:
-    """Every config key the Alzheimer's families read (section ``alzheimer``, falling back to
-    ``models`` for the shared ones); see ``from_config``."""
-
-    suvr_baseline: float = 1.0
-    baseline_quantile: float = 0.25
-    kappa_bounds: tuple[float, float] = (0.005, 1.0)
-    alpha_bounds: tuple[float, float] = (0.01, 2.0)
-    amplitude_bounds: tuple[float, float] = (0.3, 3.0)
-    sol_kappa_range: tuple[float, float] | None = None
-    sol_alpha_range: tuple[float, float] | None = None
-    dt: float = 0.5
-    restarts: int = 2
-    fit_iterations: int = 40
-    fit_learning_rate: float = 0.1
-    lbfgs_iterations: int = 5
-    epochs: int = 100
-    learning_rate: float = 0.01
-    theta_learning_rate: float = 0.01
-    hidden: int = 16
-    embedding_dim: int = 4
-    correction_rate: float = 0.3
-    rate_penalty: float = 0.05
-    residual_penalty: float = 0.01
-    weight_decay: float = 0.0
-    batch_size: int | None = 1
-    val_fraction: float = 0.25
-    patience: int | None = 20
-    sol_steps: int = 4
-    sol_coarse_dt: float = 1.5
-    sol_samples: int = 3
-    sol_trajectory_steps: int = 4
-    amortised_training: str = "end_to_end"
-    adjoint: bool = False
-    dtype: str = "float32"
-    seed: int = 0
-    time_limit_s: float | None = None
-    torch_threads: int = 1
-
-    @classmethod
-    def from_config(cls, config: dict) -> "Settings":
-        config = config or {}
-        d = cls()
-
-        def pair(key, default):
-            v = _get(config, key, default)
-            return None if v is None else tuple(float(x) for x in v)
-
-        s = cls(
-            suvr_baseline=float(_get(config, "suvr_baseline", d.suvr_baseline)),
-            baseline_quantile=float(_get(config, "baseline_quantile", d.baseline_quantile)),
-            # the search box is deliberately wide and independent of the synthetic cohort's priors
-            kappa_bounds=pair("kappa_bounds", d.kappa_bounds),
-            alpha_bounds=pair("alpha_bounds", d.alpha_bounds),
-            amplitude_bounds=pair("amplitude_bounds", d.amplitude_bounds),
-            sol_kappa_range=pair("sol_kappa_range", None),
-            sol_alpha_range=pair("sol_alpha_range", None),
-            dt=float(_get(config, "dt", d.dt)),
-            restarts=int(_get(config, "restarts", d.restarts)),
-            fit_iterations=int(_get(config, "fit_iterations", d.fit_iterations)),
-            fit_learning_rate=float(_get(config, "fit_learning_rate", d.fit_learning_rate)),
-            lbfgs_iterations=int(_get(config, "lbfgs_iterations", d.lbfgs_iterations)),
-            epochs=int(_get(config, "epochs", d.epochs)),
-            learning_rate=float(_get(config, "learning_rate", d.learning_rate)),
-            theta_learning_rate=float(_get(config, "theta_learning_rate", d.theta_learning_rate)),
-            hidden=int(_get(config, "hidden", d.hidden)),
-            embedding_dim=int(_get(config, "embedding_dim", d.embedding_dim)),
-            correction_rate=float(_get(config, "correction_rate", d.correction_rate)),
-            rate_penalty=float(_get(config, "rate_penalty", d.rate_penalty)),
-            residual_penalty=float(_get(config, "residual_penalty", d.residual_penalty)),
-            weight_decay=float(_get(config, "weight_decay", d.weight_decay)),
-            batch_size=_get(config, "batch_size", d.batch_size),
-            val_fraction=float(_get(config, "val_fraction", d.val_fraction)),
-            patience=_get(config, "patience", d.patience),
-            sol_steps=int(_get(config, "sol_steps", d.sol_steps)),
-            sol_coarse_dt=float(_get(config, "sol_coarse_dt", d.sol_coarse_dt)),
-            sol_samples=int(_get(config, "sol_samples", d.sol_samples)),
-            sol_trajectory_steps=int(_get(config, "sol_trajectory_steps", d.sol_trajectory_steps)),
-            amortised_training=str(_get(config, "amortised_training", d.amortised_training)),
-            adjoint=bool(_get(config, "adjoint", d.adjoint)),
-            dtype=str(_get(config, "dtype", d.dtype)),
-            seed=int(config.get("seed", d.seed) or 0),
-            time_limit_s=_get(config, "train_time_limit_s", d.time_limit_s),
-            torch_threads=int(_get(config, "torch_threads", d.torch_threads)),
-        )
-        if config.get("sloppy"):
-            # tests / smoke runs: fewer iterations everywhere, same code paths
-            s.epochs = min(s.epochs, 15)
-            s.fit_iterations = min(s.fit_iterations, 15)
-            s.restarts = min(s.restarts, 2)
-            s.lbfgs_iterations = min(s.lbfgs_iterations, 3)
-            s.sol_samples = min(s.sol_samples, 2)
-        if s.amortised_training not in ("end_to_end", "calibrated"):
-            raise InputError(f"alzheimer.amortised_training must be end_to_end or calibrated, got {s.amortised_training!r}")
-        if not 0.0 <= s.baseline_quantile <= 1.0:
-            raise InputError("alzheimer.baseline_quantile must lie in [0, 1]")
-        if s.amplitude_bounds[0] <= 0:
-            raise InputError("alzheimer.amplitude_bounds must be positive")
-        if s.patience is not None:
-            s.patience = int(s.patience)
-        if s.batch_size is not None:
-            s.batch_size = int(s.batch_size)
-        return s
-
-    @property
-    def torch_dtype(self):
-        return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
-
-    def bounds(self) -> Bounds:
-        lo = [self.kappa_bounds[0], self.alpha_bounds[0], self.amplitude_bounds[0]]
-        hi = [self.kappa_bounds[1], self.alpha_bounds[1], self.amplitude_bounds[1]]
-        return Bounds(lo, hi, log=[True, True, True])
-
-    def sol_bounds(self) -> Bounds:
-        """Where the solver-in-the-loop network is trained, and so where its calibration searches
-        (a learned correction is only valid where it was trained): sol_kappa_range /
-        sol_alpha_range when set, else the calibration bounds."""
-        k = self.sol_kappa_range or self.kappa_bounds
-        a = self.sol_alpha_range or self.alpha_bounds
-        return Bounds([k[0], a[0], self.amplitude_bounds[0]], [k[1], a[1], self.amplitude_bounds[1]], log=[True] * 3)
-
-    def prior_centre(self) -> np.ndarray:
-        b = self.bounds()
-        return np.sqrt(b.lower * b.upper)
-
-    def train_kw(self) -> dict:
-        return dict(epochs=self.epochs, lr=self.learning_rate, weight_decay=self.weight_decay, batch_size=self.batch_size,
-                    val_fraction=self.val_fraction, patience=self.patience, seed=self.seed,
-                    time_limit_s=self.time_limit_s)
 
 
 @dataclasses.dataclass
