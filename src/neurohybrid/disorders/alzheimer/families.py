@@ -42,7 +42,7 @@ from neurohybrid.disorders.alzheimer.model import (
     N_FEATURES, Context, RegionCorrection, Settings, Subject, common_regions, correction_state, fit_subjects,
     forecast, laplace_sd, load_correction, make_batch, owner_misfit, predict, theta_dict,
 )
-from neurohybrid.disorders.base import Family, Forecast, SubjectData
+from neurohybrid.disorders.base import Family, Forecast, SubjectData, shared_work
 from neurohybrid.errors import InputError
 from neurohybrid.hybrid.amortised import ParameterNet, train_end_to_end, train_supervised
 from neurohybrid.hybrid.neural_ode import HybridDynamics, RegionwiseMLP, integrate, transport
@@ -126,7 +126,7 @@ class Mechanistic(_ADFamily):
     def forecast(self, inputs, trained):
         subj = self._subject(inputs)
         start = time.perf_counter()
-        res = fit_subjects([subj], self.s, self.device)[0]
+        res = fit_subjects([subj], self.s, self.device, shared=inputs.shared)[0]
         std = laplace_sd(res.theta, subj, self.s)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -198,7 +198,7 @@ class Residual(_ADFamily):
         last = _last_members(subjects)
         # theta of each training subject starts at its mechanistic calibration, then moves jointly with g
         fits = fit_subjects([s.visits(s.suvr.shape[0] - 1) if i in val_idx else s for i, s in enumerate(subjects)],
-                            self.s, self.device)
+                            self.s, self.device, shared=shared_work(pairs))
         z = torch.tensor(np.stack([bounds.to_unconstrained(r.theta) for r in fits]), dtype=batch.obs.dtype,
                          device=self.device, requires_grad=True)
         z_val = z.detach().clone().requires_grad_(True)
@@ -290,7 +290,7 @@ class Amortised(_ADFamily):
             return loss if corr is None else loss + self.s.rate_penalty * _ridge(corr, sub)
 
         if self.s.amortised_training == "calibrated" and not self.with_correction:
-            targets = torch.as_tensor(np.stack([r.theta for r in fit_subjects(observed, self.s, self.device)]),
+            targets = torch.as_tensor(np.stack([r.theta for r in fit_subjects(observed, self.s, self.device, shared=shared_work(pairs))]),
                                       dtype=feats.dtype, device=self.device)
             res = train_supervised(net, feats, targets, **self.s.train_kw())
         elif corr is None:

@@ -375,19 +375,16 @@ def owner_misfit(pred: torch.Tensor, batch: Batch, n_owners: int, penalty: torch
     return out
 
 
-def fit_subjects(subjects: list[Subject], settings: Settings, device, correction=None, seed=None):
+def fit_subjects(subjects: list[Subject], settings: Settings, device, correction=None, seed=None, shared=None):
     """Per-subject calibration of theta by multiple shooting on each subject's visits, all
     subjects and restarts in one batched solve per iteration. Returns CalibrationResults.
 
-    Without a correction the fit is memoised per process (``neurohybrid.hybrid.cache``, keyed on
-    the subjects' arrays, the settings and seed): the residual, UDE and amortised trainings of a
-    fold start from the same mechanistic fits of its training subjects."""
-    if correction is None:
-        from neurohybrid.hybrid import cache
-
-        return cache.memo("alzheimer.fit_subjects", ([dataclasses.astuple(s) for s in subjects], settings, seed,
-                                                     str(device)),
-                          lambda: _fit_subjects(subjects, settings, device, None, seed))
+    Without a correction the fit is done once per ``shared`` (``SharedWork`` of the subject's inputs
+    or of the fold's training pairs): the residual, UDE and amortised trainings of a fold start
+    from the same mechanistic fits of its training subjects."""
+    if correction is None and shared is not None:
+        depends_on = ([(s.subject, int(s.suvr.shape[0])) for s in subjects], dataclasses.asdict(settings), seed, str(device))
+        return shared.get("alzheimer.fit_subjects", depends_on, lambda: _fit_subjects(subjects, settings, device, None, seed))
     return _fit_subjects(subjects, settings, device, correction, seed)
 
 
