@@ -207,3 +207,52 @@ def test_every_family_starts_from_the_observed_acute_state(early):
         fc = fam.forecast(inputs, trained)
         assert fc.outputs["infarct"][core].all(), name
         assert np.all(fc.outputs["dead"][core] == 1.0), name
+
+
+# ---------------------------------------------------------------------------------------------
+# the Numba solves with exact derivatives equal the torch RK4 unroll
+# ---------------------------------------------------------------------------------------------
+
+def test_numba_death_and_gradients_match_the_torch_unroll():
+    from neurohybrid.disorders.stroke.death_grad import DeathUDE, death_at_end
+    from neurohybrid.disorders.stroke.families import xue_unroll
+    from neurohybrid.solvers.stroke import XUE2021 as P
+
+    rng = np.random.default_rng(0)
+    n = 200
+    f64 = dict(dtype=torch.float64)
+    fb = torch.as_tensor(rng.uniform(5, 40, n), **f64)
+    fa = torch.as_tensor(rng.uniform(30, 60, n), **f64)
+    w = torch.as_tensor(rng.uniform(0, 1, n), **f64)
+    rep = np.where(rng.uniform(size=n) < 0.5, np.inf, rng.choice([5.0, 7.5], n))
+    end = rng.choice([24.0, 30.0], n)
+    weights = torch.as_tensor(rng.normal(size=n), **f64)
+    # residual: derivative in the flow before reperfusion
+    a, b = fb.clone().requires_grad_(), fb.clone().requires_grad_()
+    da, db = xue_unroll(a, fa, w, rep, end, 900.0), death_at_end(b, fa, w, rep, end, 900.0)
+    (da * weights).sum().backward()
+    (db * weights).sum().backward()
+    torch.testing.assert_close(db, da, atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7)
+    # UDE: derivative in the rate modulations (before / after reperfusion)
+    g0 = torch.as_tensor(rng.uniform(-0.5, 0.5, (n, 4)), **f64)
+    mult = 1.0 + (P["wm_factor"] - 1.0) * w
+    hb = torch.sigmoid(-2.0 * (P["k1"] * fb * mult + P["k2"]))
+    ha = torch.sigmoid(-2.0 * (P["k1"] * fa * mult + P["k2"]))
+    ga, gb = g0.clone().requires_grad_(), g0.clone().requires_grad_()
+    after_mask = {}
+
+    def extra(d, tox, hp):
+        # the phase of each voxel: hp equals ha after reperfusion
+        after = (hp == ha) & torch.as_tensor(np.isfinite(rep))
+        gd = torch.where(after, ga[:, 2], ga[:, 0])
+        gt = torch.where(after, ga[:, 3], ga[:, 1])
+        alive = 1.0 - d
+        return P["kf"] * tox * alive * gd, P["kt"] * hp * gt * alive
+
+    da = xue_unroll(fb, fa, w, rep, end, 900.0, extra)
+    db = DeathUDE.apply(gb, hb.numpy(), ha.numpy(), rep, end, 900.0)
+    (da * weights).sum().backward()
+    (db * weights).sum().backward()
+    torch.testing.assert_close(db, da, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gb.grad, ga.grad, atol=1e-9, rtol=1e-7)

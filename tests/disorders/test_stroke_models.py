@@ -174,7 +174,7 @@ def test_mechanistic_trains_a_sigma_prior(cohort):
 
 def test_zero_correction_equals_mechanistic(cohort):
     from neurohybrid.disorders.networks import TinyCNN
-    from neurohybrid.disorders.stroke.families import N_FEATURES, N_VOXEL_COVARIATES, PointwiseCorrection
+    from neurohybrid.disorders.stroke.families import N_FEATURES, RateCorrection
 
     inputs, _ = cohort["data"]["s1"]
     d = get_disorder("stroke")
@@ -183,7 +183,7 @@ def test_zero_correction_equals_mechanistic(cohort):
     np.testing.assert_allclose(res.outputs["dead"], ref.outputs["dead"], atol=1e-4)
     assert (res.outputs["infarct"] == ref.outputs["infarct"]).all()
     ude = d.family("ude", FAST, "cpu").forecast(
-        inputs, {"state_dict": PointwiseCorrection(8, n_cov=N_VOXEL_COVARIATES, scale_t=4e-5).state_dict()})
+        inputs, {"state_dict": RateCorrection(8).state_dict()})
     np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
 
 

@@ -21,8 +21,11 @@ Hybrids:
 
 * residual (APHYNITY, parallel): the model is driven by CBF / sigma + c_phi(x), c a small 3D CNN of
   the features. Loss = soft Dice at follow-up + lambda * mean c^2; c = 0 is the mechanistic model.
-* ude: dD/dt, dT/dt = Xue(D, T; H) + (1 - D) g_phi(D, T, H, covariates), g a pointwise MLP of the
-  per-voxel features, integrated by the same classical RK4 as the model (``xue_unroll``).
+* ude: the Xue rates modulated by a pointwise MLP of (H, per-voxel features): death rate x (1 + g_D),
+  toxic production x (1 + g_T), g in (-1, 1) (``RateCorrection``). The network sees the voxel's
+  covariates, not its state (D, T): that keeps training at one Numba RK4 solve with exact
+  derivatives per step (``death_grad``); backpropagating a state-dependent MLP through the 480
+  torch RK4 steps of 120 h cost ~8 s per optimiser step on one core.
 * sol / sol_precomputed (series): a large-step (``sol_step_hours``) semi-implicit solver whose state a
   pointwise MLP corrects after each step; SOL-n unrolls n steps against the fine Numba solver
   (RK4, ``fine_dt_s``), the pre-computed variant learns one-step targets. Same network.
@@ -584,20 +587,43 @@ def _hypoxia(case: _Case):
     return before.astype(np.float32), after.astype(np.float32)
 
 
+class RateCorrection(nn.Module):
+    """The UDE's neural term: (H, per-voxel covariates) -> (g_D, g_T) in (-1, 1), the relative change
+    of the death rate and of the toxic production: dD/dt = kf T (1 - D) (1 + g_D),
+    dT/dt = (kt H (1 + g_T) - kb T (1 - H)) (1 - D). Zero-initialised (the mechanistic model); the
+    bounds keep the physics (D rises, stays <= 1; T >= 0; nothing happens in dead tissue)."""
+
+    def __init__(self, hidden=16, n_cov=N_VOXEL_COVARIATES):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1 + int(n_cov), hidden), nn.Tanh(), nn.Linear(hidden, 2))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x):
+        return torch.tanh(self.net(x))
+
+
 def ude_dead_many(model, cases, voxels, s, device):
-    """D at follow-up of the concatenated voxel subsets of the cases (None: all candidates), with
-    the pointwise correction (1 - D) g(D, T, H, covariates) added to the model's rates."""
-    vox_list = [np.arange(c.cbf.size) if v is None else np.asarray(v) for c, v in zip(cases, voxels)]
-    fb, fa, w, rep, end = _flows(cases, vox_list, device)
-    cov = torch.as_tensor(np.concatenate([c.voxel_cov[v] for c, v in zip(cases, vox_list)]), device=device)[None]
+    """D at follow-up of the concatenated voxel subsets of the cases (None: all candidates), with the
+    rates modulated by ``RateCorrection`` of (H, covariates) before and after reperfusion. Solved by
+    the Numba RK4 of ``death_grad`` with the exact derivatives in the modulations (the torch unroll
+    ``xue_unroll`` with a rate term gives the same numbers at ~100x the cost)."""
+    from neurohybrid.disorders.stroke.death_grad import DeathUDE
 
-    def extra(d, tox, hp):
-        out = model(torch.cat([d, tox])[None], torch.cat([hp[None, :, None], cov], dim=-1))[0]
-        n = d.shape[0]
-        alive = 1.0 - d
-        return out[:n] * alive, out[n:] * alive
-
-    return xue_unroll(fb, fa, w, rep, end, float(s["dt_s"]), extra)
+    hb, ha, cov, rep, end = [], [], [], [], []
+    for case, vox in zip(cases, voxels):
+        vox = np.arange(case.cbf.size) if vox is None else np.asarray(vox)
+        b, a = _hypoxia(case)
+        hb.append(b[vox])
+        ha.append(a[vox])
+        cov.append(case.voxel_cov[vox])
+        rep.append(np.full(vox.size, np.inf if case.rep is None else case.rep))
+        end.append(np.full(vox.size, case.hours))
+    hb, ha, cov = np.concatenate(hb), np.concatenate(ha), torch.as_tensor(np.concatenate(cov), device=device)
+    xb = torch.cat([torch.as_tensor(hb, device=device)[:, None], cov], dim=1)
+    xa = torch.cat([torch.as_tensor(ha, device=device)[:, None], cov], dim=1)
+    g = torch.cat([model(xb), model(xa)], dim=1)
+    return DeathUDE.apply(g, hb, ha, np.concatenate(rep), np.concatenate(end), float(s["dt_s"])).clamp(0.0, 1.0)
 
 
 def ude_dead(model, case: _Case, s, device, voxels=None):
@@ -610,7 +636,7 @@ class UDE(StrokeFamily):
     trains_across_subjects = True
 
     def model(self):
-        return PointwiseCorrection(hidden=2 * int(self.s["hidden"]), n_cov=N_VOXEL_COVARIATES, scale_t=4e-5).to(self.device)
+        return RateCorrection(hidden=2 * int(self.s["hidden"])).to(self.device)
 
     def train(self, pairs):
         prior = mech.sigma_prior(pairs, self.s)

@@ -42,7 +42,7 @@ from neurohybrid.disorders import voxel
 DEFAULTS = dict(
     crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, fit_iterations=20,
     epochs=12, learning_rate=0.01, hidden=8, residual_penalty=1e-3, train_margin=3, sol_step_hours=6.0, sol_steps=3,
-    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.0, patience=None, threads=1, torch_threads=1, ude_train_voxels=2000,
+    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.25, patience=10, threads=1, torch_threads=1, ude_train_voxels=2000,
     residual_train_voxels=4000,
     # sigma when the acute core is empty or tiny (see the module docstring)
     sigma_min_core_voxels=5, sigma_default=1.0,
