@@ -8,7 +8,7 @@ budget. The model is per voxel and the correction enters only through H before r
 D(t_end) is a scalar function of one scalar per voxel: a Numba kernel integrates the state and its
 tangent dD/dH_before (the exact derivative of the same discrete RK4 scheme, stage by stage) and
 ``DeathAtEnd`` wraps it as a torch autograd function. Same time grid as
-``families.xue_unroll`` (the torch version, kept for the UDE whose correction sits in the rates).
+``families.xue_unroll`` (the torch version: the reference the tests compare both kernels with).
 """
 
 from __future__ import annotations
