@@ -26,7 +26,7 @@ def _save(path, data, affine):
     nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
 
 
-def write_cohort(root, subjects, reperfusion=(6.0, None, 8.0, 5.0)):
+def write_cohort(root, subjects, reperfusion=(6.0, None, 8.0, 5.0), t_acute=3.0):
     bids, preproc = root / "bids", root / "preproc"
     affine = np.diag([VOX, VOX, VOX, 1.0])
     affine[:3, 3] = -VOX * (np.array(SHAPE) - 1) / 2
@@ -43,7 +43,7 @@ def write_cohort(root, subjects, reperfusion=(6.0, None, 8.0, 5.0)):
         r2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
         cbf = np.where(brain, normal_cbf(wm) * (1.0 - 0.85 * np.exp(-r2 / (2 * 3.0 ** 2))), 0.0)
         rep = reperfusion[i % len(reperfusion)]
-        t_acute, t_follow = 3.0, 24.0
+        t_follow = 24.0
         out = simulate_tissue_death(cbf / sigma, hours=t_follow, reperfusion_h=rep, cbf_after=normal_cbf(wm) / sigma,
                                     wm_fraction=wm, save_hours=[t_acute, t_follow], dt_s=60.0, threads=1)
         core = (out["dead"][0] > 0.8) & brain
@@ -135,7 +135,14 @@ def test_family_trains_and_forecasts(cohort, family):
     torch.manual_seed(0)
     trained = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])
     hist = trained.get("history") or trained.get("amortised_history")
-    assert len(hist) >= 2 and hist[-1] < hist[0], hist
+    # loss decrease is required where there is something to learn (this cohort is made by the
+    # mechanistic model itself: the corrections start exact); see test_stroke_hybrids and
+    # test_data_driven_loss_halves
+    assert len(hist) >= 2 and np.all(np.isfinite(hist)), hist
+    if family in ("residual", "ude", "amortised_residual"):
+        assert "val_history" in trained and "best_epoch" in trained
+    if family in ("residual", "ude", "sol", "sol_precomputed"):
+        assert trained["sigma_prior"]["source"] == "fold prior"
     fc = fam.forecast(cohort["data"]["s3"][0], trained)
     assert fc.outputs["infarct"].shape == SHAPE and fc.outputs["infarct"].dtype == bool
     assert fc.outputs["infarct"].any()
@@ -145,17 +152,38 @@ def test_family_trains_and_forecasts(cohort, family):
         assert fc.extra["sol_cost_seconds"] > 0 and fc.extra["fine_cost_seconds"] > 0
 
 
+def test_data_driven_loss_halves(cohort):
+    cfg = {**FAST, "stroke": {**FAST["stroke"], "epochs": 40}}
+    fam = get_disorder("stroke").family("data_driven", cfg, "cpu")
+    torch.manual_seed(0)
+    hist = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])["history"]
+    assert min(hist) <= 0.5 * hist[0], hist
+
+
+def test_mechanistic_trains_a_sigma_prior(cohort):
+    fam = get_disorder("stroke").family("mechanistic", FAST, "cpu")
+    assert fam.trains_across_subjects
+    trained = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])
+    prior = trained["sigma_prior"]
+    assert prior["subjects"] == ["s1", "s2"] and len(prior["values"]) == 2
+    for sub, value in zip(prior["subjects"], prior["values"]):
+        assert value == pytest.approx(cohort["truth"][sub]["sigma"], rel=0.1)
+    fc = fam.forecast(cohort["data"]["s3"][0], trained)  # s3 has a core: its own sigma, identified
+    assert fc.extra["sigma_identified"] is True and fc.extra["sigma_source"] == "acute core"
+
+
 def test_zero_correction_equals_mechanistic(cohort):
     from neurohybrid.disorders.networks import TinyCNN
-    from neurohybrid.disorders.stroke.families import PointwiseCorrection
+    from neurohybrid.disorders.stroke.families import N_FEATURES, RateCorrection
 
     inputs, _ = cohort["data"]["s1"]
     d = get_disorder("stroke")
     ref = d.family("mechanistic", FAST, "cpu").forecast(inputs, None)
-    res = d.family("residual", FAST, "cpu").forecast(inputs, {"state_dict": TinyCNN(4, 1, 4, 3).state_dict()})
+    res = d.family("residual", FAST, "cpu").forecast(inputs, {"state_dict": TinyCNN(N_FEATURES, 1, 4, 3).state_dict()})
     np.testing.assert_allclose(res.outputs["dead"], ref.outputs["dead"], atol=1e-4)
     assert (res.outputs["infarct"] == ref.outputs["infarct"]).all()
-    ude = d.family("ude", FAST, "cpu").forecast(inputs, {"state_dict": PointwiseCorrection(8).state_dict()})
+    ude = d.family("ude", FAST, "cpu").forecast(
+        inputs, {"state_dict": RateCorrection(8).state_dict()})
     np.testing.assert_allclose(ude.outputs["dead"], ref.outputs["dead"], atol=1e-4)
 
 
@@ -163,24 +191,30 @@ def test_residual_trains_on_voxel_subsets(cohort):
     """Training solves the per-voxel model on random subsets of the candidate voxels: on a subset
     it gives exactly the full solve's values there (the CNN still sees the whole image)."""
     from neurohybrid.disorders.networks import TinyCNN
-    from neurohybrid.disorders.stroke.families import _Case, residual_dead
+    from neurohybrid.disorders.stroke.families import N_FEATURES, _Case, residual_dead
 
     inputs, target = cohort["data"]["s1"]
     s = mech.settings(FAST)
     case = _Case(inputs, mech.calibrate(inputs, s), s, target)
     torch.manual_seed(0)
-    net = TinyCNN(4, 1, 4, 3, zero_init=False)
+    net = TinyCNN(N_FEATURES, 1, 4, 3, zero_init=False)
     voxels = np.random.default_rng(0).choice(case.target.size, 40, replace=False)
     with torch.no_grad():
         full, pen_full = residual_dead(net, case, s, "cpu")
         sub, pen_sub = residual_dead(net, case, s, "cpu", voxels)
     torch.testing.assert_close(sub, full[torch.as_tensor(voxels)])
     assert float(pen_sub) == float(pen_full) > 0  # the penalty covers every candidate voxel
-    cfg = {**FAST, "stroke": {**FAST["stroke"], "residual_train_voxels": 40}}
-    fam = get_disorder("stroke").family("residual", cfg, "cpu")
-    torch.manual_seed(0)
-    hist = fam.train([cohort["data"]["s1"], cohort["data"]["s2"]])["history"]
-    assert case.target.size > 40 and hist[-1] < hist[0]
+    # training items: disjoint seeded chunks of at most residual_train_voxels voxels per subject, outside the core
+    from neurohybrid.disorders.stroke.families import voxel_items
+
+    s40 = {**s, "residual_train_voxels": 40, "voxel_chunks": 4}
+    items = voxel_items([case, case], s40, 0, 40)
+    assert len(items) == 8 and case.target.size > 40
+    for k in (0, 1):
+        vox = np.concatenate([v for c, v in items if c == k])
+        assert vox.size == 40 == np.unique(vox).size and not case.core[vox].any()
+    again = voxel_items([case, case], s40, 0, 40)
+    assert all(c == c2 and np.array_equal(v, v2) for (c, v), (c2, v2) in zip(items, again))
 
 
 def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
@@ -265,10 +299,11 @@ def test_cli_end_to_end(tmp_path):
         assert main(["inputs", "--disorder", "stroke", "--subject", s, "--bids", str(bids), "--preproc", str(preproc),
                      "--config", str(cfg), "--inputs-out", ins, "--targets-out", tgs]) == 0
     ckpt = tmp_path / "model-amortised.pt"
-    assert main(["train", "--disorder", "stroke", "--family", "amortised", "--subjects", "c1,c2", "--inputs", ins,
+    assert main(["train", "--disorder", "stroke", "--family", "mechanistic,amortised", "--subjects", "c1,c2", "--inputs", ins,
                  "--targets", tgs, "--config", str(cfg), "--out-dir", str(ckpt.parent)]) == 0
     out = tmp_path / "forecasts"
-    for fam, extra in (("persistence", []), ("mechanistic", []), ("amortised", ["--models-dir", str(ckpt.parent)])):
+    models = ["--models-dir", str(ckpt.parent)]
+    for fam, extra in (("persistence", []), ("mechanistic", models), ("amortised", models)):
         assert main(["forecast", "--disorder", "stroke", "--family", fam, "--subject", "c3", "--inputs", ins,
                      "--config", str(cfg), "--out-dir", str(out), *extra]) == 0
         mask = nib.load(str(out / f"sub-c3_model-{fam}_desc-infarct_mask.nii.gz"))

@@ -67,3 +67,17 @@ def test_stroke_plain_model_overpredicts_death(anat):
     final_plain = (plain["dead_followup"] > 0.8).sum()
     assert final_plain > 1.1 * final_hidden > 0
     assert np.all(hidden["dead_followup"] >= hidden["dead_imaging"] - 1e-12)
+
+
+def test_stroke_sensitivity_drawn_per_subject(anat):
+    """Each virtual patient's tissue sensitivity sigma is drawn (seeded) from SENSITIVITY_RANGE and
+    drives its tissue death: amortised inference has something to learn (it was 1.0 for everyone)."""
+    sig = [stroke.draw_parameters(np.random.default_rng(k))["sensitivity"] for k in range(40)]
+    lo, hi = stroke.SENSITIVITY_RANGE
+    assert all(lo <= s <= hi for s in sig) and np.std(np.log(sig)) > 0.08
+    assert stroke.draw_parameters(np.random.default_rng(3)) == stroke.draw_parameters(np.random.default_rng(3))
+    params = stroke.draw_parameters(np.random.default_rng(4))
+    params.update(onset_to_reperfusion_h=None, occlusion="M1", inflow_scale=0.3, collateral_strength=0.6)
+    dead = {s: (stroke.simulate_subject(anat, None, params={**params, "sensitivity": s})["dead_followup"] > 0.8).sum()
+            for s in (0.85, 1.2)}
+    assert dead[1.2] > 1.1 * dead[0.85] > 0

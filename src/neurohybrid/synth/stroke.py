@@ -18,6 +18,14 @@ acute CBF fixed until reperfusion, therefore over-predicts the final infarct. Ti
 ``neurohybrid.solvers.stroke.simulate_tissue_death`` integrated over 15-minute segments of
 piecewise-constant CBF (the solver carries D and T across segments through dead0/toxic0).
 
+Tissue sensitivity: the tissue of each virtual patient sees CBF / sigma (the model families' sigma,
+``neurohybrid.disorders.stroke.mechanistic``), sigma log-uniform in SENSITIVITY_RANGE = [0.8, 1.25]
+(centred on the published Xue 2021 tissue, sigma = 1): a +-25% spread of the flow at which tissue
+dies, the spread of the penumbral / core CBF thresholds reported across patients and studies
+(about 10-20 ml/100 g/min; ischaemic tolerance varies with age, glucose, temperature). Drawn last
+in ``draw_parameters`` (the other draws of a seed are unchanged) and written to the ground truth as
+disease.sensitivity.
+
 Observation: the acute CBF map (written at the imaging time, with the collateral gain reached
 by then) plus N(0, 2) noise; acute core = D(t_imaging) > 0.8; final infarct = D(follow-up) > 0.8.
 Times: onset-to-imaging U(1, 6) h; onset-to-reperfusion U(imaging + 0.5, imaging + 8) h, or n/a
@@ -40,10 +48,12 @@ COLLATERAL_LENGTH_MM = 10.0
 CBF_NOISE = 2.0
 PERMEABILITY = 16.0  # mm^2/min: Darcy smoothing length sqrt(K / beta) = 4 mm blurs the territory border
 DARCY_TOL = 1e-6     # CG relative tolerance: CBF to ~1e-4 ml/100 ml/min, far below the noise
-# The generator's tissue has the published Xue 2021 sensitivity: CBF enters H unscaled, which is
-# sigma = 1 in the model families' CBF / sigma (neurohybrid.disorders.stroke.mechanistic). Written
-# to the ground truth as disease.sensitivity, the counterpart of the fitted sigma.
+# The published Xue 2021 tissue: CBF enters H unscaled, sigma = 1 in the model families' CBF / sigma
+# (neurohybrid.disorders.stroke.mechanistic). Each subject's sigma is drawn log-uniformly in
+# SENSITIVITY_RANGE around it (module docstring) and written to the ground truth as
+# disease.sensitivity, the counterpart of the fitted sigma; parameter sets without one use 1.
 TISSUE_SENSITIVITY = 1.0
+SENSITIVITY_RANGE = (0.8, 1.25)
 DEATH_DT_S = 300.0   # RK4 step (solver default 60 s): kb dt = 0.65, RK4 decay factor off by 0.1%, 5x cheaper
 MCA_SUPERIOR = ["caudalmiddlefrontal", "rostralmiddlefrontal", "parsopercularis", "parstriangularis",
                 "parsorbitalis", "lateralorbitofrontal", "precentral", "postcentral", "supramarginal", "insula"]
@@ -64,6 +74,7 @@ def draw_parameters(rng) -> dict:
         "onset_to_imaging_h": imaging,
         "onset_to_reperfusion_h": float(np.round(rng.uniform(imaging + 0.5, imaging + 8.0), 2)) if reperfused else None,
         "followup_h": FOLLOWUP_H,
+        "sensitivity": float(np.exp(rng.uniform(*np.log(SENSITIVITY_RANGE)))),
     }
 
 
@@ -125,14 +136,16 @@ def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True, params: 
     territory = territory_mask(anat, params["side"], params["occlusion"])
     normal, acute0 = perfusion_maps(anat, territory, params["inflow_scale"])
     weight = collateral_weight(anat, territory)
+    sigma = float(params.get("sensitivity", TISSUE_SENSITIVITY))
     # only voxels the occlusion actually starves need the ODE: flow clearly below the voxel's own
     # normal value, mostly tissue (a CSF-dominated voxel has a low CBF per 100 ml of voxel without
     # being ischaemic), and a non-negligible hypoxic fraction (flow only rises afterwards)
     active = (anat.brain & (acute0 < 0.9 * normal) & (anat.gm + anat.wm >= 0.5)
-              & (hypoxic_fraction(acute0, anat.wm) > 1e-3))
+              & (hypoxic_fraction(acute0 / sigma, anat.wm) > 1e-3))
     t_img = params["onset_to_imaging_h"]
-    dead_img, dead_fu = tissue_death(acute0[active], normal[active], weight[active], anat.wm[active], params,
-                                     [t_img, params["followup_h"]], hidden=hidden)
+    # the tissue sees CBF / sigma at every time (cbf_at is linear in both maps)
+    dead_img, dead_fu = tissue_death(acute0[active] / sigma, normal[active] / sigma, weight[active], anat.wm[active],
+                                     params, [t_img, params["followup_h"]], hidden=hidden)
     cbf_img = cbf_at(t_img, acute0, normal, weight, params, hidden=hidden)
     return {"params": params, "territory": territory, "cbf_normal": normal, "cbf_onset": acute0,
             "cbf_imaging": cbf_img, "dead_imaging": _scatter(dead_img, active), "dead_followup": _scatter(dead_fu, active)}
@@ -168,4 +181,4 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
         desc = name.replace("_", "")
         bids.write_image(sub / f"sub-{subject}_desc-{desc}_map.nii.gz", sim[name], aff)
     bids.write_mask(sub / f"sub-{subject}_desc-territory_mask.nii.gz", sim["territory"], aff)
-    return {**params, "sensitivity": TISSUE_SENSITIVITY}
+    return {**params, "sensitivity": float(params.get("sensitivity", TISSUE_SENSITIVITY))}

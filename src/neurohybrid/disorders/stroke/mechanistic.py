@@ -8,6 +8,17 @@ acute imaging time: soft Dice of sigmoid((D - 0.8) / tau) against the core, mini
 onset-to-reperfusion time (flow back to the tissue's normal CBF, also divided by sigma).
 Uncertainty: the profile interval of sigma where the loss stays within 5% (+0.005) of its minimum.
 
+sigma when the acute core is empty or tiny (imaging 1-6 h after onset, often before any voxel has
+died): the soft-Dice loss is then the mean death probability, minimised by the least death, so the
+fit would sit at sens_min (loss 0) and forecast almost no infarct. With fewer than
+``sigma_min_core_voxels`` core voxels on the model grid (a core of 9-20 voxels at 2 mm already pins
+sigma within 10% in the tests), sigma counts as unidentified by the acute session: it is taken from a population prior
+(``sigma_prior``: the median of the fold's training subjects' sigma, each calibrated on its acute
+core AND follow-up infarct; without a trained prior the published Xue 2021 sensitivity, 1),
+clipped into the range the acute session allows: nothing outside the core dead at the imaging
+time (sigma below ``feasible_sigma_max``; for a tiny core, the profile interval). The fit reports
+``sigma_identified`` = false and ``sigma_source`` (StrokeFit.diagnostics).
+
 Only "candidate" voxels are simulated: tissue whose flow could make it die within the bounds of
 sigma (F_eff / sigma_max below `candidate_feff`, where H ~ 3e-3 and D stays below ~0.05 after two
 days), plus the acute core. Tissue is GM + WM >= `tissue_min`. Everything else keeps D = 0, as the model itself would.
@@ -31,10 +42,17 @@ from neurohybrid.disorders import voxel
 DEFAULTS = dict(
     crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, fit_iterations=20,
     epochs=12, learning_rate=0.01, hidden=8, residual_penalty=1e-3, train_margin=3, sol_step_hours=6.0, sol_steps=3,
-    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.0, patience=None, threads=1, torch_threads=1, ude_train_voxels=2000,
+    sol_train_steps=6, fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.25, patience=10, threads=1, torch_threads=1, ude_train_voxels=2000,
     residual_train_voxels=4000,
+    # sigma when the acute core is empty or tiny (see the module docstring)
+    sigma_min_core_voxels=5, sigma_default=1.0,
+    # features of the corrections: tissue with CBF below this fraction of its normal flow is hypoperfused
+    hypoperfusion_ratio=0.7,
+    # residual / amortised_residual / ude training items: chunks of each subject's voxels; batch_size
+    # (None: voxel_batch) chunks per optimiser step
+    voxel_chunks=8, voxel_batch=4,
 )
-SLOPPY = dict(fit_iterations=12, epochs=6, sol_train_steps=4)
+SLOPPY = dict(fit_iterations=12, epochs=6, sol_train_steps=4, voxel_chunks=4, voxel_batch=2)
 
 
 def settings(config: dict) -> dict:
@@ -47,6 +65,10 @@ class StrokeFit:
     loss: float = float("nan")
     seconds: float = 0.0
     interval: tuple[float, float] = (float("nan"), float("nan"))
+    identified: bool = True
+    source: str = "acute core"  # "acute core" | "fold prior" | "default prior" | "amortised"
+    prior_sigma: float | None = None
+    feasible_max: float | None = None
 
     def parameters(self) -> dict:
         """What the fit json reports as ``parameters``, i.e. what parameter recovery scores: only
@@ -59,7 +81,111 @@ class StrokeFit:
 
     def diagnostics(self) -> dict:
         """The fit's quality, reported beside the parameters (not scored against a truth)."""
-        return dict(calibration_loss=self.loss)
+        out = dict(calibration_loss=self.loss, sigma_identified=bool(self.identified), sigma_source=self.source)
+        if self.prior_sigma is not None:
+            out["sigma_prior"] = float(self.prior_sigma)
+        if self.feasible_max is not None:
+            out["sigma_feasible_max"] = float(self.feasible_max)
+        return out
+
+
+def sigma_prior(pairs, s: dict) -> dict:
+    """The population prior of sigma from a fold's training subjects (inputs, target): each subject's
+    sigma calibrated on its acute core and its follow-up infarct (both observed for training
+    subjects; the same fits label the amortised families), summarised by the median (robust with a
+    handful of subjects) and the spread of log sigma."""
+    values, subjects = [], []
+    for inputs, target in pairs:
+        fit = calibrate(inputs, s, observations=all_observations(inputs, target, s), interval=False)
+        values.append(float(fit.sensitivity))
+        subjects.append(inputs.subject)
+    if not values:
+        return default_prior(s)
+    logs = np.log(values)
+    return dict(sigma=float(np.exp(np.median(logs))), log_sd=float(np.std(logs)), values=values, subjects=subjects,
+                source="fold prior")
+
+
+def default_prior(s: dict) -> dict:
+    return dict(sigma=float(s["sigma_default"]), log_sd=float("nan"), values=[], subjects=[], source="default prior")
+
+
+def all_observations(inputs, target, s: dict) -> list:
+    """(hours, mask over the candidate voxels) of a training subject's acute core and follow-up infarct."""
+    from neurohybrid.disorders.stroke.inputs import cropped_target
+
+    cand = candidates(inputs, s)
+    tgt = cropped_target(inputs, target)
+    return [(float(inputs.meta["hours_acute"]), inputs.arrays["core"][cand]), (float(inputs.meta["hours_followup"]), tgt[cand])]
+
+
+def sigma_identified(inputs, s: dict) -> bool:
+    """Whether the acute core is large enough to pin sigma (``sigma_min_core_voxels``)."""
+    return int(inputs.arrays["core"].sum()) >= max(1, int(s["sigma_min_core_voxels"]))
+
+
+def feasible_sigma_max(inputs, s: dict) -> float:
+    """The largest sigma in [sens_min, sens_max] at which nothing measurable outside the acute core
+    has died (D > 0.8) by the imaging time: fewer than ``sigma_min_core_voxels`` voxels (the size
+    below which an observed core counts as nothing) beyond those that die at every admissible sigma.
+    Those are voxels the model cannot explain whatever sigma (on the demo's 4 mm grid: tissue
+    voxels at the brain's edge with a CBF of 0, outside the CBF image's brain); counting them would
+    pin sigma at sens_min. D rises with sigma (the model sees CBF / sigma): a bisection on log sigma.
+    """
+    from neurohybrid.hybrid import cache
+
+    return cache.memo("stroke.feasible_sigma_max", (inputs, s), lambda: _feasible_sigma_max(inputs, s))
+
+
+def _feasible_sigma_max(inputs, s: dict) -> float:
+    from neurohybrid.solvers.stroke import CORE_THRESHOLD
+
+    a, m = inputs.arrays, inputs.meta
+    cand = candidates(inputs, s) & ~a["core"].astype(bool)
+    lo, hi = np.log(float(s["sens_min"])), np.log(float(s["sens_max"]))
+    if not cand.any():
+        return float(np.exp(hi))
+    cbf, wm = a["cbf"][cand], np.clip(a["wm"][cand], 0, 1)
+    hours = float(m["hours_acute"])
+
+    def n_dead(log_sigma):
+        return int((simulate(cbf, wm, float(np.exp(log_sigma)), hours, m["reperfusion_h"], s) > CORE_THRESHOLD).sum())
+
+    allowed = n_dead(lo) + max(1, int(s["sigma_min_core_voxels"]))
+
+    def alive(log_sigma):
+        return n_dead(log_sigma) < allowed
+
+    if alive(hi):
+        return float(np.exp(hi))
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if alive(mid) else (lo, mid)
+    return float(np.exp(lo))
+
+
+def apply_prior(fit: "StrokeFit", inputs, s: dict, prior: dict | None) -> "StrokeFit":
+    """sigma from the prior, clipped into what the acute session allows, when the core does not
+    identify it; the fit unchanged otherwise."""
+    if sigma_identified(inputs, s):
+        return fit
+    prior = prior or default_prior(s)
+    start = time.perf_counter()
+    top = feasible_sigma_max(inputs, s)
+    lo, hi = float(s["sens_min"]), top
+    if inputs.arrays["core"].any() and np.all(np.isfinite(fit.interval)):
+        # a tiny core: the range its soft Dice allows, and nothing else dead
+        lo = max(lo, fit.interval[0])
+        hi = max(min(hi, fit.interval[1]), lo)
+    sigma = float(np.clip(prior["sigma"], lo, hi))
+    sd = prior.get("log_sd")
+    if sd is not None and np.isfinite(sd) and sd > 0:
+        interval = (float(np.clip(sigma * np.exp(-sd), lo, hi)), float(np.clip(sigma * np.exp(sd), lo, hi)))
+    else:
+        interval = (lo, hi)
+    return dataclasses.replace(fit, sensitivity=sigma, interval=interval, identified=False, source=prior["source"],
+                               prior_sigma=float(prior["sigma"]), feasible_max=top,
+                               seconds=fit.seconds + time.perf_counter() - start)
 
 
 def candidates(inputs, s: dict) -> np.ndarray:
@@ -90,16 +216,21 @@ def _soft_dice(p, m):
     return 1.0 - 2.0 * float((p * m).sum()) / (float(p.sum() + m.sum()) + 1e-6)
 
 
-def calibrate(inputs, s: dict, *, observations=None, interval: bool = True) -> StrokeFit:
+def calibrate(inputs, s: dict, *, observations=None, interval: bool = True, prior: dict | None = None) -> StrokeFit:
     """Fit sigma. observations: list of (hours, mask over the candidate voxels); default the acute core.
     interval=False skips the profile interval (callers that use sigma alone, e.g. training labels).
+    With the default observations (the acute core), a core below ``sigma_min_core_voxels`` leaves sigma
+    unidentified: it comes from ``prior`` (``sigma_prior``; None: the default prior), see ``apply_prior``.
 
     Memoised per process (``neurohybrid.hybrid.cache``, keyed on the inputs' content, the settings,
     the observations and ``interval``): the families of one forecast job all start from this fit."""
     from neurohybrid.hybrid import cache
 
-    return cache.memo("stroke.calibrate", (inputs, s, observations, interval),
-                      lambda: _calibrate(inputs, s, observations, interval))
+    fit = cache.memo("stroke.calibrate", (inputs, s, observations, interval),
+                     lambda: _calibrate(inputs, s, observations, interval))
+    if observations is None:
+        fit = apply_prior(fit, inputs, s, prior)
+    return fit
 
 
 def _calibrate(inputs, s: dict, observations, with_interval: bool) -> StrokeFit:
