@@ -246,7 +246,6 @@ def test_numba_death_and_gradients_match_the_torch_unroll():
     hb = torch.sigmoid(-2.0 * (P["k1"] * fb * mult + P["k2"]))
     ha = torch.sigmoid(-2.0 * (P["k1"] * fa * mult + P["k2"]))
     ga, gb = g0.clone().requires_grad_(), g0.clone().requires_grad_()
-    after_mask = {}
 
     def extra(d, tox, hp):
         # the phase of each voxel: hp equals ha after reperfusion

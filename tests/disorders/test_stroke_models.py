@@ -219,53 +219,47 @@ def test_residual_trains_on_voxel_subsets(cohort):
 
 def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
     """One forecast process runs every family on the same inputs: the calibration of sigma and the
-    SOL families' fine reference solve are computed once and reused (neurohybrid.hybrid.cache)."""
+    SOL families' fine reference solve are done once on the subject's shared work and reused."""
     from neurohybrid.disorders.stroke.families import SolCorrection
-    from neurohybrid.hybrid import cache
 
-    cache.clear()
     calls = []
     real = mech._calibrate
     monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    inputs = cohort["data"]["s1"][0]
+    base = cohort["data"]["s1"][0]
+    inputs = SubjectData(base.subject, base.disorder, dict(base.arrays), dict(base.meta))  # a fresh context
     d = get_disorder("stroke")
     trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["hidden"]).state_dict()}
     fc = {f: d.family(f, FAST, "cpu").forecast(inputs, trained if f.startswith("sol") else None)
           for f in ("mechanistic", "sol", "sol_precomputed")}
-    again = mech.calibrate(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)),
-                           mech.settings(FAST))
     assert len(calls) == 1
+    assert inputs.shared.computed["stroke.sol_fine_reference"] == 1
     assert fc["mechanistic"].parameters == fc["sol"].parameters == fc["sol_precomputed"].parameters
-    assert again.parameters() == fc["mechanistic"].parameters
-    assert cache.stats["stroke.sol_fine_reference", "miss"] == 1 and cache.stats["stroke.sol_fine_reference", "hit"] == 1
     assert fc["sol"].extra["fine_cost_seconds"] == fc["sol_precomputed"].extra["fine_cost_seconds"] > 0
-    # other data under the same subject id is calibrated afresh
-    other = SubjectData(inputs.subject, inputs.disorder, {**inputs.arrays, "cbf": inputs.arrays["cbf"] * 0.9}, dict(inputs.meta))
-    mech.calibrate(other, mech.settings(FAST))
-    assert len(calls) == 2
+    # the same data loaded again (another process) is calibrated afresh, to the same result
+    again = mech.calibrate(SubjectData(base.subject, base.disorder, dict(base.arrays), dict(base.meta)),
+                           mech.settings(FAST))
+    assert len(calls) == 2 and again.parameters() == fc["mechanistic"].parameters
 
 
 def test_training_process_shares_work_without_changing_results(cohort):
-    """amortised and amortised_residual train the same parameter network; in one process the second
-    reuses it. The checkpoints equal those of separate processes (memo off) bit for bit."""
-    from neurohybrid.hybrid import cache
+    """amortised and amortised_residual train the same parameter network; in one process (one
+    TrainingPairs) the second reuses it. The checkpoints equal those of separate processes bit for bit."""
+    from neurohybrid.disorders.base import TrainingPairs
     from neurohybrid.hybrid.device import seed_everything
 
-    pairs = [cohort["data"]["s1"], cohort["data"]["s2"]]
     d = get_disorder("stroke")
 
-    def run():
+    def run(pairs_of):
         out = {}
         for fam in ("amortised", "amortised_residual"):
             seed_everything(0)
-            out[fam] = d.family(fam, FAST, "cpu").train(pairs)
+            out[fam] = d.family(fam, FAST, "cpu").train(pairs_of())
         return out
 
-    cache.clear()
-    shared = run()
-    assert cache.stats["stroke.train_amortised", "hit"] == 1
-    with cache.disabled():
-        separate = run()
+    one = TrainingPairs([cohort["data"]["s1"], cohort["data"]["s2"]])
+    shared = run(lambda: one)
+    assert one.shared.computed["stroke.train_amortised"] == 1
+    separate = run(lambda: TrainingPairs([cohort["data"]["s1"], cohort["data"]["s2"]]))
     for fam in shared:
         for part in ("state_dict", "amortised_state_dict"):
             for k, v in separate[fam][part].items():

@@ -46,12 +46,25 @@ class SharedWork:
         self.computed: collections.Counter = collections.Counter()  # per name, for tests and logs
 
     def get(self, name: str, depends_on, compute: Callable[[], Any], *, seed: int | None = None) -> Any:
-        key = (name, json.dumps(depends_on, sort_keys=True, default=repr))
+        key = (name, json.dumps(depends_on, sort_keys=True, default=_digest))
         if key not in self._results:
             with _own_random_generators(seed):
                 self._results[key] = compute()
             self.computed[name] += 1
         return self._results[key]
+
+
+def _digest(obj) -> str:
+    """Arrays enter a SharedWork key by their content (repr would elide most of a large one)."""
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        import hashlib
+
+        return f"{obj.dtype.str}{obj.shape}:" + hashlib.blake2b(np.ascontiguousarray(obj).tobytes(), digest_size=16).hexdigest()
+    if isinstance(obj, np.generic):
+        return repr(obj.item())
+    return repr(obj)
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from neurohybrid.disorders import voxel
-from neurohybrid.disorders.base import Forecast
+from neurohybrid.disorders.base import Forecast, shared_work
 from neurohybrid.disorders.networks import ParamNet, TinyCNN, soft_dice_loss
 from neurohybrid.disorders.stroke import mechanistic as mech
 from neurohybrid.disorders.stroke.inputs import cropped_target
@@ -141,10 +141,9 @@ def _image(inputs, box, with_times=True) -> np.ndarray:
 
 
 def feature_maps(inputs, s) -> dict:
-    """Covariate maps on the inputs' (cropped) grid, from the acute session only (memoised)."""
-    from neurohybrid.hybrid import cache
-
-    return cache.memo("stroke.feature_maps", (inputs, s), lambda: _feature_maps(inputs, s))
+    """Covariate maps on the inputs' (cropped) grid, from the acute session only (computed once per
+    subject's inputs, ``inputs.shared``)."""
+    return inputs.shared.get("stroke.feature_maps", s, lambda: _feature_maps(inputs, s))
 
 
 def _feature_maps(inputs, s) -> dict:
@@ -483,11 +482,9 @@ class Residual(StrokeFamily):
 def train_amortised(family: StrokeFamily, pairs) -> dict:
     """Labels: each training subject's sigma calibrated on its acute core AND follow-up infarct."""
     # amortised and amortised_residual train this same network (same seed, labels and settings): the
-    # second family of a training process gets the first one's result (random states included)
-    from neurohybrid.hybrid import cache
-
-    return cache.memo("stroke.train_amortised", (pairs, family.s, family.train_kw(), str(family.device)),
-                      lambda: _train_amortised(family, pairs), rng=True)
+    # fold's shared work trains it once, on its own seeded generators, whichever family asks first
+    return shared_work(pairs).get("stroke.train_amortised", (family.s, family.train_kw(), str(family.device)),
+                                  lambda: _train_amortised(family, pairs), seed=family.seed)
 
 
 def _train_amortised(family: StrokeFamily, pairs) -> dict:
@@ -722,7 +719,6 @@ class SolverInLoop(StrokeFamily):
         """One member of every candidate voxel of every training subject (the model is pointwise):
         fine trajectories from onset under the acute flow and, for reperfused subjects, from the
         reperfusion state under the restored flow, sampled every `sol_step_hours`."""
-        from neurohybrid.hybrid import cache
         from neurohybrid.solvers.stroke import hypoxic_fraction, normal_cbf, simulate_tissue_death
 
         s = self.s
@@ -753,9 +749,9 @@ class SolverInLoop(StrokeFamily):
         prior = getattr(self, "_train_prior", None)
         for inputs, _ in pairs:
             fit = self.calibrate(inputs, prior)
-            # the same fine trajectories train sol and sol_precomputed (memoised per process)
-            d_, t_, h_ = cache.memo("stroke.sol_fine_trajectories", (inputs, s, fit.sensitivity),
-                                    lambda: trajectories(inputs, fit))
+            # the same fine trajectories train sol and sol_precomputed (once per subject's inputs)
+            d_, t_, h_ = inputs.shared.get("stroke.sol_fine_trajectories", (s, fit.sensitivity),
+                                           lambda inputs=inputs, fit=fit: trajectories(inputs, fit))
             ds += d_
             ts += t_
             hs += h_
@@ -780,7 +776,6 @@ class SolverInLoop(StrokeFamily):
         return out
 
     def forecast(self, inputs, trained):
-        from neurohybrid.hybrid import cache
         from neurohybrid.hybrid.solver_in_loop import time_call
 
         check_trained(trained, self.name)
@@ -825,7 +820,7 @@ class SolverInLoop(StrokeFamily):
             d_coarse = run(False).cpu().numpy()
         inference = time.perf_counter() - t
         # the same reference for sol and sol_precomputed (memoised per process)
-        d_fine, fine_cost = cache.memo("stroke.sol_fine_reference", (inputs, s, fit.sensitivity), fine_reference)
+        d_fine, fine_cost = inputs.shared.get("stroke.sol_fine_reference", (s, fit.sensitivity), fine_reference)
         sol_cost = time_call(run, repeats=2)
 
         def rel(x):

@@ -132,9 +132,7 @@ def feasible_sigma_max(inputs, s: dict) -> float:
     voxels at the brain's edge with a CBF of 0, outside the CBF image's brain); counting them would
     pin sigma at sens_min. D rises with sigma (the model sees CBF / sigma): a bisection on log sigma.
     """
-    from neurohybrid.hybrid import cache
-
-    return cache.memo("stroke.feasible_sigma_max", (inputs, s), lambda: _feasible_sigma_max(inputs, s))
+    return inputs.shared.get("stroke.feasible_sigma_max", s, lambda: _feasible_sigma_max(inputs, s))
 
 
 def _feasible_sigma_max(inputs, s: dict) -> float:
@@ -222,12 +220,10 @@ def calibrate(inputs, s: dict, *, observations=None, interval: bool = True, prio
     With the default observations (the acute core), a core below ``sigma_min_core_voxels`` leaves sigma
     unidentified: it comes from ``prior`` (``sigma_prior``; None: the default prior), see ``apply_prior``.
 
-    Memoised per process (``neurohybrid.hybrid.cache``, keyed on the inputs' content, the settings,
-    the observations and ``interval``): the families of one forecast job all start from this fit."""
-    from neurohybrid.hybrid import cache
-
-    fit = cache.memo("stroke.calibrate", (inputs, s, observations, interval),
-                     lambda: _calibrate(inputs, s, observations, interval))
+    Done once per subject's inputs (``inputs.shared``, keyed on the settings, the observations and
+    ``interval``): the families of one forecast job all start from this fit."""
+    fit = inputs.shared.get("stroke.calibrate", (s, observations, interval),
+                            lambda: _calibrate(inputs, s, observations, interval))
     if observations is None:
         fit = apply_prior(fit, inputs, s, prior)
     return fit
