@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import yaml
 
-from neurohybrid.disorders.base import FAMILIES, TRAINED_FAMILIES, SubjectData, get_disorder, inputs_path, target_path
-from neurohybrid.hybrid import cache
+from neurohybrid.disorders.base import SubjectData, TrainingPairs, get_disorder, inputs_path, target_path
+from neurohybrid.registry import FAMILY_NAMES as FAMILIES, is_trained
 from neurohybrid.hybrid.device import resolve_device, seed_everything
 from neurohybrid.hybrid.splits import assign_folds, held_out_subjects, training_subjects
 
@@ -50,14 +50,15 @@ def run_disorder(name, subjects, results, config, device, families):
     disorder = get_disorder(name)
     folds = assign_folds(subjects, int(config["models"]["n_folds"]), int(config["seed"]))
     train_ids, test_id = training_subjects(folds, 0), held_out_subjects(folds, 0)[0]
-    pairs = [(SubjectData.load(inputs_path(results / "inputs", s)), SubjectData.load(target_path(results / "targets", s)))
-             for s in train_ids]
+    # loaded per pass: each pass pays its own per-subject work, like one workflow job
+    pairs = TrainingPairs((SubjectData.load(inputs_path(results / "inputs", s)), SubjectData.load(target_path(results / "targets", s)))
+                         for s in train_ids)
     test_inputs = SubjectData.load(inputs_path(results / "inputs", test_id))
     rows, outputs = [], {}
     for fam in families:
         family = disorder.family(fam, config, device)
         trained, train_s = None, 0.0
-        if fam in TRAINED_FAMILIES:
+        if is_trained(fam, name):
             seed_everything(int(config["seed"]))
             sync(device)
             t0 = time.perf_counter()
@@ -101,7 +102,6 @@ def main() -> None:
     for dev, timed in passes:
         device = resolve_device(dev)
         config = {**config, "device": dev}
-        cache.clear()  # each pass pays its own per-subject work, like one workflow job
         for name in args.disorders.split(","):
             rows, outs = run_disorder(name, subjects[name], results, config, device, families)
             if timed:

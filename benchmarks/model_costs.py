@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--disorders", default="glioma,alzheimer,stroke")
     p.add_argument("--families", default="", help="comma-separated subset (default: the config's families)")
-    p.add_argument("--isolated", action="store_true", help="clear in-process caches before every family")
+    p.add_argument("--isolated", action="store_true", help="no work shared between families (fresh data per family)")
     p.add_argument("--full", action="store_true", help="every fold and every subject (the demo's whole model stage)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -56,14 +56,7 @@ def main(argv=None) -> int:
     import yaml
 
     torch.set_num_threads(1)
-    from neurohybrid.disorders.base import SubjectData, get_disorder, inputs_path, target_path
-    try:
-        from neurohybrid.hybrid import cache
-    except ImportError:  # before the cache existed: nothing to clear
-        class cache:  # noqa: N801
-            @staticmethod
-            def clear():
-                pass
+    from neurohybrid.disorders.base import SubjectData, TrainingPairs, get_disorder, inputs_path, target_path
     from neurohybrid.hybrid.device import seed_everything
     from neurohybrid.hybrid.splits import assign_folds, held_out_subjects, training_subjects
 
@@ -91,15 +84,18 @@ def main(argv=None) -> int:
             test_subjects = held_out_subjects(folds, fold)
             if not args.full:
                 test_subjects = test_subjects[:1]
-            pairs = [(load(s), SubjectData.load(target_path(results / "targets", s))) for s in train_subj]
-            cache.clear()  # one training process per disorder x fold
+            def load_pairs(train_subj=train_subj):
+                # one training process per disorder x fold: its families share the work on these pairs
+                return TrainingPairs((load(s), SubjectData.load(target_path(results / "targets", s))) for s in train_subj)
+
+            pairs = load_pairs()
             trained = {}
             for fam in families:
                 family = disorder.family(fam, config, "cpu")
                 if not family.trains_across_subjects:
                     continue
                 if args.isolated:
-                    cache.clear()
+                    pairs = load_pairs()
                 seed_everything(seed)
                 start = _clock()
                 trained[fam] = family.train(pairs)
@@ -109,12 +105,11 @@ def main(argv=None) -> int:
                 print(f"{name:10s} {fam:19s} train    fold {fold} cpu {cpu:7.2f} s  wall {wall:7.2f} s", file=sys.stderr,
                       flush=True)
             for test_subj in test_subjects:
-                inputs = load(test_subj)
-                cache.clear()  # one forecast process per subject
+                inputs = load(test_subj)  # one forecast process per subject: its families share this
                 for fam in families:
                     family = disorder.family(fam, config, "cpu")
                     if args.isolated:
-                        cache.clear()
+                        inputs = load(test_subj)
                     seed_everything(seed)
                     start = _clock()
                     family.forecast(inputs, trained.get(fam))

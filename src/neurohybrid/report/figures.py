@@ -219,8 +219,10 @@ def read_training_histories(models_root) -> pd.DataFrame:
             raise InputError(f"cannot read model checkpoint ({type(exc).__name__}: {exc})", file=path) from None
         disorder, fold = path.parent.parent.name, int(path.parent.name.removeprefix("fold-"))
         model = path.stem.removeprefix("model-")
-        for split, key in (("train", "history"), ("validation", "val_history")):
-            for epoch, loss in enumerate(ckpt.get(key) or []):
+        # the amortised families keep their parameter network's curve as amortised_history
+        curves = {"train": ckpt.get("history") or ckpt.get("amortised_history"), "validation": ckpt.get("val_history")}
+        for split, curve in curves.items():
+            for epoch, loss in enumerate(curve or []):
                 rows.append((disorder, fold, model, epoch, split, float(loss)))
     return pd.DataFrame(rows, columns=["disorder", "fold", "model", "epoch", "split", "loss"])
 
