@@ -21,7 +21,7 @@ rule preprocess_anat:
         volumes=f"{ANAT}_atlas-DK_desc-volumes.tsv",
         reference=f"{ANAT}_label-cerebellumGM_mask.nii.gz",
         model_grid=expand(
-            f"{ANAT}_space-{TEMPLATE}_res-model_label-{{label}}_probseg.nii.gz", label=["GM", "WM"], allow_missing=True
+            f"{ANAT}_space-{TEMPLATE}_res-model_label-{{label}}_probseg.nii.gz", label=["GM", "WM", "CSF"], allow_missing=True
         ),
         qc=report(
             f"{PREPROC}/sub-{{subject}}/figures/sub-{{subject}}_desc-qc.png",
