@@ -33,7 +33,9 @@ def tissue_maps():
     brain = (x / 8.0) ** 2 + (y / 8.0) ** 2 + (z / 7.5) ** 2 <= 1.0
     wm = np.where(brain, 0.55 + 0.3 * np.cos(x / 3.0) ** 2, 0.0).astype(np.float32)
     gm = np.where(brain, 1.0 - wm, 0.0).astype(np.float32) * brain
-    return wm, gm
+    # CSF only around the brain (no ventricles: the distance channel saturates)
+    rim = ((x / 9.0) ** 2 + (y / 9.0) ** 2 + (z / 8.5) ** 2 <= 1.0) & ~brain
+    return wm, gm, rim.astype(np.float32)
 
 
 def write_cohort(root, subjects, truth=None):
@@ -41,7 +43,7 @@ def write_cohort(root, subjects, truth=None):
     bids, preproc = root / "bids", root / "preproc"
     affine = np.diag([VOX, VOX, VOX, 1.0])
     affine[:3, 3] = -VOX * (np.array(SHAPE) - 1) / 2
-    wm, gm = tissue_maps()
+    wm, gm, csf = tissue_maps()
     truth = {} if truth is None else truth
     rows = ["participant_id\tdisorder\tage\tsex"]
     for i, sub in enumerate(subjects):
@@ -60,6 +62,7 @@ def write_cohort(root, subjects, truth=None):
         anat = preproc / f"sub-{sub}" / "anat"
         _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-GM_probseg.nii.gz", gm, affine)
         _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-WM_probseg.nii.gz", wm, affine)
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-CSF_probseg.nii.gz", csf, affine)
         for k, u in enumerate(states):
             t1, fl = observe(u)
             ses = f"{k + 1:02d}"
@@ -170,12 +173,12 @@ def test_family_trains_and_forecasts(cohort, family):
 
 
 def test_zero_correction_equals_mechanistic(cohort):
-    from neurohybrid.disorders.networks import TinyCNN
+    from neurohybrid.disorders.glioma.families import ResidualNet
 
     inputs, _ = cohort["data"]["g3"]
     disorder = get_disorder("glioma")
     ref = disorder.family("mechanistic", FAST, "cpu").forecast(inputs, None)
-    zero = {"state_dict": TinyCNN(3, 1, FAST["glioma"]["hidden"]).state_dict()}  # last layer zero-initialised
+    zero = {"state_dict": ResidualNet(5, FAST["glioma"]["hidden"]).state_dict()}  # last layer zero-initialised
     res = disorder.family("residual", FAST, "cpu").forecast(inputs, zero)
     np.testing.assert_allclose(res.outputs["celldensity"], ref.outputs["celldensity"], atol=2e-5)
     assert (res.outputs["flair"] == ref.outputs["flair"]).all()
@@ -187,7 +190,7 @@ def test_zero_correction_equals_mechanistic(cohort):
 def _zero_voxel_correction():
     from neurohybrid.disorders.networks import VoxelCorrection
 
-    return VoxelCorrection(2, hidden=2 * FAST["glioma"]["hidden"]).state_dict()
+    return VoxelCorrection(4, hidden=2 * FAST["glioma"]["hidden"]).state_dict()
 
 
 def test_sol_and_precomputed_share_network_and_differ_only_in_targets(cohort):
