@@ -194,9 +194,21 @@ def _prior_logits(t1, fl) -> np.ndarray:
     return (3.0 * (2.0 * np.stack([t1, fl]).astype(np.float32) - 1.0)).astype(np.float32)
 
 
+DD_HALO = 4  # receptive-field radius of TinyCNN(depth 3, second layer dilated by 2), in voxels
+
+
+def _patch_crop(region: np.ndarray, halo: int):
+    """The bounding box of a patch enlarged by ``halo`` voxels (clipped): a fully convolutional
+    network evaluated on it gives exactly its whole-box output inside the patch."""
+    idx = np.argwhere(region > 0)
+    lo = np.maximum(idx.min(axis=0) - halo, 0)
+    hi = np.minimum(idx.max(axis=0) + 1 + halo, region.shape)
+    return (slice(None), slice(None)) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 class _DDCase:
-    def __init__(self, x, prior, y, regions):
-        self.x, self.prior, self.y, self.regions = x, prior, y, regions
+    def __init__(self, x, prior, y, regions, crops):
+        self.x, self.prior, self.y, self.regions, self.crops = x, prior, y, regions, crops
 
 
 class DataDriven(GliomaFamily):
@@ -217,19 +229,23 @@ class DataDriven(GliomaFamily):
             box = voxel.tumour_box([a["flair"][-1], tgt["flair"]], a["wm"].shape, int(self.s["train_margin"]) + 2)
             gap = float(inputs.meta["target_day"]) - float(inputs.meta["days"][-1])
             x = _dd_features(covariate_maps(a, box), a["t1gd"][-1][box], a["flair"][-1][box], gap)
-            regions = [self.tensor(r)[None, None] for r in octants(a["flair"][-1][box], tgt["flair"][box])]
+            octs = octants(a["flair"][-1][box], tgt["flair"][box])
+            crops = [_patch_crop(r, DD_HALO) for r in octs]
+            regions = [self.tensor(r)[None, None][sl] for r, sl in zip(octs, crops)]
             cases.append(_DDCase(self.tensor(x)[None], self.tensor(_prior_logits(a["t1gd"][-1][box], a["flair"][-1][box]))[None],
-                                 self.tensor(np.stack([tgt["t1gd"][box], tgt["flair"][box]]))[None], regions))
+                                 self.tensor(np.stack([tgt["t1gd"][box], tgt["flair"][box]]))[None], regions, crops))
         net = self.net()
 
         def case_loss(c, regions):
-            logits = net(c.x) + c.prior
-            p = torch.sigmoid(logits)
+            # each patch is evaluated on its own crop (patch + receptive field): the same logits
+            # inside the patch as on the whole box, at a fraction of the cost
             total = 0.0
             for r in regions:
-                w = c.regions[r]
-                bce = (F.binary_cross_entropy_with_logits(logits, c.y, reduction="none") * w).sum() / (2 * w.sum()).clamp_min(1.0)
-                total = total + bce + _region_dice(p, c.y, w)
+                sl, w = c.crops[r], c.regions[r]
+                logits = net(c.x[sl]) + c.prior[sl]
+                y = c.y[sl]
+                bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / (2 * w.sum()).clamp_min(1.0)
+                total = total + bce + _region_dice(torch.sigmoid(logits), y, w)
             return total
 
         result = patch_train(net, cases, case_loss, self.train_kw())
@@ -457,7 +473,7 @@ class UDE(_ParallelHybrid):
     def model(self):
         from neurohybrid.hybrid.neural_ode import HybridDynamics, NeuralODE
 
-        corr = GatedCorrection(N_COVARIATES, hidden=int(self.s["hidden"]) * 2, scale=UDE_SCALE).to(self.device)
+        corr = GatedCorrection(N_COVARIATES, hidden=int(self.s["hidden"]), scale=UDE_SCALE).to(self.device)
         return NeuralODE(HybridDynamics(lambda u: torch.zeros_like(u), corr), method="euler")
 
     def correction(self, model):
