@@ -158,8 +158,12 @@ def _case_box(fam, pair):
     return voxel.tumour_box([inputs.arrays["flair"][-1], tgt["flair"]], inputs.arrays["wm"].shape, int(fam.s["train_margin"]))
 
 
+@pytest.fixture(scope="module")
+def hidden(tmp_path_factory):
+    return _cohort(tmp_path_factory.mktemp("hidden"), AMPLITUDE)
+
+
 def test_inputs_find_the_ventricle_not_the_outer_csf(tmp_path):
-    _, preproc_data = None, None
     bids, preproc, _ = write_cohort(tmp_path, ["a"], amplitude=0.0)
     inputs, _ = get_disorder("glioma").build_inputs("a", bids, preproc, CFG)
     wm, gm, csf, tissue, d_v = anatomy()
@@ -171,12 +175,12 @@ def test_inputs_find_the_ventricle_not_the_outer_csf(tmp_path):
     assert got[csf > 0.5].max() > 15.0
 
 
-def test_residual_learns_the_hidden_ventricle_mechanism(tmp_path):
+def test_residual_learns_the_hidden_ventricle_mechanism(hidden):
     """Proliferation raised near the ventricle: the residual, which sees the distance to the
     ventricles, beats the mechanistic model's forecast error (1 - mean Dice of T1Gd and FLAIR on 6
     unseen subjects) by at least 20%; its training reaches at least halfway from the mechanistic
     loss to the loss of the true hidden field."""
-    disorder, data = _cohort(tmp_path, AMPLITUDE)
+    disorder, data = hidden
     fam, trained, e_mech, e_hyb = _train_and_compare(disorder, data)
     assert e_hyb <= 0.8 * e_mech, (e_hyb, e_mech)
     _, _, _, _, d_v = anatomy()
@@ -193,10 +197,10 @@ def test_residual_no_worse_without_a_hidden_mechanism(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["data_driven", "amortised_residual"])
-def test_training_at_least_halves_the_loss(tmp_path, family):
+def test_training_at_least_halves_the_loss(hidden, family):
     """On the hidden-mechanism cohort both start far from their optimum (data_driven from "no
     change", amortised_residual from the prior's parameters): the training loss must halve."""
-    disorder, data = _cohort(tmp_path, AMPLITUDE)
+    disorder, data = hidden
     fam = disorder.family(family, CFG, "cpu")
     torch.manual_seed(0)
     trained = fam.train([data[s] for s in TRAIN])

@@ -16,10 +16,16 @@ reproduces the observed sessions) and differ in how they advance it to the forec
 * amortised_residual (parallel-series): amortised parameters + the residual correction.
 * data_driven: a CNN from the last masks, the covariates c and the time gap to the follow-up masks.
 
-Training (data_driven and the parallel hybrids): each training subject's tumour box is cut into 8
-patches (octants around the tumour); mini-batches of ``batch_size`` patches, a validation subset of
-``val_fraction`` of the patches (training subjects only) with early stopping after ``patience``
-epochs, the best epoch restored; checkpoints keep ``history`` and ``val_history``.
+Every family forecasts from the same information, starting at the last observed session: the
+physics families from the calibrated state at the last session, data_driven / persistence from the
+last masks (tests: test_glioma_models ``*_start_from_*``).
+
+Training (data_driven and the parallel hybrids, ``patch_train``): each training subject's tumour box
+is cut into 8 patches (octants around the tumour). Mini-batches and the validation subset
+(``val_fraction``, early stopping after ``patience`` epochs, best epoch restored) are drawn from
+whole training subjects when a fold has at least 3, else from the patches; checkpoints keep
+``history``, ``val_history`` and the loss before / after training. The SOL and amortised networks
+keep their own epoch budgets (``sol_epochs``, ``amortised_epochs``).
 """
 
 from __future__ import annotations
@@ -281,15 +287,15 @@ class _Case:
 
 def _mech_rhs(wm_t, gm_t, spacing, fit, s):
     """du/dt = div(D grad u) + rho u (1 - u) on (B, N) states (for torchdiffeq)."""
-    from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch
+    from neurohybrid.solvers.glioma import _diffusion_torch, glioma_coefficients_torch
 
     shape = tuple(wm_t.shape)
     coeffs = glioma_coefficients_torch(wm_t, gm_t, spacing, fit.dw, float(s["dg_ratio"]))
 
     def rhs(u):
         u3 = u.reshape(-1, *shape)
-        # the twin's step with rho = 0 is pure explicit diffusion; over a unit step its increment is div(D grad u)
-        div = glioma_step_torch(u3, coeffs, 1.0, 0.0) - u3
+        # the twin's explicit diffusion step over a unit time: its increment is div(D grad u)
+        div = _diffusion_torch(u3, coeffs, 1.0) - u3
         return (div + fit.rho * u3 * (1 - u3)).reshape(u.shape[0], -1)
 
     return rhs
@@ -348,16 +354,50 @@ class GatedCorrection(VoxelCorrection):
         return u * (1.0 - u) * super().forward(u, covariates, lap)
 
 
+class _OnVoxels(torch.nn.Module):
+    """Evaluate a pointwise correction only on the voxels ``idx`` (zero elsewhere)."""
+
+    def __init__(self, inner, idx):
+        super().__init__()
+        self.inner, self.idx = inner, idx
+
+    def forward(self, u, covariates=None, lap=None):
+        cov = None if covariates is None else covariates[:, self.idx]
+        g = self.inner(u[:, self.idx], cov, lap)
+        return torch.zeros_like(u).index_copy(1, self.idx, g)
+
+
+def reachable(case) -> np.ndarray:
+    """Tissue voxels the tumour can reach during the rollout: within (front travel 2 sqrt(D_w rho) *
+    gap + 3 diffusion lengths sqrt(D_w gap)) of where u at the last session exceeds 1e-4. Outside,
+    u stays ~0, so the UDE's gated correction u (1 - u) g is ~0 there and is not evaluated (the
+    UDE's cost is its per-voxel MLP at every step)."""
+    from scipy import ndimage
+
+    fit = case.fit
+    reach_mm = 2.0 * math.sqrt(fit.dw * fit.rho) * case.gap + 3.0 * math.sqrt(fit.dw * case.gap)
+    k = int(math.ceil(reach_mm / min(case.spacing))) + 1
+    seed = np.asarray(case.u_last) > 1e-4
+    grown = ndimage.binary_dilation(seed, iterations=k) if seed.any() else seed
+    return grown & ((np.asarray(case.wm) + np.asarray(case.gm)) > 0)
+
+
 def node_rollout(model, case, s, device):
     """UDE: du/dt = f_FK(u) + g_phi(u, wm, gm, csf, ventricle distance) by torchdiffeq (explicit Euler
-    at the solver's step)."""
+    at the solver's step), g evaluated on the voxels the tumour can reach (``reachable``)."""
     wm_t = torch.as_tensor(case.wm, dtype=torch.float32, device=device)
     gm_t = torch.as_tensor(case.gm, dtype=torch.float32, device=device)
     cov = torch.as_tensor(case.cov, dtype=torch.float32, device=device)
     u0 = torch.as_tensor(case.u_last, dtype=torch.float32, device=device).reshape(1, -1)
+    idx = torch.as_tensor(np.flatnonzero(reachable(case)), dtype=torch.long, device=device)
+    corr = model.dynamics.correction
     model.dynamics.mechanistic = _mech_rhs(wm_t, gm_t, case.spacing, case.fit, s)
+    model.dynamics.correction = _OnVoxels(corr, idx)
     model.step_size = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)[1]
-    pred = model(u0, [case.gap], covariates=flat_covariates(*cov), t0=0.0)
+    try:
+        pred = model(u0, [case.gap], covariates=flat_covariates(*cov), t0=0.0)
+    finally:
+        model.dynamics.correction = corr
     return pred[0, -1].reshape(case.wm.shape).clamp(0.0, 1.0)
 
 
@@ -522,7 +562,7 @@ def _train_amortised(family: GliomaFamily, pairs) -> dict:
         xs.append(family.tensor(_amortised_image(inputs, s))[None])
         ys.append(family.tensor(_label((fit.dw, fit.rho), s))[None])
     net = ParamNet(4, 2, int(s["hidden"])).to(family.device)
-    history = train_param_net(net, xs, ys, family.train_kw())
+    history = train_param_net(net, xs, ys, dict(family.train_kw(), epochs=int(s["amortised_epochs"])))
     return {"amortised_state_dict": net.state_dict(), "amortised_history": history, "labels": labels}
 
 
@@ -666,7 +706,9 @@ class SolverInLoop(GliomaFamily):
         fine, cov, spacing = self.training_data(pairs)
         model = self.model(spacing, float(self.s["sol_step_days"]))
         model.correction.set_shape(fine.shape[2:])
-        return train_corrected_solver(model, fine, cov, self.s, self.train_kw(), precomputed=self.precomputed)
+        kw = dict(self.train_kw(), epochs=int(self.s["sol_epochs"]),
+                  batch_size=None if self.s["sol_batch_size"] is None else int(self.s["sol_batch_size"]))
+        return train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
 
     def forecast(self, inputs, trained):
         from neurohybrid.hybrid.solver_in_loop import time_call
