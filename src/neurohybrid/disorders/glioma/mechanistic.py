@@ -31,7 +31,7 @@ DEFAULTS = dict(
     # training (data_driven, residual, ude, amortised_residual): mini-batches of `batch_size` items
     # (training subjects, or their patches when there are fewer than 3), a validation subset of
     # `val_fraction` of the items with early stopping after `patience` epochs without improvement
-    epochs=2, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
+    epochs=4, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
     sol_step_days=10.0, sol_steps=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, batch_size=1, val_fraction=0.25,
     patience=2, threads=1, torch_threads=1,
     # the solver-in-the-loop and amortised parameter networks keep their own (earlier) budgets:
