@@ -33,7 +33,9 @@ def tissue_maps():
     brain = (x / 8.0) ** 2 + (y / 8.0) ** 2 + (z / 7.5) ** 2 <= 1.0
     wm = np.where(brain, 0.55 + 0.3 * np.cos(x / 3.0) ** 2, 0.0).astype(np.float32)
     gm = np.where(brain, 1.0 - wm, 0.0).astype(np.float32) * brain
-    return wm, gm
+    # CSF only around the brain (no ventricles: the distance channel saturates)
+    rim = ((x / 9.0) ** 2 + (y / 9.0) ** 2 + (z / 8.5) ** 2 <= 1.0) & ~brain
+    return wm, gm, rim.astype(np.float32)
 
 
 def write_cohort(root, subjects, truth=None):
@@ -41,7 +43,7 @@ def write_cohort(root, subjects, truth=None):
     bids, preproc = root / "bids", root / "preproc"
     affine = np.diag([VOX, VOX, VOX, 1.0])
     affine[:3, 3] = -VOX * (np.array(SHAPE) - 1) / 2
-    wm, gm = tissue_maps()
+    wm, gm, csf = tissue_maps()
     truth = {} if truth is None else truth
     rows = ["participant_id\tdisorder\tage\tsex"]
     for i, sub in enumerate(subjects):
@@ -60,6 +62,7 @@ def write_cohort(root, subjects, truth=None):
         anat = preproc / f"sub-{sub}" / "anat"
         _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-GM_probseg.nii.gz", gm, affine)
         _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-WM_probseg.nii.gz", wm, affine)
+        _save(anat / f"sub-{sub}_space-{SPACE}_res-model_label-CSF_probseg.nii.gz", csf, affine)
         for k, u in enumerate(states):
             t1, fl = observe(u)
             ses = f"{k + 1:02d}"
@@ -146,6 +149,7 @@ def _pairs(cohort, subjects):
 
 
 TRAINED = ["data_driven", "residual", "ude", "sol", "sol_precomputed", "amortised", "amortised_residual"]
+PATCH_TRAINED = ["data_driven", "residual", "ude", "amortised_residual"]
 
 
 @pytest.mark.parametrize("family", TRAINED)
@@ -155,9 +159,15 @@ def test_family_trains_and_forecasts(cohort, family):
     torch.manual_seed(0)
     trained = fam.train(_pairs(cohort, ["g1", "g2"]))
     hist = trained.get("history") or trained.get("amortised_history")
-    # hist[k]: training loss after k Adam steps; train_loop keeps the best of them, so the trained
-    # model must beat the untrained one (the last step alone may overshoot on these 3-epoch runs)
-    assert len(hist) >= 2 and min(hist[1:]) < hist[0], hist
+    assert len(hist) >= 2, hist
+    if family in PATCH_TRAINED:
+        # loss curves kept with the model; on this cohort the mechanistic model is the truth, so a
+        # correction has nothing to learn: the restored best epoch must not be worse than no
+        # correction (halving is required on the hidden-mechanism cohort, test_glioma_hidden_mechanism)
+        assert len(trained["val_history"]) == len(hist) and trained["val_indices"]
+        assert trained["final_loss"] <= trained["initial_loss"] + 1e-6
+    elif family == "amortised":
+        assert min(hist) <= 0.5 * hist[0], hist  # the parameter network's regression loss at least halves
     inputs, target = cohort["data"]["g3"]
     fc = fam.forecast(inputs, trained)
     assert fc.outputs["flair"].shape == SHAPE and fc.outputs["flair"].dtype == bool
@@ -169,13 +179,69 @@ def test_family_trains_and_forecasts(cohort, family):
         assert fc.extra["sol_error"] < 0.5
 
 
-def test_zero_correction_equals_mechanistic(cohort):
+@pytest.fixture(scope="module")
+def trained_models(cohort):
+    disorder = get_disorder("glioma")
+    out = {}
+    for family in PATCH_TRAINED + ["amortised"]:
+        torch.manual_seed(0)
+        out[family] = disorder.family(family, FAST, "cpu").train(_pairs(cohort, ["g1", "g2"]))
+    return out
+
+
+def _at_last_session(inputs):
+    """The same inputs asked for a forecast at the day of their last session (a gap of 0)."""
+    return SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), {**inputs.meta, "target_day": inputs.meta["days"][-1]})
+
+
+@pytest.mark.parametrize("family", ["mechanistic", "residual", "ude", "amortised", "amortised_residual"])
+def test_physics_forecasts_start_from_the_state_at_the_last_session(cohort, trained_models, family):
+    """Every family forecasts from the same information: the calibrated state at the LAST observed
+    session, advanced over the gap to the target day. With a gap of 0 the forecast is that state
+    (whatever the trained correction), so a family integrating from an earlier session, or over
+    a longer span, fails here."""
+    from neurohybrid.disorders.glioma.mechanistic import GliomaFit
+
+    inputs, _ = cohort["data"]["g3"]
+    fam = get_disorder("glioma").family(family, FAST, "cpu")
+    trained = trained_models.get(family)
+    if trained is not None and "state_dict" in trained and family != "amortised":
+        # make sure the correction is far from zero, so an earlier start would show
+        trained = dict(trained, state_dict={k: v + 0.5 * torch.randn_like(v) for k, v in trained["state_dict"].items()})
+    fc = fam.forecast(_at_last_session(inputs), trained)
+    p = fc.parameters
+    fit = GliomaFit(p["dw"], p["rho"], p["t0_days"], p["theta_t1gd"], p["theta_flair"], tuple(p["seed_voxel"]))
+    d_last, _ = mech.forecast_days(inputs)
+    u_last = mech.state_at(inputs, fit, [d_last], mech.settings(FAST))[0]
+    np.testing.assert_allclose(fc.outputs["celldensity"], u_last, atol=1e-5)
+    # and the real forecast moves on from there: the tumour grows over the gap
+    assert fam.forecast(inputs, trained).outputs["flair"].sum() > fc.outputs["flair"].sum()
+
+
+def test_data_driven_and_persistence_start_from_the_last_masks(cohort):
+    """Persistence carries the last session's masks; data_driven predicts a change from them (an
+    untrained network is exactly "no change" from the LAST masks, not the first)."""
     from neurohybrid.disorders.networks import TinyCNN
 
     inputs, _ = cohort["data"]["g3"]
     disorder = get_disorder("glioma")
+    tissue = (inputs.arrays["wm"] + inputs.arrays["gm"]) > 0
+    last = {k: inputs.arrays[k][-1] & tissue for k in ("t1gd", "flair")}
+    assert (last["flair"] != (inputs.arrays["flair"][0] & tissue)).any()  # the sessions differ
+    untrained = {"state_dict": TinyCNN(7, 2, FAST["glioma"]["hidden"], 3, zero_init=True).state_dict()}
+    for family, trained in (("persistence", None), ("data_driven", untrained)):
+        fc = disorder.family(family, FAST, "cpu").forecast(inputs, trained)
+        for key in ("t1gd", "flair"):
+            np.testing.assert_array_equal(fc.outputs[key] & tissue, last[key] | (last["t1gd"] if key == "flair" else False))
+
+
+def test_zero_correction_equals_mechanistic(cohort):
+    from neurohybrid.disorders.glioma.families import ResidualNet
+
+    inputs, _ = cohort["data"]["g3"]
+    disorder = get_disorder("glioma")
     ref = disorder.family("mechanistic", FAST, "cpu").forecast(inputs, None)
-    zero = {"state_dict": TinyCNN(3, 1, FAST["glioma"]["hidden"]).state_dict()}  # last layer zero-initialised
+    zero = {"state_dict": ResidualNet(5, FAST["glioma"]["hidden"]).state_dict()}  # last layer zero-initialised
     res = disorder.family("residual", FAST, "cpu").forecast(inputs, zero)
     np.testing.assert_allclose(res.outputs["celldensity"], ref.outputs["celldensity"], atol=2e-5)
     assert (res.outputs["flair"] == ref.outputs["flair"]).all()
@@ -187,7 +253,7 @@ def test_zero_correction_equals_mechanistic(cohort):
 def _zero_voxel_correction():
     from neurohybrid.disorders.networks import VoxelCorrection
 
-    return VoxelCorrection(2, hidden=2 * FAST["glioma"]["hidden"]).state_dict()
+    return VoxelCorrection(4, hidden=FAST["glioma"]["hidden"]).state_dict()
 
 
 def test_sol_and_precomputed_share_network_and_differ_only_in_targets(cohort):

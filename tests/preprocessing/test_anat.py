@@ -44,7 +44,8 @@ def test_outputs_named_as_contract(processed):
                 "sub-01_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.nii.gz",
                 "sub-01_atlas-DK_dseg.nii.gz", "sub-01_atlas-DK_desc-volumes.tsv",
                 "sub-01_space-MNI152NLin2009cSym_res-model_label-GM_probseg.nii.gz",
-                "sub-01_space-MNI152NLin2009cSym_res-model_label-WM_probseg.nii.gz"]
+                "sub-01_space-MNI152NLin2009cSym_res-model_label-WM_probseg.nii.gz",
+                "sub-01_space-MNI152NLin2009cSym_res-model_label-CSF_probseg.nii.gz"]
     for name in expected:
         assert (a / name).exists(), name
     assert d.qc_png.exists() and d.qc_png.read_bytes()[:4] == b"\x89PNG"

@@ -30,7 +30,7 @@ rule preprocess_anat:
         reference=f"{ANAT}_label-cerebellumGM_mask.nii.gz",
         model_grid=expand(
             f"{ANAT}_space-{TEMPLATE}_res-model_label-{{label}}_probseg.nii.gz",
-            label=["GM", "WM"],
+            label=["GM", "WM", "CSF"],
             allow_missing=True,
         ),
         qc=report(

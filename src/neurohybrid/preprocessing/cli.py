@@ -23,7 +23,7 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
            O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz (+ _dseg.tsv: index, name)
            O/sub-S/anat/sub-S_atlas-DK_desc-volumes.tsv                (region, volume_mm3)
            O/sub-S/anat/sub-S_label-cerebellumGM_mask.nii.gz           PET reference region
-           O/sub-S/anat/sub-S_space-MNI152NLin2009cSym_res-model_label-{GM,WM}_probseg.nii.gz
+           O/sub-S/anat/sub-S_space-MNI152NLin2009cSym_res-model_label-{GM,WM,CSF}_probseg.nii.gz
            O/sub-S/figures/sub-S_desc-qc.png
    ``--fast`` uses the short registration schedule (tests / sloppy mode); ``--backend fsl`` uses
    BET/FAST/FLIRT/FNIRT through nipype and needs FSLDIR (clear error otherwise).

@@ -183,7 +183,7 @@ def run_anat_fsl(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, threads=N
 
         model = load_template("t1", model_voxel_mm)
         _save(w / "model_ref.nii.gz", model.get_fdata(dtype=np.float32), model.affine)
-        for tissue in ("GM", "WM"):
+        for tissue in ("GM", "WM", "CSF"):  # CSF: the glioma corrections' ventricle distance
             _save(w / f"p_{tissue}.nii.gz", probs[tissue].astype(np.float32), aff)
             applywarp_interface(w / f"p_{tissue}.nii.gz", w / "model_ref.nii.gz", w / "coef.nii.gz",
                                 w / f"m_{tissue}.nii.gz").run(cwd=work)

@@ -140,7 +140,7 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
 
     t = time.perf_counter()
     model_ref = ab.to_ants(load_template("t1", model_voxel_mm))
-    for tissue in ("GM", "WM"):
+    for tissue in ("GM", "WM", "CSF"):  # CSF: the glioma corrections' ventricle distance
         warped = ab.apply(t1n.new_image_like(probs[tissue].astype(np.float32)), model_ref, fwd).numpy()
         save_volume(d.model_probseg(tissue), warped.clip(0, 1), load_template("t1", model_voxel_mm).affine)
     times["model_grid"] = time.perf_counter() - t

@@ -1,10 +1,11 @@
 """Glioma model inputs and targets, and writing forecasts back onto the res-model grid.
 
-Inputs (``sub-S_desc-modelinputs.npz``): ``wm``, ``gm`` (float32, cropped to the template box),
+Inputs (``sub-S_desc-modelinputs.npz``): ``wm``, ``gm``, ``csf`` (float32, cropped to the template box),
+``ventricle_mm`` (float32: distance to the subject's ventricles in mm, ``ventricle_distance``),
 ``t1gd``, ``flair`` (bool, (sessions, X, Y, Z), every session but the last).
 Sidecar: ``sessions``, ``days`` (of the input sessions), ``target_session``, ``target_day`` (when to
 forecast: the last session's day, its images are never read here), ``affine`` and ``full_shape``
-(res-model grid), ``crop_offset``, ``voxel_mm``.
+(res-model grid), ``crop_offset``, ``voxel_mm``, ``ventricle_voxels`` and ``ventricle_rule``.
 Target (``sub-S_desc-target.npz``): ``t1gd``, ``flair`` (bool, full res-model grid); sidecar
 ``affine``, ``voxel_mm``, ``day``, ``session``.
 """
@@ -14,11 +15,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from neurohybrid.disorders.base import Forecast, SubjectData
 from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
 from neurohybrid.io import save_volume
+
+
+VENTRICLE_DEPTH_MM = 15.0  # CSF at least this deep inside the brain is ventricular, not sulcal/cisternal
+VENTRICLE_CSF = 0.5
+MAX_DISTANCE_MM = 120.0  # no ventricle found: every voxel this far away (the feature saturates)
+
+
+def ventricle_distance(wm, gm, csf, spacing, exclude=None) -> tuple[np.ndarray, int, str]:
+    """Distance (mm) of every voxel to the subject's ventricles, from its own segmentation.
+
+    Ventricles = voxels whose CSF probability is > 0.5 and which lie more than 15 mm inside the
+    brain (brain = GM + WM + CSF > 0.5, holes filled; depth = Euclidean distance transform to the
+    outside of that mask): the deep CSF component, away from the sulci and cisterns at the outer
+    surface. When no voxel passes (coarse grids, small brains), the deepest CSF is used instead
+    (CSF > 0.3 within the deepest 10% of the brain). ``exclude`` (e.g. the tumour masks) is never a
+    ventricle. Returns (distance, number of ventricle voxels, the rule that found them).
+    """
+    spacing = tuple(float(v) for v in spacing)
+    brain = ndimage.binary_fill_holes((np.asarray(wm) + np.asarray(gm) + np.asarray(csf)) > 0.5)
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing)
+    allowed = brain if exclude is None else brain & ~exclude
+    vent = allowed & (csf > VENTRICLE_CSF) & (depth > VENTRICLE_DEPTH_MM)
+    rule = f"CSF > {VENTRICLE_CSF} and depth > {VENTRICLE_DEPTH_MM} mm"
+    if not vent.any() and brain.any():
+        vent = allowed & (csf > 0.3) & (depth >= np.percentile(depth[brain], 90))
+        rule = "CSF > 0.3 in the deepest 10% of the brain"
+    if not vent.any():
+        return np.full(brain.shape, MAX_DISTANCE_MM, np.float32), 0, "none found"
+    dist = ndimage.distance_transform_edt(~vent, sampling=spacing)
+    return np.minimum(dist, MAX_DISTANCE_MM).astype(np.float32), int(vent.sum()), rule
 
 
 def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple[SubjectData, SubjectData]:
@@ -29,6 +61,7 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
     reader = voxel.GridReader(subject)
     gm = reader.load(voxel.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
     wm = reader.load(voxel.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
+    csf = reader.load(voxel.preproc_anat(preproc, subject, "CSF"), value_range=(0.0, 1.0))
     masks = {"T1Gd": [], "FLAIR": []}
     for ses, _ in sessions:
         for desc in masks:
@@ -38,14 +71,18 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
         raise InputError("the first session's tumour masks are empty: nothing to seed the model from", file=first, subject=subject)
     offset, size = voxel.template_box(reader.shape, reader.affine, margin=int(voxel.settings(config, "glioma", {"crop_margin": 3}, {})["crop_margin"]))
     vox = voxel.voxel_size(reader.affine)
+    # the tumour (any input session) is never taken for a ventricle
+    tumour = np.any(masks["FLAIR"][:-1], axis=0) | np.any(masks["T1Gd"][:-1], axis=0)
+    vdist, n_vent, rule = ventricle_distance(wm, gm, csf, vox, exclude=tumour)
     meta = dict(
         sessions=[s for s, _ in sessions[:-1]], days=[d for _, d in sessions[:-1]],
         target_session=sessions[-1][0], target_day=sessions[-1][1],
         affine=np.asarray(reader.affine).tolist(), full_shape=list(reader.shape), crop_offset=list(offset),
-        voxel_mm=list(vox),
+        voxel_mm=list(vox), ventricle_voxels=n_vent, ventricle_rule=rule,
     )
     arrays = dict(
         wm=voxel.crop(wm, offset, size).astype(np.float32), gm=voxel.crop(gm, offset, size).astype(np.float32),
+        csf=voxel.crop(csf, offset, size).astype(np.float32), ventricle_mm=voxel.crop(vdist, offset, size),
         t1gd=voxel.crop(np.stack(masks["T1Gd"][:-1]), offset, size), flair=voxel.crop(np.stack(masks["FLAIR"][:-1]), offset, size),
     )
     inputs = SubjectData(subject, "glioma", arrays, meta)

@@ -28,10 +28,17 @@ DEFAULTS = dict(
     crop_margin=3, theta_t1gd=0.7, theta_flair=0.25, dg_ratio=0.1, max_rho_dt=0.2, soft_tau=0.02,
     seed_sigma_mm=2.0, restarts=2, fit_iterations=40, calib_margin=6, fit_thresholds=False,
     prior_dw=0.1, prior_rho=0.05, prior_weight=0.02,
-    epochs=12, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
-    sol_step_days=10.0, sol_steps=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, batch_size=None, val_fraction=0.0, patience=None, threads=1, torch_threads=1,
+    # training (data_driven, residual, ude, amortised_residual): mini-batches of `batch_size` items
+    # (training subjects, or their patches when there are fewer than 3), a validation subset of
+    # `val_fraction` of the items with early stopping after `patience` epochs without improvement
+    epochs=4, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
+    sol_step_days=10.0, sol_steps=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, batch_size=1, val_fraction=0.25,
+    patience=2, threads=1, torch_threads=1,
+    # the solver-in-the-loop and amortised parameter networks keep their own (earlier) budgets:
+    # full-batch epochs over the training subjects (train_param_net runs 4 x amortised_epochs steps)
+    sol_epochs=12, sol_batch_size=None, amortised_epochs=12,
 )
-SLOPPY = dict(restarts=1, fit_iterations=25, epochs=6, sol_train_steps=4, sol_box_vox=16)
+SLOPPY = dict(restarts=1, fit_iterations=25, epochs=2, sol_epochs=6, amortised_epochs=6, sol_train_steps=4, sol_box_vox=16)
 
 DW_BOUNDS = (0.01, 1.0)
 RHO_BOUNDS = (0.005, 0.5)
