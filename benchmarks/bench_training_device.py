@@ -11,7 +11,7 @@ one JSON line per (device, disorder, family) and a summary; ``--out`` also write
 The forecasts of the two devices are compared (max absolute difference of every continuous output,
 fraction of differing voxels of every mask), which is the "same results within tolerance" check:
 float32 kernels differ in summation order, so a mask may flip voxels that sit at its threshold.
-Each device pass starts with an empty per-process memo (neurohybrid.hybrid.cache), as a workflow
+Each device pass loads the data afresh (no shared per-subject work carried over), as a workflow
 job does; ``--warmup`` first runs one untimed pass so Numba's JIT compilation is not charged to
 whichever device comes first.
 """

@@ -5,10 +5,10 @@ held-out subject of that fold with every family, the way the workflow's grouped 
 process per disorder x fold for training, one per subject for forecasting, same config, same
 SubjectData objects). Prints a table of CPU seconds (process time) and wall seconds per family.
 
-``--isolated`` clears the in-process caches (``neurohybrid.hybrid.cache``) before every family,
+``--isolated`` loads the data afresh for every family (no ``SharedWork`` shared between them),
 i.e. what one-process-per-family jobs would pay. ``--full`` runs the whole demo's model stage:
-every fold's training and every subject's forecasts (with its fold's models), the cache cleared
-where the workflow starts a new process; it prints per-disorder totals.
+every fold's training and every subject's forecasts (with its fold's models), the data loaded
+afresh where the workflow starts a new process; it prints per-disorder totals.
 
 Numba compiles its kernels into an on-disk cache on first use: run once before measuring.
 

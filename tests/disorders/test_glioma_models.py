@@ -124,24 +124,24 @@ def test_calibration_recovers_dw_and_rho(cohort):
 
 def test_calibration_is_done_once_per_process(cohort, monkeypatch):
     """The families of one forecast process start from the same calibration and the same state at
-    the last session (neurohybrid.hybrid.cache): the second call does not recompute."""
-    from neurohybrid.hybrid import cache
-
-    cache.clear()
+    the last session (the inputs' SharedWork): the second call does not recompute."""
     calls = []
-    real = mech._calibrate
-    monkeypatch.setattr(mech, "_calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    inputs, _ = cohort["data"]["g1"]
+    real = mech.calibrate
+    monkeypatch.setattr(mech, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, _ = cohort["data"]["g1"]
+    inputs = SubjectData(base.subject, base.disorder, dict(base.arrays), dict(base.meta))  # a fresh context
     s = mech.settings(FAST)
     first = mech.calibrate_inputs(inputs, s, seed=0)
-    second = mech.calibrate_inputs(SubjectData(inputs.subject, inputs.disorder, dict(inputs.arrays), dict(inputs.meta)), s, seed=0)
-    assert len(calls) == 1 and first.parameters() == second.parameters()
+    assert mech.calibrate_inputs(inputs, s, seed=0) is first and len(calls) == 1
     mech.calibrate_inputs(inputs, s, seed=1)  # other settings: a new fit
     assert len(calls) == 2
+    # another process (the same data loaded again) fits afresh, to the same result
+    second = mech.calibrate_inputs(SubjectData(base.subject, base.disorder, dict(base.arrays), dict(base.meta)), s, seed=0)
+    assert len(calls) == 3 and (first.dw, first.rho, first.t0) == (second.dw, second.rho, second.t0)
     u1 = mech.state_at(inputs, first, [25.0], s)[0]
-    u2 = mech.state_at(inputs, second, [25.0], s)[0]
-    np.testing.assert_array_equal(u1, u2)
-    assert cache.stats["glioma.state_at", "hit"] == 1
+    u1[:] = -1.0  # a caller's copy: modifying it changes nothing for the next family
+    u2 = mech.state_at(inputs, first, [25.0], s)[0]
+    assert inputs.shared.computed["glioma.state_at"] == 1 and u2.min() >= 0.0
 
 
 def _pairs(cohort, subjects):
@@ -309,7 +309,9 @@ def test_cli_end_to_end(tmp_path):
         name = f"sub-c3_model-{fam}_desc-FLAIR_mask.nii.gz"
         assert np.array_equal(nib.load(str(together / name)).get_fdata(), nib.load(str(out / name)).get_fdata()), fam
         fits = [json.loads((d / f"sub-c3_model-{fam}_desc-fit.json").read_text())["parameters"] for d in (out, together)]
-        assert fits[0] == fits[1], fam
+        # every fitted value agrees; only the wall-clock cost of each process's own calibration differs
+        fitted = [{k: v for k, v in f.items() if not k.endswith("_seconds")} for f in fits]
+        assert fitted[0] == fitted[1], fam
     # the split guarantee: a model trained on c1 refuses to forecast c1
     assert main(["forecast", "--disorder", "glioma", "--family", "data_driven", "--subject", "c1", "--inputs", str(tmp_path / "inputs"),
                  "--config", str(cfg), "--out-dir", str(out), "--models-dir", str(ckpt.parent)]) == 2

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from neurohybrid.disorders import voxel
-from neurohybrid.disorders.base import Forecast, SubjectData
+from neurohybrid.disorders.base import Forecast, SubjectData, shared_work
 from neurohybrid.disorders.glioma import mechanistic as mech
 from neurohybrid.disorders.glioma.inputs import cropped_target
 from neurohybrid.disorders.networks import GridCorrection, ParamNet, TinyCNN, VoxelCorrection, flat_covariates, soft_dice_loss
@@ -541,11 +541,9 @@ def train_amortised(family: GliomaFamily, pairs) -> dict:
     """Labels: each training subject's (D_w, rho) calibrated on ALL its sessions (its target is
     training data); the network learns to predict them from the first session alone."""
     # amortised and amortised_residual train this same network (same seed, labels and settings): the
-    # second family of a training process gets the first one's result (random states included)
-    from neurohybrid.hybrid import cache
-
-    return cache.memo("glioma.train_amortised", (pairs, family.s, family.train_kw(), str(family.device)),
-                      lambda: _train_amortised(family, pairs), rng=True)
+    # fold's shared work trains it once, on its own seeded generators, whichever family asks first
+    return shared_work(pairs).get("glioma.train_amortised", (family.s, family.train_kw(), str(family.device)),
+                                  lambda: _train_amortised(family, pairs), seed=family.seed)
 
 
 def _train_amortised(family: GliomaFamily, pairs) -> dict:

@@ -103,23 +103,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
     """Fit (D_w, rho, t0[, thresholds]) to the sessions' masks t1gd/flair (S, X, Y, Z) at `days`.
 
     fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
-    D_w and rho).
-
-    Memoised per process (``neurohybrid.hybrid.cache``, keyed on every argument's content): the
-    mechanistic, residual, ude, sol and sol_precomputed families of a forecast job, and the
-    training of the fold's families, start from the same fits.
-    """
-    from neurohybrid.hybrid import cache
-
-    def compute():
-        return _calibrate(wm, gm, t1gd, flair, days, spacing, s, fixed=fixed, seed=seed)
-
-    return cache.memo("glioma.calibrate", (np.asarray(wm), np.asarray(gm), np.asarray(t1gd), np.asarray(flair),
-                                           [float(d) for d in days], [float(v) for v in spacing], s, fixed, int(seed)),
-                      compute)
-
-
-def _calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
+    D_w and rho)."""
     from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free, restart_spread
 
     start = time.perf_counter()
@@ -191,15 +175,22 @@ def _calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | Non
 
 
 def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
+    """``calibrate`` on the subject's input sessions, done once per subject's inputs (``inputs.shared``):
+    the mechanistic, residual, ude, sol and sol_precomputed families of a forecast job, and the
+    training of the fold's families, start from the same fits."""
     a = inputs.arrays
-    return calibrate(a["wm"], a["gm"], a["t1gd"], a["flair"], inputs.meta["days"], tuple(inputs.meta["voxel_mm"]), s,
-                     fixed=fixed, seed=seed)
+
+    def compute():
+        return calibrate(a["wm"], a["gm"], a["t1gd"], a["flair"], inputs.meta["days"], tuple(inputs.meta["voxel_mm"]), s,
+                         fixed=fixed, seed=seed)
+
+    return inputs.shared.get("glioma.calibrate", (s, fixed, int(seed)), compute)
 
 
 def state_at(inputs, fit: GliomaFit, rel_days: list[float], s: dict) -> list[np.ndarray]:
-    """Model states on the whole crop at days relative to the first session (memoised per process:
-    the hybrids of a forecast job all start from the fitted state at the last session)."""
-    from neurohybrid.hybrid import cache
+    """Model states on the whole crop at days relative to the first session (solved once per subject's
+    inputs and fit, ``inputs.shared``: the hybrids of a forecast job all start from the fitted state at
+    the last session; each caller gets its own copy)."""
 
     def compute():
         a = inputs.arrays
@@ -207,7 +198,8 @@ def state_at(inputs, fit: GliomaFit, rel_days: list[float], s: dict) -> list[np.
         u0 = initial_density(a["wm"].shape, spacing, fit.center, s)
         return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s)
 
-    return cache.memo("glioma.state_at", (inputs, fit, [float(d) for d in rel_days], s), compute)
+    states = inputs.shared.get("glioma.state_at", (dataclasses.asdict(fit), [float(d) for d in rel_days], s), compute)
+    return [u.copy() for u in states]
 
 
 def forecast_days(inputs) -> tuple[float, float]:
