@@ -238,7 +238,7 @@ def training_curves(models_root, path: Path) -> bool:
     panels = [(d, m) for d in DISORDERS for m in _models_in(hist[hist["disorder"] == d]) if ((hist["disorder"] == d) & (hist["model"] == m)).any()]
     ncol = min(4, len(panels))
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.1 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol, 2.4 * nrow), squeeze=False)
     for ax, (disorder, model) in zip(axes.flat, panels):
         grp = hist[(hist["disorder"] == disorder) & (hist["model"] == model)]
         for (fold, split), curve in grp.groupby(["fold", "split"]):
@@ -247,14 +247,15 @@ def training_curves(models_root, path: Path) -> bool:
             ax.plot(curve["epoch"], curve["loss"] / scale, "-" if split == "train" else "--", lw=1,
                     color=f"C{fold}", label=f"fold {fold} {split}")
         ax.set_title(f"{disorder} {model}", fontsize=7)
-        ax.tick_params(labelsize=6)
         if (grp["loss"] > 0).all():
             ax.set_yscale("log")
+        ax.tick_params(which="both", labelsize=6)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     axes[0][0].set_ylabel("loss / first epoch's", fontsize=7)
     axes[0][0].legend(fontsize=5)
     fig.suptitle("training curves (solid: training, dashed: validation)", fontsize=9)
+    fig.tight_layout()
     _save(fig, path)
     return True
 
