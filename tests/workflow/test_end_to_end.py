@@ -108,7 +108,10 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
     assert set(summary.disorder) == {"glioma", "alzheimer", "stroke"}
     assert (out / "cohort" / "stats.tsv").is_file()
     figures = sorted((out / "cohort" / "figures").glob("*.png"))
-    assert len(figures) == 8 and all(f.read_bytes()[:8] == PNG for f in figures)
+    from neurohybrid.report.figures import FIGURE_NAMES
+
+    assert sorted(f.name for f in figures) == sorted(FIGURE_NAMES)  # incl. the fold models' training curves
+    assert all(f.read_bytes()[:8] == PNG for f in figures)
 
     # every job left a log and a benchmark
     for rule in ("preprocess_anat", "model_inputs", "train_model", "forecast", "evaluate"):
