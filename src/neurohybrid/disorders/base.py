@@ -15,6 +15,7 @@ import abc
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,6 @@ import numpy as np
 from neurohybrid.registry import DISORDERS, FAMILY_NAMES as FAMILIES  # noqa: F401  (re-exported)
 from neurohybrid.errors import InputError
 from neurohybrid.io.atomic import atomic_path, write_json
-
 
 
 class SharedWork:
@@ -59,8 +59,6 @@ def _digest(obj) -> str:
     if hasattr(obj, "detach"):
         obj = obj.detach().cpu().numpy()
     if isinstance(obj, np.ndarray):
-        import hashlib
-
         return f"{obj.dtype.str}{obj.shape}:" + hashlib.blake2b(np.ascontiguousarray(obj).tobytes(), digest_size=16).hexdigest()
     if isinstance(obj, np.generic):
         return repr(obj.item())

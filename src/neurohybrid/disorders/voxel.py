@@ -5,7 +5,7 @@ around the template brain, so cross-subject networks see arrays of one shape and
 written back onto the full grid from the offset stored in the inputs' json.
 
 Also here: ``VoxelDisorder``, the ``Disorder`` both are instances of; reading their preprocessed
-volumes (``GridReader``, ``preproc_*`` paths), sessions tables and model settings (``settings``).
+volumes (``GridReader``, ``preproc_*`` paths) and sessions tables.
 """
 
 from __future__ import annotations
@@ -157,14 +157,6 @@ def read_sessions(bids: Path, subject: str, time_column: str) -> list[tuple[str,
     if len({r[1] for r in rows}) != len(rows):
         raise InputError(f"two sessions share the same {time_column}", file=path, subject=subject)
     return rows
-
-
-def settings(config: dict, disorder: str, defaults: dict | None = None, sloppy_overrides: dict | None = None) -> dict:
-    """The disorder's model settings (``neurohybrid.settings.resolve``: one loader for all disorders;
-    the defaults live in the disorder's module, the arguments are kept for the callers' signature)."""
-    from neurohybrid.settings import resolve
-
-    return resolve(config, disorder)
 
 
 def tumour_box(masks: list[np.ndarray], shape, margin: int) -> tuple[slice, slice, slice]:

@@ -25,7 +25,7 @@ def check_trained(trained, name: str) -> None:
 
 
 class VoxelFamily(Family):
-    """Subclasses give ``settings(config)``: the disorder's settings dict (``voxel.settings``)."""
+    """Subclasses give ``settings(config)``: the disorder's settings dict (``neurohybrid.settings.resolve``)."""
 
     def __init__(self, config, device):
         super().__init__(config, device)

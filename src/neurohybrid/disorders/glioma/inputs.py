@@ -20,6 +20,7 @@ from scipy import ndimage
 from neurohybrid.disorders.base import Forecast, SubjectData
 from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
+from neurohybrid.settings import resolve
 from neurohybrid.io import save_volume
 
 
@@ -69,7 +70,7 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
     first = voxel.preproc_mask(preproc, subject, sessions[0][0], "FLAIR")
     if not masks["FLAIR"][0].any() and not masks["T1Gd"][0].any():
         raise InputError("the first session's tumour masks are empty: nothing to seed the model from", file=first, subject=subject)
-    offset, size = voxel.template_box(reader.shape, reader.affine, margin=int(voxel.settings(config, "glioma", {"crop_margin": 3}, {})["crop_margin"]))
+    offset, size = voxel.template_box(reader.shape, reader.affine, margin=int(resolve(config, "glioma")["crop_margin"]))
     vox = voxel.voxel_size(reader.affine)
     # the tumour (any input session) is never taken for a ventricle
     tumour = np.any(masks["FLAIR"][:-1], axis=0) | np.any(masks["T1Gd"][:-1], axis=0)

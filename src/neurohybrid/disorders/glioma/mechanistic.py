@@ -23,6 +23,7 @@ import numpy as np
 
 from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
+from neurohybrid.settings import resolve
 
 DEFAULTS = dict(
     crop_margin=3, theta_t1gd=0.7, theta_flair=0.25, dg_ratio=0.1, max_rho_dt=0.2, soft_tau=0.02,
@@ -46,7 +47,7 @@ T0_BOUNDS = (1.0, 1500.0)
 
 
 def settings(config: dict) -> dict:
-    return voxel.settings(config, "glioma", DEFAULTS, SLOPPY)
+    return resolve(config, "glioma")
 
 
 @dataclasses.dataclass

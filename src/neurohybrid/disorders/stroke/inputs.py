@@ -18,6 +18,7 @@ import numpy as np
 from neurohybrid.disorders.base import Forecast, SubjectData
 from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
+from neurohybrid.settings import resolve
 from neurohybrid.io import save_volume
 from neurohybrid.io.tsv import read_table
 
@@ -62,7 +63,7 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
     wm = reader.load(voxel.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
     core = reader.load(voxel.preproc_mask(preproc, subject, "acute", "infarct"), binary=True)
     final = reader.load(voxel.preproc_mask(preproc, subject, "followup", "infarct"), binary=True)
-    margin = int(voxel.settings(config, "stroke", {"crop_margin": 3}, {})["crop_margin"])
+    margin = int(resolve(config, "stroke")["crop_margin"])
     offset, size = voxel.template_box(reader.shape, reader.affine, margin=margin)
     vox = voxel.voxel_size(reader.affine)
     affine = np.asarray(reader.affine).tolist()

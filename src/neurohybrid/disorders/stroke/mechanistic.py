@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from neurohybrid.disorders import voxel
+from neurohybrid.settings import resolve
 
 # Time steps of the RK4 solver (``solvers.stroke``), checked on the demo cohort's candidate voxels (4
 # subjects, sigma 0.5 / 1 / 1.5, 120 h with and without reperfusion) against RK4 at 10 s: largest
@@ -56,7 +56,7 @@ SLOPPY = dict(fit_iterations=12, epochs=6, sol_train_steps=4, voxel_chunks=4, vo
 
 
 def settings(config: dict) -> dict:
-    return voxel.settings(config, "stroke", DEFAULTS, SLOPPY)
+    return resolve(config, "stroke")
 
 
 @dataclasses.dataclass
