@@ -83,13 +83,10 @@ def train_param_net(net, xs, ys, train_kw: dict) -> list[float]:
 
 
 def train_corrected_solver(model, fine, covariates, s: dict, train_kw: dict, *, precomputed: bool) -> dict:
-    """Train a ``hybrid.solver_in_loop.CorrectedSolver``'s correction on fine trajectories: one-step
-    targets (precomputed) or ``sol_steps`` unrolled steps (SOL). Returns the checkpoint dict."""
-    from neurohybrid.hybrid.solver_in_loop import train_precomputed, train_sol
+    """Train a ``hybrid.solver_in_loop.CorrectedSolver``'s correction on fine trajectories (one-step
+    targets or ``sol_steps`` unrolled steps), validated with a fall-back to the plain coarse solver
+    (``fit_correction``). Returns the checkpoint dict (with the settings)."""
+    from neurohybrid.hybrid.solver_in_loop import fit_correction
 
-    if precomputed:
-        result = train_precomputed(model, fine, covariates=covariates, **train_kw)
-    else:
-        result = train_sol(model, fine, n_unroll=int(s["sol_steps"]), covariates=covariates, **train_kw)
-    return {"state_dict": model.correction.state_dict(), "history": result.history, "settings": s,
-            "training_target": "precomputed one-step" if precomputed else f"SOL-{int(s['sol_steps'])} unrolled"}
+    out = fit_correction(model, fine, covariates, precomputed=precomputed, n_unroll=int(s["sol_steps"]), **train_kw)
+    return dict(out, settings=s)

@@ -4,7 +4,11 @@ Interact with Iterative PDE-Solvers"), the series hybrid.
 A cheap coarse solver step (a larger time step or a coarser grid) is followed by a learned
 correction of its state:
 
-    u_{k+1} = c(u_k) + h_phi(c(u_k), context)          (``CorrectedSolver.step``)
+    u_{k+1} = clamp(c(u_k) + g(c(u_k)) h_phi(c(u_k), context))       (``CorrectedSolver.step``)
+
+g gates the correction by the state (zero where there is no disease) and the clamp keeps the
+state in its valid range. ``fit_correction`` trains, validates over the whole horizon on held-out
+trajectories, and falls back to the plain coarse solver when the correction does not help there.
 
 Two ways to train the SAME network (the only difference is the training target):
 
@@ -16,7 +20,8 @@ Two ways to train the SAME network (the only difference is the training target):
   without gradients; the network never sees its own outputs.
 
 ``fine`` is a trajectory of the fine (reference) solver sampled at the coarse step times:
-(B, K+1, N) or (B, K+1, X, Y, Z) (any trailing state shape; steps and corrections see (M, ...)). With n_unroll=1 both targets coincide (one step from a fine state), which the tests
+(B, K+1, N) or (B, K+1, X, Y, Z) (any trailing state shape; steps and corrections see (M, ...)).
+With n_unroll=1 both targets coincide (one step from a fine state), which the tests
 use to check that the two differ only in the targets.
 """
 
@@ -32,6 +37,20 @@ from neurohybrid.hybrid.neural_ode import repeat_members
 from neurohybrid.hybrid.training import TrainResult, train_loop
 
 
+def logistic_gate(u: torch.Tensor, lower=0.0, upper=1.0) -> torch.Tensor:
+    """4 (u - lower)(upper - u) / (upper - lower)^2, clamped at 0: 1 in mid-range, exactly 0 where
+    the state is at its disease-free value (``lower``) or saturated (``upper``). Multiplying a
+    correction by it keeps the correction off healthy tissue (Fisher-KPP's own reaction term has
+    the same form)."""
+    width = upper - lower
+    return torch.clamp(4.0 * (u - lower) * (upper - u) / (width * width), min=0.0)
+
+
+def unit_range(u: torch.Tensor, covariates=None) -> tuple[float, float]:
+    """The default valid range of a state: [0, 1] (a density or a dead fraction)."""
+    return 0.0, 1.0
+
+
 class CorrectedSolver(nn.Module):
     """A coarse step u -> u_next (any differentiable callable) with a learned state correction.
 
@@ -44,12 +63,22 @@ class CorrectedSolver(nn.Module):
     ``lap`` (set_context) is a shared (N, N) or per-member (B, N, N) operator handed to the
     correction; it is repeated with the covariates when start states are batched, so a coarse
     step that needs it reads ``model.lap`` at call time.
+
+    The correction respects the physics: it is multiplied by ``gate(u_coarse, covariates)``
+    (default ``logistic_gate`` on ``state_range``), so it is exactly zero where there is no
+    disease, and the corrected state is clamped to ``state_range(u, covariates) -> (lower, upper)``
+    (floats or tensors broadcasting with u; default [0, 1]). ``use_correction = False`` is the plain
+    coarse solver (the fall-back when the correction does not beat it on validation).
     """
 
-    def __init__(self, coarse_step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], correction: nn.Module):
+    def __init__(self, coarse_step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], correction: nn.Module, *,
+                 state_range: Callable = unit_range, gate: Callable | None = None):
         super().__init__()
         self.coarse_step = coarse_step
         self.correction = correction
+        self.state_range = state_range
+        self.gate = gate if gate is not None else (lambda u, cov: logistic_gate(u, *state_range(u, cov)))
+        self.use_correction = True
         self.covariates = None
         self.lap = None
 
@@ -59,8 +88,13 @@ class CorrectedSolver(nn.Module):
         return self
 
     def correct(self, u_coarse: torch.Tensor, covariates=None) -> torch.Tensor:
+        if not self.use_correction:
+            return u_coarse
         cov = self.covariates if covariates is None else covariates
-        return u_coarse + self.correction(u_coarse, cov, self.lap)
+        lower, upper = self.state_range(u_coarse, cov)
+        u = u_coarse + self.gate(u_coarse, cov) * self.correction(u_coarse, cov, self.lap)
+        return torch.minimum(torch.maximum(u, torch.as_tensor(lower, dtype=u.dtype, device=u.device)),
+                             torch.as_tensor(upper, dtype=u.dtype, device=u.device))
 
     def step(self, u: torch.Tensor) -> torch.Tensor:
         return self.correct(self.coarse_step(u, self.covariates))
@@ -174,6 +208,63 @@ def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=
             model.lap = full_lap
 
     return train_loop(model.correction, loss_fn, n, **train_kw)
+
+
+def relative_l2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """||pred - target|| / ||target|| over everything (steps, members, components)."""
+    return float(torch.linalg.vector_norm(pred - target) / torch.clamp(torch.linalg.vector_norm(target), min=1e-12))
+
+
+def horizon_errors(model: CorrectedSolver, fine: torch.Tensor, covariates=None, error_fn=relative_l2) -> dict:
+    """Error of the corrected and of the plain coarse solver over the whole horizon: K steps from
+    each trajectory's first fine state against fine states 1..K (``error_fn(pred, target)``,
+    default relative L2)."""
+    _check_fine(fine)
+    covariates = model.covariates if covariates is None else covariates
+    saved = model.covariates, model.use_correction
+    out = {}
+    try:
+        model.covariates = covariates
+        with torch.no_grad():
+            for key, use in (("corrected", True), ("coarse", False)):
+                model.use_correction = use
+                out[key] = error_fn(model.rollout(fine[:, 0], fine.shape[1] - 1), fine[:, 1:])
+    finally:
+        model.covariates, model.use_correction = saved
+    return out
+
+
+def fit_correction(model: CorrectedSolver, fine: torch.Tensor, covariates=None, *, precomputed: bool, n_unroll: int,
+                   error_fn=relative_l2, **train_kw) -> dict:
+    """Train the correction (SOL-n, or on pre-computed one-step targets), then check it where it was
+    not trained: over the whole horizon of the validation trajectories (held-out parameter draws,
+    ``train_kw['val_fraction']``; the training ones when there are too few to hold any out). A
+    correction that is not better than the plain coarse solver there is switched off
+    (``use_correction`` False, recorded): the series hybrid then falls back to its coarse solver.
+
+    Returns the checkpoint: state_dict, use_correction, histories, validation errors, target.
+    """
+    if precomputed:
+        result = train_precomputed(model, fine, covariates=covariates, **train_kw)
+    else:
+        result = train_sol(model, fine, n_unroll=n_unroll, covariates=covariates, **train_kw)
+    held_out = bool(result.val_indices)
+    idx = result.val_indices if held_out else result.train_indices
+    cov = model.covariates if covariates is None else covariates
+    errors = horizon_errors(model, fine[idx], _select(cov, idx, fine.shape[0]), error_fn)
+    model.use_correction = errors["corrected"] < errors["coarse"]
+    return {"state_dict": model.correction.state_dict(), "use_correction": model.use_correction,
+            "history": result.history, "val_history": result.val_history, "best_epoch": result.best_epoch,
+            "train_seconds": result.seconds,
+            "validation": dict(errors, trajectories=len(idx), held_out=held_out, horizon_steps=int(fine.shape[1] - 1)),
+            "training_target": "precomputed one-step" if precomputed else f"SOL-{int(n_unroll)} unrolled"}
+
+
+def load_correction(model: CorrectedSolver, checkpoint: dict) -> CorrectedSolver:
+    """Restore a ``fit_correction`` checkpoint (its fall-back decision included)."""
+    model.correction.load_state_dict(checkpoint["state_dict"])
+    model.use_correction = bool(checkpoint.get("use_correction", True))
+    return model
 
 
 def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
