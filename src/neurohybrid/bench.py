@@ -1,4 +1,5 @@
-"""`neurohybrid bench [glioma|network|stroke|all]`: solver throughput, printed as JSON.
+"""`neurohybrid bench [glioma|network|stroke|all|sol]`: solver throughput, and solver-in-the-loop
+accuracy at cost, printed as JSON.
 
 Each ``bench_*`` function returns a dict of measured numbers; benchmarks/bench_*.py call them.
 Timings exclude Numba compilation (one warm-up call first). Keep default sizes to a few minutes
@@ -154,7 +155,31 @@ def bench_glioma(voxel_mm: float = 2.0, days: float = 365.0, *, threads: int | N
     }
 
 
+SOL_DISORDERS = ("glioma", "alzheimer", "stroke")
+
+
+def bench_sol(disorders=SOL_DISORDERS, *, quick: bool = False, seed: int = 0) -> list[dict]:
+    """Solver-in-the-loop as a neural-accelerated solver, per disorder: on held-out cases, the error
+    against the fine solver and the wall time of fine, coarse, coarse + SOL-n and coarse +
+    pre-computed, and the speed-up at equal accuracy (each disorder's ``sol_bench.run``)."""
+    import importlib
+
+    out = []
+    for disorder in disorders:
+        module = importlib.import_module(f"neurohybrid.disorders.{disorder}.sol_bench")
+        start = time.perf_counter()
+        result = module.run(quick=quick, seed=seed)
+        out.append({"benchmark": "solver_in_the_loop", **result, "quick": quick, "seed": seed,
+                    "wall_seconds": time.perf_counter() - start, **_machine()})
+    return out
+
+
 def _run(args) -> int:
+    if args.which == "sol":
+        results = bench_sol(args.disorder or SOL_DISORDERS, quick=args.quick, seed=args.seed)
+        json.dump(results[0] if len(results) == 1 else results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     which = ["glioma", "network", "stroke"] if args.which == "all" else [args.which]
     results = []
     for name in which:
@@ -175,9 +200,15 @@ def register(subparsers) -> None:
         help="measure solver throughput and print JSON",
         description="Solver benchmarks (Numba compilation excluded). network: Fisher-KPP solves/s for many "
         "parameter sets on the normative DK-68 connectome vs scipy solve_ivp; stroke: voxel-hours/s; "
-        "glioma: tissue voxel-days/s for one year on the MNI template.",
+        "glioma: tissue voxel-days/s for one year on the MNI template (all: these three). sol: the "
+        "solver-in-the-loop families as accelerated solvers, per disorder: error vs the fine solver "
+        "and wall time of fine, coarse and corrected coarse on held-out cases (trains first; minutes).",
     )
-    parser.add_argument("which", nargs="?", default="all", choices=["glioma", "network", "stroke", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["glioma", "network", "stroke", "all", "sol"])
+    parser.add_argument("--disorder", action="append", choices=list(SOL_DISORDERS),
+                        help="sol: only this disorder (repeatable; default all three)")
+    parser.add_argument("--quick", action="store_true", help="sol: small cases and short training (seconds)")
+    parser.add_argument("--seed", type=int, default=0, help="sol: seed of the cases and the training")
     parser.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     parser.add_argument("--sets", type=int, default=1000, help="network: parameter sets (default 1000)")
     parser.add_argument("--years", type=float, default=20.0, help="network: simulated years (default 20)")

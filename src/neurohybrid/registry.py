@@ -32,12 +32,13 @@ FAMILIES = (
     FamilySpec("data_driven", "data-driven", True, True, "data-driven"),
     FamilySpec("residual", "parallel", True, False, "residual (APHYNITY)"),
     FamilySpec("ude", "parallel", True, False, "UDE"),
-    FamilySpec("sol", "series", True, False, "solver-in-the-loop"),
-    FamilySpec("sol_precomputed", "series", True, False, "SOL, pre-computed"),
+    FamilySpec("sol", "series", True, False, "accelerated mechanistic (SOL-n)"),
+    FamilySpec("sol_precomputed", "series", True, False, "accelerated mechanistic (SOL, pre-computed)"),
     FamilySpec("amortised", "series", True, False, "amortised"),
     FamilySpec("amortised_residual", "parallel-series", True, False, "amortised + residual"),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
+LABELS = {f.name: f.label for f in FAMILIES}
 BASELINES = tuple(f.name for f in FAMILIES if f.baseline)
 HYBRIDS = tuple(f.name for f in FAMILIES if not f.baseline)
 

@@ -84,7 +84,7 @@ def _alzheimer_case(root, with_persistence=True):
     # rows in another order than the target's: must be aligned by name
     pd.DataFrame({"region": regions[::-1], "suvr": (obs + [1, -1, 1, -1])[::-1]}).to_csv(
         fdir / "sub-a1_model-ude_pet.tsv", sep="\t", index=False)
-    write_fit(fdir, "a1", "ude", sol_error=0.1, sol_cost_seconds=2.0)
+    write_fit(fdir, "a1", "ude", sol_error_vs_fine=0.1, coarse_error_vs_fine=0.3, sol_cost_seconds=2.0)
     if with_persistence:
         pd.DataFrame({"region": regions, "suvr": np.full(4, 1.0)}).to_csv(
             fdir / "sub-a1_model-persistence_pet.tsv", sep="\t", index=False)
@@ -98,7 +98,7 @@ def test_alzheimer_rmse_pearson_relative(tmp_path):
     ref = math.sqrt((0 + 1 + 4 + 9) / 4)
     assert m["rmse_rel_persistence"] == pytest.approx(1.0 / ref)
     assert m["pearson_r"] == pytest.approx(np.corrcoef([2, 1, 4, 3], [1, 2, 3, 4])[0, 1])
-    assert m["sol_error"] == 0.1 and m["sol_cost_seconds"] == 2.0
+    assert m["sol_error_vs_fine"] == 0.1 and m["coarse_error_vs_fine"] == 0.3 and m["sol_cost_seconds"] == 2.0
 
 
 def test_alzheimer_missing_region_is_an_error(tmp_path):

@@ -42,7 +42,8 @@ def cohort(tmp_path_factory):
             fdir = tmp_path / "forecasts" / f"sub-{g}"
             save_volume(fdir / f"sub-{g}_model-{model}_desc-T1Gd_mask.nii.gz", cube(shape, (3, 3, 2), (6, 6, 5)), aff, dtype=np.uint8)
             save_volume(fdir / f"sub-{g}_model-{model}_desc-FLAIR_mask.nii.gz", cube(shape, (2, 2, 1), (7, 8, 6)), aff, dtype=np.uint8)
-            extra = {"sol_error": 0.1 / (k + 1), "sol_cost_seconds": 1.0 + k} if model == "sol" else {}
+            extra = {"sol_error_vs_fine": 0.1 / (k + 1), "coarse_error_vs_fine": 0.3, "sol_cost_seconds": 1.0 + k,
+                     "coarse_cost_seconds": 0.5 + k, "fine_cost_seconds": 8.0 + k} if model == "sol" else {}
             write_fit(fdir, g, model, parameters={"dw": 0.12 + 0.05 * k, "rho": 0.021}, **extra)
             adir = tmp_path / "forecasts" / f"sub-{a}"
             adir.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,10 @@ from neurohybrid.io.tsv import read_table
 
 COLUMNS = ["subject", "disorder", "model", "metric", "value"]
 
-# values copied from the fit json into the table as they are
-FIT_JSON_METRICS = ("fit_seconds", "inference_seconds", "sol_error", "sol_cost_seconds")
+# values copied from the fit json into the table as they are (the sol_* / coarse_* / fine_* ones:
+# the solver-in-the-loop families' accuracy against the fine solver and the costs it saves)
+FIT_JSON_METRICS = ("fit_seconds", "inference_seconds", "sol_error_vs_fine", "coarse_error_vs_fine",
+                    "sol_cost_seconds", "coarse_cost_seconds", "fine_cost_seconds")
 
 
 def forecast_path(forecast_dir, subject: str, model: str, suffix: str) -> Path:

@@ -22,7 +22,7 @@ from neurohybrid.evaluation.metrics import match_parameters  # noqa: E402
 from neurohybrid.evaluation.scoring import (forecast_path, load_forecast_mask, read_fit_json,  # noqa: E402
                                             read_regional_forecast, read_truth)
 from neurohybrid.evaluation.targets import DISORDERS, read_target  # noqa: E402
-from neurohybrid.registry import FAMILY_NAMES  # noqa: E402
+from neurohybrid.registry import FAMILY_NAMES, LABELS  # noqa: E402
 from neurohybrid.io import atomic_path  # noqa: E402
 
 FIGURE_NAMES = (
@@ -44,6 +44,11 @@ MODEL_ORDER = list(FAMILY_NAMES)
 def _models_in(frame: pd.DataFrame) -> list[str]:
     present = set(frame["model"])
     return [m for m in MODEL_ORDER if m in present] + sorted(present - set(MODEL_ORDER))
+
+
+def _label(model: str) -> str:
+    """The registry's display label (e.g. the SOL families are accelerated mechanistic models)."""
+    return LABELS.get(model, model)
 
 
 def _save(fig, path: Path) -> None:
@@ -76,7 +81,7 @@ def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> bool:
         for i, values in enumerate(data, start=1):
             jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.plot(i + jitter, values, "o", ms=3, alpha=0.6, color="k")
-        ax.set_xticks(range(1, len(models) + 1), models, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(1, len(models) + 1), [_label(m) for m in models], rotation=60, ha="right", fontsize=7)
         ax.set_title(metric.replace("_ml_", "_ml\n").replace("_mm_", "_mm\n"), fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{disorder}: per-subject metrics (n = {d['subject'].nunique()} subjects)")
@@ -185,23 +190,33 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
     return True
 
 
+SOL_METRICS = ("sol_error_vs_fine", "coarse_error_vs_fine", "sol_cost_seconds", "coarse_cost_seconds", "fine_cost_seconds")
+
+
 def sol_accuracy_cost(frame, path: Path) -> bool:
-    """Error against the fine solver vs cost, from the fit jsons' sol_error / sol_cost_seconds."""
-    d = frame[frame["metric"].isin(["sol_error", "sol_cost_seconds"])]
+    """The accelerated mechanistic models: error against the fine solver vs wall time, per disorder,
+    for the fine solver (error 0), the plain coarse solver and coarse + correction (each SOL family),
+    one point per held-out subject, from the fit jsons (``SOL_METRICS``)."""
+    d = frame[frame["metric"].isin(SOL_METRICS)]
     wide = d.pivot_table(index=["subject", "disorder", "model"], columns="metric", values="value", aggfunc="first")
-    if wide.empty or not {"sol_error", "sol_cost_seconds"} <= set(wide.columns):
-        _no_data(path, "SOL accuracy vs cost", "no fit json reports sol_error and sol_cost_seconds")
+    if wide.empty or not set(SOL_METRICS) <= set(wide.columns):
+        _no_data(path, "SOL accuracy vs cost", "no fit json reports the SOL errors and costs against the fine solver")
         return False
     wide = wide.dropna().reset_index()
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    for (disorder, model), grp in wide.groupby(["disorder", "model"]):
-        ax.plot(grp["sol_cost_seconds"], grp["sol_error"], "o", ms=4, label=f"{disorder} {model}")
-    ax.set_xlabel("cost (s)")
-    ax.set_ylabel("error vs fine solver")
-    if (wide["sol_cost_seconds"] > 0).all():
+    disorders = sorted(wide["disorder"].unique())
+    fig, axes = plt.subplots(1, len(disorders), figsize=(3.6 * len(disorders), 3.4), squeeze=False)
+    for ax, disorder in zip(axes[0], disorders):
+        sub = wide[wide["disorder"] == disorder]
+        ax.plot(sub["fine_cost_seconds"], np.zeros(len(sub)), "ks", ms=4, label="fine solver")
+        ax.plot(sub["coarse_cost_seconds"], sub["coarse_error_vs_fine"], "x", color="0.5", ms=5, label="coarse, uncorrected")
+        for model, grp in sub.groupby("model"):
+            ax.plot(grp["sol_cost_seconds"], grp["sol_error_vs_fine"], "o", ms=4, label=f"coarse + correction, {model}")
         ax.set_xscale("log")
-    ax.legend(fontsize=6)
-    ax.set_title("solver-in-the-loop: accuracy vs cost", fontsize=9)
+        ax.set_xlabel("wall time (s)", fontsize=7)
+        ax.set_title(disorder, fontsize=8)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("error vs fine solver", fontsize=7)
+    fig.suptitle("accelerated mechanistic models (solver-in-the-loop): accuracy vs cost", fontsize=9)
     _save(fig, path)
     return True
 
