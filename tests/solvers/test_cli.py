@@ -277,3 +277,64 @@ def test_bench_network_and_stroke_print_json(capsys):
     assert main(["bench", "stroke", "--stroke-shape", "4", "3", "2", "--hours", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["voxels"] == 24 and res["voxel_hours_per_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# checked before any work: output paths, work budgets, integrator limits
+
+
+def _argv(model, tmp_path, tissue, cbf_map, out, **over):
+    if model == "glioma":
+        args = {"--wm": tissue[0], "--gm": tissue[1], "--seed-mm": ["0", "0", "0"], "--days": "5", "--dw": "0.2"}
+    elif model == "alzheimer":
+        args = {"--connectome": _connectome(tmp_path)[0], "--seed-regions": "R0", "--kappa": "0.05", "--years": "4"}
+    else:
+        args = {"--cbf": cbf_map[0], "--followup-h": "24"}
+    args.update(over)
+    argv = ["simulate", model]
+    for key, value in args.items():
+        argv += [key, *(value if isinstance(value, list) else [value])]
+    return argv + ["--out", str(out)]
+
+
+@pytest.mark.parametrize("model, over, words", [
+    ("glioma", {"--days": "1e9"}, ["voxel-steps", "--max-steps"]),
+    ("glioma", {"--dw": "1e6", "--days": "365"}, ["voxel-steps", "--max-steps"]),
+    ("glioma", {"--threads": "0"}, ["--threads"]),
+    ("alzheimer", {"--kappa": "1e9"}, ["solver steps", "--max-steps"]),
+    ("alzheimer", {"--years": "1e9"}, ["output rows", "--max-steps"]),
+    ("stroke", {"--followup-h": "1e9"}, ["voxel-steps", "--max-steps"]),
+    ("stroke", {"--dt-s": "3600"}, ["--dt-s", "900"]),
+    ("stroke", {"--dt-s": "1800"}, ["--dt-s", "unstable beyond 1289 s"]),
+])
+def test_runs_beyond_budget_or_limits_stop_at_once(tmp_path, tissue, cbf_map, capsys, model, over, words):
+    import time
+
+    out = tmp_path / "out" / ("t.tsv" if model == "alzheimer" else "u.nii.gz")
+    out.parent.mkdir()
+    start = time.perf_counter()
+    _fails(_argv(model, tmp_path, tissue, cbf_map, out, **over), capsys, out, *words)
+    assert time.perf_counter() - start < 10.0  # refused up front, not after the work
+
+
+@pytest.mark.parametrize("model", ["glioma", "alzheimer", "stroke"])
+@pytest.mark.parametrize("case", ["directory", "extension", "no_folder"])
+def test_bad_out_paths_refused_before_any_work(tmp_path, tissue, cbf_map, capsys, model, case):
+    good = "t.tsv" if model == "alzheimer" else "u.nii.gz"
+    out = {"directory": tmp_path / "adir", "extension": tmp_path / "u.txt", "no_folder": tmp_path / "none" / good}[case]
+    if case == "directory":
+        out.mkdir()
+    rc = main(_argv(model, tmp_path, tissue, cbf_map, out))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert {"directory": "is a directory", "extension": "must end in", "no_folder": "does not exist"}[case] in err
+    assert str(out.name) in err
+
+
+def test_stroke_solver_refuses_steps_beyond_rk4_stability():
+    from neurohybrid.errors import InputError
+    from neurohybrid.solvers.stroke import simulate_tissue_death
+
+    assert np.isfinite(simulate_tissue_death(np.array([10.0]), hours=24.0, dt_s=1200.0)["dead"]).all()
+    with pytest.raises(InputError, match="stability"):
+        simulate_tissue_death(np.array([10.0]), hours=24.0, dt_s=3600.0)

@@ -16,6 +16,33 @@ from neurohybrid.errors import InputError
 
 SEED_TISSUE_MIN = 0.25  # wm + gm at the seed voxel: below this the seed is not in brain tissue
 CBF_MAX = 300.0  # ml/100 ml/min; larger values mean wrong units, not hyperaemia
+# Work budgets (``--max-steps``): a run that would take more stops before it starts. Grids count
+# voxel-steps: 1e11 is about 1-3 minutes at the measured ~0.7-1.4e9 voxel-updates/s (README,
+# "Solvers"); the network counts estimated solver steps, each over the whole graph.
+GRID_STEP_BUDGET = 1e11
+NETWORK_STEP_BUDGET = 1e7
+NIFTI = (".nii.gz", ".nii")
+
+
+def _check_out(path: Path, suffixes) -> None:
+    """Refuse an --out the run could not write, before any work (the write itself is atomic)."""
+    if path.is_dir():
+        raise InputError("--out is a directory; give a file name", file=path)
+    if not any(path.name.endswith(sfx) for sfx in suffixes):
+        raise InputError(f"--out must end in {' or '.join(suffixes)}", file=path)
+    if not path.parent.is_dir():
+        raise InputError("the folder of --out does not exist", file=path)
+
+
+def _check_budget(work: float, budget: float, what: str) -> None:
+    if not work <= budget:  # also catches inf / nan
+        raise InputError(f"this run needs about {work:.3g} {what}, more than --max-steps {budget:.3g}; "
+                         f"check the arguments, or raise --max-steps to allow it")
+
+
+def _check_threads(threads) -> None:
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
 
 
 def _positive(name, value, *, allow_zero=False):
@@ -37,8 +64,10 @@ def _run_glioma(args) -> int:
     from nibabel.affines import voxel_sizes
 
     from neurohybrid.io import check_same_grid, load_volume, save_volume
-    from neurohybrid.solvers.glioma import gaussian_seed, simulate_glioma
+    from neurohybrid.solvers.glioma import _bbox, gaussian_seed, simulate_glioma, stable_dt
 
+    _check_out(args.out, NIFTI)
+    _check_threads(args.threads)
     wm, wm_aff = load_volume(args.wm, value_range=(0.0, 1.0))
     gm, gm_aff = load_volume(args.gm, value_range=(0.0, 1.0))
     check_same_grid((args.wm, wm, wm_aff), (args.gm, gm, gm_aff))
@@ -63,6 +92,11 @@ def _run_glioma(args) -> int:
         raise InputError(f"seed {tuple(args.seed_mm)} mm (voxel {index}) is outside brain tissue "
                          f"(WM + GM = {tissue[index]:.2f} < {SEED_TISSUE_MIN})", file=args.wm)
     spacing = tuple(float(s) for s in voxel_sizes(wm_aff))
+    dmax = args.dw * float((wm + args.dg_ratio * gm).max())
+    steps = math.ceil(args.days / stable_dt(dmax, spacing, args.rho))
+    box_voxels = math.prod(sl.stop - sl.start for sl in _bbox(tissue > 0))
+    _check_budget(float(steps) * box_voxels, args.max_steps,
+                  f"voxel-steps ({steps:.3g} stable steps of the {box_voxels}-voxel tissue box)")
     u0 = gaussian_seed(wm.shape, spacing, tuple(center), sigma_mm=args.seed_sigma_mm)
     u = simulate_glioma(wm, gm, u0, spacing=spacing, dw=args.dw, rho=args.rho, days=args.days,
                         dg_ratio=args.dg_ratio, threads=args.threads)
@@ -88,8 +122,10 @@ def _run_alzheimer(args) -> int:
 
     from neurohybrid.io import write_tsv
     from neurohybrid.io.tsv import read_connectome
-    from neurohybrid.solvers.network import laplacian, simulate_network
+    from neurohybrid.solvers.network import laplacian, simulate_network, spectral_radius_bound
 
+    _check_out(args.out, (".tsv",))
+    _check_threads(args.threads)
     weights, names = read_connectome(args.connectome)
     if not np.any(weights - np.diag(np.diag(weights)) > 0):
         raise InputError("connectome has no connections between regions", file=args.connectome)
@@ -108,6 +144,11 @@ def _run_alzheimer(args) -> int:
     if not (0 < args.seed_value <= 1):
         raise InputError(f"--seed-value must lie in (0, 1], got {args.seed_value}")
     lap = laplacian(weights)
+    # DOPRI5 is explicit: at least years * (largest rate) / 3.3 steps (its stability interval),
+    # and one output row per --dt-years
+    rate = args.kappa * spectral_radius_bound(lap) + abs(args.alpha)
+    steps = max(args.years * rate / 3.3, args.years / args.dt_years)
+    _check_budget(steps, args.max_steps, "solver steps or output rows")
     u0 = np.zeros(len(names))
     u0[[names.index(s) for s in seeds]] = args.seed_value
     times = output_times(args.years, args.dt_years)
@@ -125,8 +166,14 @@ def _run_alzheimer(args) -> int:
 
 def _run_stroke(args) -> int:
     from neurohybrid.io import check_same_grid, load_volume, save_volume
-    from neurohybrid.solvers.stroke import simulate_tissue_death
+    from neurohybrid.solvers.stroke import MAX_DT_S, RK4_STABILITY, XUE2021, simulate_tissue_death
 
+    _check_out(args.out, NIFTI)
+    _check_threads(args.threads)
+    _positive("dt-s", args.dt_s)
+    if args.dt_s > MAX_DT_S:
+        raise InputError(f"--dt-s {args.dt_s:g} s exceeds {MAX_DT_S:g} s, the largest RK4 step whose accuracy was "
+                         f"checked (RK4 is unstable beyond {RK4_STABILITY / XUE2021['kb']:.0f} s); use a smaller --dt-s")
     cbf, aff = load_volume(args.cbf, value_range=(0.0, CBF_MAX))
     ref = (args.cbf, cbf, aff)
     wm = 0.0
@@ -156,7 +203,7 @@ def _run_stroke(args) -> int:
     _positive("followup-h", args.followup_h)
     if args.reperfusion_h is not None:
         _positive("reperfusion-h", args.reperfusion_h, allow_zero=True)
-    _positive("dt-s", args.dt_s)
+    _check_budget(args.followup_h * 3600.0 / args.dt_s * int(mask.sum()), args.max_steps, "voxel-steps")
     res = simulate_tissue_death(cbf, hours=args.followup_h, reperfusion_h=args.reperfusion_h, cbf_after=cbf_after,
                                 wm_fraction=wm, dt_s=args.dt_s, threads=args.threads)
     dead = np.where(mask, res["dead"], 0.0)
@@ -194,6 +241,8 @@ def register(subparsers) -> None:
     g.add_argument("--seed-sigma-mm", type=float, default=2.0, help="Gaussian seed width (mm)")
     g.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     g.add_argument("--out", required=True, type=Path, help="output NIfTI of u (unitless, [0, 1])")
+    g.add_argument("--max-steps", type=float, default=GRID_STEP_BUDGET,
+                   help="refuse runs needing more voxel-steps (stable steps x tissue box voxels)")
     g.set_defaults(func=_run_glioma)
 
     a = sub.add_parser(
@@ -214,6 +263,8 @@ def register(subparsers) -> None:
     a.add_argument("--dt-years", type=float, default=1.0, help="output spacing (years)")
     a.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     a.add_argument("--out", required=True, type=Path, help="output TSV")
+    a.add_argument("--max-steps", type=float, default=NETWORK_STEP_BUDGET,
+                   help="refuse runs needing more solver steps or output rows")
     a.set_defaults(func=_run_alzheimer)
 
     s = sub.add_parser(
@@ -235,4 +286,6 @@ def register(subparsers) -> None:
     s.add_argument("--dt-s", type=float, default=60.0, help="integration step (seconds)")
     s.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     s.add_argument("--out", required=True, type=Path, help="output NIfTI of the dead fraction D")
+    s.add_argument("--max-steps", type=float, default=GRID_STEP_BUDGET,
+                   help="refuse runs needing more voxel-steps (RK4 steps x voxels)")
     s.set_defaults(func=_run_stroke)

@@ -46,6 +46,10 @@ XUE2021 = dict(k1=0.175, k2=-3.304, kf=4.4719e-4, kt=3.9441e-4, kb=2.15699e-3, w
 NORMAL_CBF_GM = 56.0
 NORMAL_CBF_WM = 21.0
 CORE_THRESHOLD = 0.8  # D > 0.8 is infarct core (Xue et al. 2021)
+RK4_STABILITY = 2.78  # classical RK4 is stable for |lambda| dt < 2.78 on the real axis
+# The largest step whose accuracy was checked (disorders/stroke/mechanistic.py: |error of D| 4.5e-6
+# at 900 s on the demo's voxels); steps above it are refused by `neurohybrid simulate stroke`.
+MAX_DT_S = 900.0
 
 
 def _as_field(value, shape, name):
@@ -263,6 +267,9 @@ def simulate_tissue_death(cbf, *, hours, reperfusion_h=None, cbf_after=None, wm_
     Returns {"dead": D, "toxic": T} at ``hours`` (arrays shaped like cbf) or, with save_hours,
     stacked (S, *cbf.shape) at those times.
     """
+    if dt_s * params["kb"] > RK4_STABILITY:
+        # beyond it the toxin's decay blows up to inf (a "dead fraction" of -1e10 .. 1e14)
+        raise InputError(f"dt_s {dt_s:g} s is beyond RK4's stability limit of {RK4_STABILITY / params['kb']:.0f} s")
     cbf, h_before, h_after = _hypoxia_fields(cbf, reperfusion_h, cbf_after, wm_fraction, params)
     seg_end, seg_phase, seg_steps, save_segment = time_grid(hours, reperfusion_h, save_hours, dt_s)
     shape = cbf.shape
