@@ -101,3 +101,26 @@ def test_read_connectome_checks(tmp_path):
     pd.DataFrame(w[:, :2], columns=names[:2]).to_csv(rect, index=False)
     with pytest.raises(InputError, match="must be square"):
         read_connectome(rect)
+
+    dup = tmp_path / "dup.csv"
+    dup.write_text("A,B,A\n0,1,2\n1,0,3\n2,3,0\n")
+    with pytest.raises(InputError, match="repeated column name.*A") as err:
+        read_connectome(dup, subject="ad01")
+    assert "dup.csv" in str(err.value) and "ad01" in str(err.value)
+
+
+def test_zero_voxel_size_without_affine_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), None)
+    img.header["pixdim"][1:4] = [2.0, 0.0, 2.0]
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    path = tmp_path / "p0.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(InputError, match="voxel size undefined") as err:
+        load_volume(path, subject="g01")
+    assert "p0.nii.gz" in str(err.value)
+    # the same pixdims set, without qform/sform: read as stored
+    img.header["pixdim"][1:4] = [2.0, 2.0, 2.0]
+    nib.save(img, str(path))
+    _, affine = load_volume(path)
+    assert np.allclose(np.abs(np.diag(affine))[:3], 2.0)

@@ -35,6 +35,7 @@ def load_image(path: str | Path, *, subject: str | None = None, ndim: int | None
         if shape != data.shape:
             img = nib.Nifti1Image(data.reshape(shape), img.affine, img.header)
             data = np.asanyarray(img.dataobj)
+    _check_voxel_size_defined(img, path, subject)
     affine = img.affine
     if not np.all(np.isfinite(affine)):
         raise InputError("affine contains NaN or infinite values", file=path, subject=subject)
@@ -43,6 +44,19 @@ def load_image(path: str | Path, *, subject: str | None = None, ndim: int | None
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise InputError("image contains NaN or infinite voxel values", file=path, subject=subject)
     return img
+
+
+def _check_voxel_size_defined(img, path: Path, subject) -> None:
+    """Without a qform or sform the voxel size comes from pixdim alone, and nibabel silently turns a
+    zero pixdim into 1 mm on load: read the stored header unfixed and refuse that case."""
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header) or header["qform_code"] > 0 or header["sform_code"] > 0:
+        return
+    with nib.openers.ImageOpener(str(path)) as fobj:
+        raw = type(header).from_fileobj(fobj, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise InputError(f"voxel size undefined: pixdim {pixdim.tolist()} and no qform or sform", file=path, subject=subject)
 
 
 def load_volume(

@@ -21,10 +21,20 @@ def read_table(path: str | Path, *, subject: str | None = None, required: list[s
         frame = pd.read_csv(path, sep=sep, na_values=["n/a"])
     except Exception as exc:
         raise InputError(f"cannot read table ({type(exc).__name__}: {exc})", file=path, subject=subject) from None
+    _check_unique_header(path, sep, subject)
     missing = [c for c in (required or []) if c not in frame.columns]
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}", file=path, subject=subject)
     return frame
+
+
+def _check_unique_header(path: Path, sep: str, subject) -> None:
+    """pandas renames a repeated column name to 'name.1', which would pass any later check: read
+    the header row as it is written."""
+    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+    repeated = sorted({name for name in header if header.count(name) > 1 and name != ""})
+    if repeated:
+        raise InputError(f"repeated column name(s) in the header: {', '.join(repeated)}", file=path, subject=subject)
 
 
 def read_connectome(path: str | Path, *, subject: str | None = None) -> tuple[np.ndarray, list[str]]:
