@@ -25,6 +25,33 @@ SHARED = (
     "epochs", "learning_rate", "batch_size", "hidden", "restarts", "fit_iterations", "sol_steps",
     "residual_penalty", "val_fraction", "patience", "time_limit_s", "torch_threads",
 )
+# the valid range of the shared keys, and of every key named like them: (lowest, lowest allowed?)
+# where None values (no limit / default) pass
+_AT_LEAST_ONE = ("epochs", "batch_size", "hidden", "restarts", "fit_iterations", "sol_steps", "patience")
+_POSITIVE = ("learning_rate", "time_limit_s")
+_SUFFIX_AT_LEAST_ONE = ("_epochs", "_steps", "_iterations", "_samples", "_batch_size")
+_SUFFIX_POSITIVE = ("_dt", "_dt_s", "_hours", "_days", "_mm")
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    """Counts are >= 1, rates, steps and durations > 0, fractions in [0, 1): an ``epochs: -3``
+    would otherwise train nothing and write an untrained model."""
+    if value is None or isinstance(value, (bool, str, list, tuple)):
+        return
+    if key in _AT_LEAST_ONE or key.endswith(_SUFFIX_AT_LEAST_ONE):
+        ok, want = value >= 1, ">= 1"
+    elif key in _POSITIVE or key.endswith(_SUFFIX_POSITIVE) or key == "dt_s":
+        ok, want = value > 0, "> 0"
+    elif key == "val_fraction":
+        ok, want = 0 <= value < 1, "in [0, 1)"
+    elif key in ("residual_penalty", "torch_threads"):
+        ok, want = value >= 0, ">= 0"
+    else:
+        return
+    if not ok:
+        raise InputError(f"config key '{where}.{key}': must be {want}, got {value!r}")
+
+
 # keys the workflow itself reads
 WORKFLOW_KEYS = {"models": ("families", "n_folds"), "disorder": ("model_voxel_mm",)}
 
@@ -69,7 +96,8 @@ def _convert(key: str, value: Any, default: Any, where: str) -> Any:
 
 
 def check_keys(config: dict) -> None:
-    """Every key of ``models:`` and of the disorder sections is known to the model code."""
+    """Every key of ``models:`` and of the disorder sections is known to the model code, and every
+    disorder resolves its values (types and ranges): run at workflow parse time, before any job."""
     config = config or {}
     known = {d: set(defaults(d)[0]) for d in DISORDERS}
     anywhere = set().union(*known.values())
@@ -82,12 +110,18 @@ def check_keys(config: dict) -> None:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise InputError(f"config key '{section}.{key}': unknown model setting{hint}; the settings each "
                                  "disorder reads are the DEFAULTS of its model code (config/README.md)")
+    for disorder in DISORDERS:
+        _resolve_known(config, disorder)
 
 
 def resolve(config: dict, disorder: str) -> dict:
     """The disorder's model settings as a dict (see the module docstring); adds ``sloppy`` and ``seed``."""
     config = config or {}
     check_keys(config)
+    return _resolve_known(config, disorder)
+
+
+def _resolve_known(config: dict, disorder: str) -> dict:
     base, fast = defaults(disorder)
     models = config.get("models") or {}
     section = config.get(disorder) or {}
@@ -97,6 +131,7 @@ def resolve(config: dict, disorder: str) -> dict:
         for key in base:
             if key in src:
                 out[key] = _convert(key, src[key], base[key], where)
+                _check_range(key, out[key], where)
                 explicit.add(key)
     sloppy = bool(config.get("sloppy", False) or models.get("sloppy", False) or section.get("sloppy", False))
     if sloppy:

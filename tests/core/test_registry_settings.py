@@ -56,6 +56,8 @@ def _other(value):
     """A different value of the same kind (to see whether a key reaches the settings)."""
     if isinstance(value, bool):
         return not value
+    if isinstance(value, float) and 0 < value < 1:
+        return value / 2  # stays a fraction
     if isinstance(value, (int, float)):
         return value * 2 + 1
     if isinstance(value, list):
@@ -112,3 +114,25 @@ def test_sloppy_applies_fast_values_only_where_the_config_is_silent():
     assert resolve({"sloppy": True}, "glioma")[key] == fast[key]
     base = defaults("glioma")[0][key]
     assert resolve({"sloppy": True, "glioma": {key: base}}, "glioma")[key] == base
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"glioma": {"epochs": -3}}, "'glioma.epochs': must be >= 1"),
+    ({"models": {"epochs": 0}}, "'models.epochs': must be >= 1"),
+    ({"models": {"learning_rate": 0.0}}, "'models.learning_rate': must be > 0"),
+    ({"stroke": {"val_fraction": 1.5}}, "'stroke.val_fraction': must be in [0, 1)"),
+    ({"alzheimer": {"sol_coarse_dt": -1.0}}, "'alzheimer.sol_coarse_dt': must be > 0"),
+])
+def test_out_of_range_values_stop_at_parse_time(config, fragment):
+    with pytest.raises(InputError) as err:
+        check_keys(config)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("disorder", registry.DISORDERS)
+def test_code_defaults_and_fast_values_are_in_range(disorder):
+    from neurohybrid.settings import _check_range
+
+    base, fast = defaults(disorder)
+    for key, value in {**base, **fast}.items():
+        _check_range(key, value, disorder)
