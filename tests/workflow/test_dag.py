@@ -215,6 +215,8 @@ def test_device_cuda_requests_a_gpu(tmp_path):
         ({"glioma": {"model_voxel_mm": -4.0}}, "key 'glioma.model_voxel_mm': -4.0 is less than or equal to the minimum of 0"),
         ({"models": {"n_folds": 2, "nfolds": 3}}, "config key 'models.nfolds': unknown model setting (did you mean 'n_folds'?)"),
         ({"stroke": {"model_voxel_mm": 4.0, "epoch": 3}}, "config key 'stroke.epoch': unknown model setting"),
+        ({"glioma": {"model_voxel_mm": 4.0, "epochs": -3}}, "config key 'glioma.epochs': must be >= 1, got -3"),
+        ({"bids_dir": "no/such/folder"}, "bids_dir 'no/such/folder' is not a folder"),
     ],
 )
 def test_invalid_config_key_stops_before_any_job(tmp_path, override, expected):

@@ -61,6 +61,11 @@ OUT = config["output_dir"].rstrip("/")
 DEMO = not config["bids_dir"]
 # the demo cohort is generated inside output_dir; a user's BIDS folder is only ever read
 BIDS = f"{OUT}/sourcedata/bids" if DEMO else config["bids_dir"].rstrip("/")
+if not DEMO and not os.path.isdir(BIDS):
+    # before any job (a dry run too): otherwise every subject fails on its own missing files
+    raise WorkflowError(
+        f"invalid config: bids_dir '{BIDS}' is not a folder (give the BIDS root, or \"\" for the demo cohort)"
+    )
 TRUTH = f"{OUT}/groundtruth"
 PREPROC = f"{OUT}/preproc"
 INPUTS = f"{OUT}/inputs"
