@@ -136,3 +136,19 @@ def test_cli_bad_input_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "subject zz" in err and "sub-zz_desc-target.npz" in err
     assert not (tmp_path / "o.tsv").exists()
+
+
+@pytest.mark.parametrize("models, extra, words", [
+    ("residual,residual", [], "more than once"),
+    ("", [], "names no model family"),
+    (",", [], "names no model family"),
+    ("residul", [], "unknown family residul"),
+    ("residual", ["--truth", "no/such/root"], "--truth is not a folder"),
+])
+def test_cli_refuses_bad_model_lists_and_truth_roots(tmp_path, capsys, models, extra, words):
+    out = tmp_path / "o.tsv"
+    rc = main(["evaluate", "--disorder", "stroke", "--subject", "s1", "--model", models, "--forecast-dir", str(tmp_path),
+               "--target", str(tmp_path / "targets"), *extra, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not out.exists()

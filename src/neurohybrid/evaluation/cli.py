@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from neurohybrid.disorders import DISORDERS
+from neurohybrid.errors import InputError
 
 # scipy, pandas and nibabel are imported when the command runs, not when the CLI is built:
 # every workflow job pays the CLI's start-up
@@ -24,13 +27,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _families(text: str) -> list[str]:
+    """The --model list: known family names, each once (a repeated name would duplicate rows)."""
+    from neurohybrid.registry import FAMILY_NAMES
+
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    if not models:
+        raise InputError(f"--model names no model family (one or more of {', '.join(FAMILY_NAMES)})")
+    unknown = [m for m in models if m not in FAMILY_NAMES]
+    if unknown:
+        raise InputError(f"--model: unknown family {', '.join(unknown)} (known: {', '.join(FAMILY_NAMES)})")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise InputError(f"--model names {', '.join(repeated)} more than once")
+    return models
+
+
 def _evaluate(args) -> int:
     import pandas as pd
 
     from neurohybrid.evaluation.scoring import evaluate_subject
     from neurohybrid.io import write_tsv
 
-    models = [m for m in args.model.split(",") if m]
+    models = _families(args.model)
+    if args.truth is not None and not Path(args.truth).is_dir():
+        raise InputError("--truth is not a folder (the ground-truth root, e.g. results/groundtruth)", file=args.truth)
     frames = [evaluate_subject(args.disorder, args.subject, m, args.forecast_dir, args.target, args.truth) for m in models]
     write_tsv(args.out, pd.concat(frames, ignore_index=True))
     return 0
