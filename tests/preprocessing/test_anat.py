@@ -193,3 +193,24 @@ def test_dwi_method_without_dwi_is_missing_modality(processed):
     with pytest.raises(InputError, match="missing modality") as exc:
         run_connectome(root, "01", out, method="dipy")
     assert exc.value.subject == "01"
+
+
+@pytest.mark.parametrize("step, extra, message", [
+    ("anat", ["--model-voxel-mm", "-4"], "--model-voxel-mm must lie in [0.5, 8] mm, got -4"),
+    ("lesions", ["--model-voxel-mm", "nan"], "--model-voxel-mm must lie in"),
+    ("anat", ["--threads", "0"], "--threads must be >= 1"),
+    ("pet", ["OUT_IS_FILE"], "--out is a file"),
+    ("connectome", ["NO_BIDS"], "--bids is not a folder"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, step, extra, message):
+    bids, out = tmp_path / "bids", tmp_path / "o"
+    bids.mkdir()
+    if extra == ["OUT_IS_FILE"]:
+        out.write_text("")
+        extra = []
+    elif extra == ["NO_BIDS"]:
+        bids, extra = tmp_path / "nope", []
+    rc = main(["preprocess", step, "--bids", str(bids), "--subject", "09", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (out / "sub-09").exists()

@@ -69,6 +69,24 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
+
+from neurohybrid.errors import InputError
+
+
+def _check(args) -> None:
+    """Arguments every step relies on, checked before any work (a step may run for minutes)."""
+    if not Path(args.bids).is_dir():
+        raise InputError("--bids is not a folder (the raw BIDS root)", file=args.bids)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError("--out is a file; it must be the derivatives folder (e.g. results/preproc)", file=args.out)
+    voxel = getattr(args, "model_voxel_mm", None)
+    if voxel is not None and not (math.isfinite(voxel) and 0.5 <= voxel <= 8.0):
+        raise InputError(f"--model-voxel-mm must lie in [0.5, 8] mm, got {voxel:g}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -109,6 +127,7 @@ def register(subparsers) -> None:
 
 
 def _run_anat(args) -> int:
+    _check(args)
     from neurohybrid.preprocessing.pipeline import run_anat
 
     run_anat(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm, fast=args.fast,
@@ -117,6 +136,7 @@ def _run_anat(args) -> int:
 
 
 def _run_lesions(args) -> int:
+    _check(args)
     from neurohybrid.preprocessing.pipeline import run_lesions
 
     run_lesions(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm)
@@ -124,6 +144,7 @@ def _run_lesions(args) -> int:
 
 
 def _run_pet(args) -> int:
+    _check(args)
     from neurohybrid.preprocessing.pipeline import run_pet
 
     run_pet(args.bids, args.subject, args.out)
@@ -131,6 +152,7 @@ def _run_pet(args) -> int:
 
 
 def _run_connectome(args) -> int:
+    _check(args)
     from neurohybrid.preprocessing.pipeline import run_connectome
 
     run_connectome(args.bids, args.subject, args.out, method=args.method, normative_csv=args.normative_csv,
