@@ -102,8 +102,25 @@ def test_inputs_bad_mask_names_subject_and_file(cohort, tmp_path):
     with pytest.raises(InputError, match="b1.*FLAIR_mask.*0 and 1"):
         get_disorder("glioma").build_inputs("b1", bids, preproc, {})
     bad.unlink()
-    with pytest.raises(InputError, match="file not found"):
+    # neither the derived mask nor the user's raw mask: the error names the raw file to provide
+    with pytest.raises(InputError, match="raw file not found") as err:
         get_disorder("glioma").build_inputs("b1", bids, preproc, {})
+    assert err.value.file.endswith("derivatives/lesions/sub-b1/ses-02/anat/sub-b1_ses-02_space-T1w_desc-FLAIR_mask.nii.gz")
+    # the raw mask is there but was not preprocessed: the derived file is the one missing
+    raw = bids / "derivatives" / "lesions" / "sub-b1" / "ses-02" / "anat" / "sub-b1_ses-02_space-T1w_desc-FLAIR_mask.nii.gz"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(b"")
+    with pytest.raises(InputError, match="file not found") as err:
+        get_disorder("glioma").build_inputs("b1", bids, preproc, {})
+    assert err.value.file == str(bad)
+
+
+def test_a_session_folder_missing_from_the_sessions_table_stops(tmp_path):
+    bids, preproc, _ = write_cohort(tmp_path, ["b2"])
+    (bids / "sub-b2" / "ses-04" / "anat").mkdir(parents=True)  # a later visit the table omits
+    with pytest.raises(InputError, match="ses-04 on disk but not in the sessions table") as err:
+        get_disorder("glioma").build_inputs("b2", bids, preproc, {})
+    assert err.value.subject == "b2" and err.value.file.endswith("sub-b2_sessions.tsv")
 
 
 def test_calibration_recovers_dw_and_rho(cohort):

@@ -111,6 +111,14 @@ def preproc_cbf(preproc: Path, subject: str, session: str) -> Path:
             / f"sub-{subject}_ses-{session}_space-{SPACE}_res-model_cbf.nii.gz")
 
 
+def require_raw(derived: Path, raw: Path, subject: str) -> Path:
+    """A res-model volume made from a user's raw file: when neither exists, the error names the raw
+    file (the one the user must provide), not the derived one."""
+    if not Path(derived).exists() and not Path(raw).exists():
+        raise InputError("raw file not found (needed by this disorder's model)", file=raw, subject=subject)
+    return derived
+
+
 class GridReader:
     """Loads a subject's res-model volumes, checking they all share the first one's grid."""
 
@@ -141,9 +149,14 @@ class GridReader:
 
 
 def read_sessions(bids: Path, subject: str, time_column: str) -> list[tuple[str, float]]:
-    """(session label, time) sorted by time, from <bids>/sub-S/sub-S_sessions.tsv."""
+    """(session label, time) sorted by time, from <bids>/sub-S/sub-S_sessions.tsv (which must list
+    exactly the subject's session folders)."""
+    from neurohybrid.preprocessing.layout import check_sessions_on_disk
+
     path = bids / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
     table = read_table(path, subject=subject, required=["session_id", time_column])
+    check_sessions_on_disk(bids, subject, [str(s).removeprefix("ses-") for s in table["session_id"]], path,
+                           need_folders=False)
     rows = []
     for sid, t in zip(table["session_id"], table[time_column]):
         try:

@@ -31,7 +31,9 @@ def sessions(bids: Path, sub: str) -> list[str]:
             time_cols = [c for c in ("day", "years", "hours_since_onset") if c in frame.columns]
             if time_cols:
                 frame = frame.sort_values(time_cols[0], kind="stable")
-            return [str(s)[4:] if str(s).startswith("ses-") else str(s) for s in frame["session_id"]]
+            listed = [str(s)[4:] if str(s).startswith("ses-") else str(s) for s in frame["session_id"]]
+            check_sessions_on_disk(bids, sub, listed, tsv)
+            return listed
     found = sorted(p.name[4:] for p in base.glob("ses-*") if p.is_dir())
     if not found:
         raise InputError("no ses-* folders for this subject", file=base, subject=sub)
@@ -42,14 +44,32 @@ def raw_t1w(bids: Path, sub: str, ses: str) -> Path:
     return Path(bids) / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"sub-{sub}_ses-{ses}_T1w.nii.gz"
 
 
+def raw_lesion(bids: Path, sub: str, ses: str, kind: str) -> Path:
+    """Where a user's lesion mask of one session lives (a BIDS derivative of the raw data)."""
+    return (Path(bids) / "derivatives" / "lesions" / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            / f"sub-{sub}_ses-{ses}_space-T1w_desc-{kind}_mask.nii.gz")
+
+
 def raw_lesions(bids: Path, sub: str, ses: str) -> dict[str, Path]:
-    base = Path(bids) / "derivatives" / "lesions" / f"sub-{sub}" / f"ses-{ses}" / "anat"
-    out = {}
-    for kind in LESION_KINDS:
-        p = base / f"sub-{sub}_ses-{ses}_space-T1w_desc-{kind}_mask.nii.gz"
-        if p.exists():
-            out[kind] = p
-    return out
+    return {kind: p for kind in LESION_KINDS if (p := raw_lesion(bids, sub, ses, kind)).exists()}
+
+
+def check_sessions_on_disk(bids: Path, sub: str, listed: list[str], table: Path, *, need_folders: bool = True) -> None:
+    """sessions.tsv and the session folders agree: a folder the table omits would be silently
+    dropped (and a later session become the forecast target); with ``need_folders`` a listed
+    session needs a folder of raw data or of lesion masks (the model-input step, which reads
+    preprocessed data, leaves that to preprocessing)."""
+    raw = Path(bids) / f"sub-{sub}"
+    lesions = Path(bids) / "derivatives" / "lesions" / f"sub-{sub}"
+    on_disk = {p.name[4:] for root in (raw, lesions) if root.is_dir() for p in root.glob("ses-*") if p.is_dir()}
+    unlisted = sorted(on_disk - set(listed))
+    if unlisted:
+        raise InputError(f"session folder(s) ses-{', ses-'.join(unlisted)} on disk but not in the sessions table",
+                         file=table, subject=sub)
+    missing = [s for s in listed if s not in on_disk]
+    if missing and need_folders:
+        raise InputError(f"session(s) {', '.join(missing)} listed but no ses-{missing[0]} folder (raw or "
+                         "derivatives/lesions)", file=table, subject=sub)
 
 
 def raw_cbf(bids: Path, sub: str, ses: str) -> Path:

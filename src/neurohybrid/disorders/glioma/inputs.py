@@ -22,6 +22,7 @@ from neurohybrid.disorders import voxel
 from neurohybrid.errors import InputError
 from neurohybrid.settings import resolve
 from neurohybrid.io import save_volume
+from neurohybrid.preprocessing.layout import raw_lesion
 
 
 VENTRICLE_DEPTH_MM = 15.0  # CSF at least this deep inside the brain is ventricular, not sulcal/cisternal
@@ -66,7 +67,8 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
     masks = {"T1Gd": [], "FLAIR": []}
     for ses, _ in sessions:
         for desc in masks:
-            masks[desc].append(reader.load(voxel.preproc_mask(preproc, subject, ses, desc), binary=True))
+            path = voxel.require_raw(voxel.preproc_mask(preproc, subject, ses, desc), raw_lesion(bids, subject, ses, desc), subject)
+            masks[desc].append(reader.load(path, binary=True))
     first = voxel.preproc_mask(preproc, subject, sessions[0][0], "FLAIR")
     if not masks["FLAIR"][0].any() and not masks["T1Gd"][0].any():
         raise InputError("the first session's tumour masks are empty: nothing to seed the model from", file=first, subject=subject)

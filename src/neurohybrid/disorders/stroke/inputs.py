@@ -21,6 +21,7 @@ from neurohybrid.errors import InputError
 from neurohybrid.settings import resolve
 from neurohybrid.io import save_volume
 from neurohybrid.io.tsv import read_table
+from neurohybrid.preprocessing.layout import raw_cbf, raw_lesion
 
 
 def _reperfusion(bids: Path, subject: str) -> float | None:
@@ -55,14 +56,15 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
                          file=table, subject=subject)
     reperfusion = _reperfusion(bids, subject)
     reader = voxel.GridReader(subject)
-    cbf_path = voxel.preproc_cbf(preproc, subject, "acute")
+    cbf_path = voxel.require_raw(voxel.preproc_cbf(preproc, subject, "acute"), raw_cbf(bids, subject, "acute"), subject)
     cbf = reader.load(cbf_path)
     if cbf.min() < 0 or cbf.max() > 300:
         raise InputError(f"CBF must lie in [0, 300] ml/100 ml/min, found [{cbf.min():.3g}, {cbf.max():.3g}]", file=cbf_path, subject=subject)
     gm = reader.load(voxel.preproc_anat(preproc, subject, "GM"), value_range=(0.0, 1.0))
     wm = reader.load(voxel.preproc_anat(preproc, subject, "WM"), value_range=(0.0, 1.0))
-    core = reader.load(voxel.preproc_mask(preproc, subject, "acute", "infarct"), binary=True)
-    final = reader.load(voxel.preproc_mask(preproc, subject, "followup", "infarct"), binary=True)
+    core, final = (reader.load(voxel.require_raw(voxel.preproc_mask(preproc, subject, ses, "infarct"),
+                                                 raw_lesion(bids, subject, ses, "infarct"), subject), binary=True)
+                   for ses in ("acute", "followup"))
     margin = int(resolve(config, "stroke")["crop_margin"])
     offset, size = voxel.template_box(reader.shape, reader.affine, margin=margin)
     vox = voxel.voxel_size(reader.affine)
