@@ -28,8 +28,20 @@ def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("bids")
     out = tmp_path_factory.mktemp("preproc")
     truth = make_subject(root, "01", "1", voxel_mm=VOX, amplitude_mm=4.0, seed=3, lesion_center_mm=LESION_MM)
-    times = run_anat(root, "sub-01", out, model_voxel_mm=VOX, fast=True, threads=2)
-    return root, out, truth, times
+    # through the CLI, with a private temporary folder: what the job leaves there is checked below
+    tmp = tmp_path_factory.mktemp("tmpdir")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp))
+        mp.setattr("tempfile.tempdir", str(tmp))
+        assert main(["preprocess", "anat", "--bids", str(root), "--subject", "sub-01", "--out", str(out),
+                     "--model-voxel-mm", str(VOX), "--fast", "--threads", "2"]) == 0
+    return root, out, truth, sorted(tmp.iterdir())
+
+
+def test_no_temporaries_left_inside_or_outside_the_output_folder(processed):
+    _, out, _, left_in_tmpdir = processed
+    assert left_in_tmpdir == []  # ANTs' Atropos and registration temporaries went to the job's folder
+    assert not (out / ".work" / "anat-sub-01").exists()
 
 
 def test_outputs_named_as_contract(processed):
@@ -184,6 +196,25 @@ def test_blank_image_gives_empty_mask_error(tmp_path):
     with pytest.raises(InputError, match="brain mask is empty|blank") as exc:
         run_anat(bids, "09", tmp_path / "o", fast=True, model_voxel_mm=8.0)
     assert exc.value.subject == "09" and exc.value.file.endswith("T1w.nii.gz")
+
+
+def test_a_failing_job_leaves_no_temporaries(tmp_path, capsys, monkeypatch):
+    from neurohybrid.anatomy.templates import load_template
+
+    tpl = load_template("t1", 8.0)
+    bids, _ = _bids_with(tmp_path, np.zeros(tpl.shape, np.float32), tpl.affine)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    out = tmp_path / "o"
+    (out / ".work" / "anat-sub-09").mkdir(parents=True)  # left by a killed run: cleared
+    (out / ".work" / "anat-sub-09" / "stale.nii.gz").write_bytes(b"")
+    rc = main(["preprocess", "anat", "--bids", str(bids), "--subject", "09", "--out", str(out), "--fast",
+               "--model-voxel-mm", "8"])
+    assert rc == 2 and "brain mask is empty" in capsys.readouterr().err
+    assert list(tmp.iterdir()) == []
+    assert not (out / ".work" / "anat-sub-09").exists() and not (out / "sub-09").exists()
 
 
 def test_dwi_method_without_dwi_is_missing_modality(processed):

@@ -89,6 +89,14 @@ def _check(args) -> None:
         raise InputError(f"--threads must be >= 1, got {threads}")
 
 
+def _scratch(args, step: str):
+    """The job's temporaries (ours and the libraries') under <out>/.work, removed when it ends."""
+    from neurohybrid.io.workdir import job_workdir
+
+    sub = str(args.subject).removeprefix("sub-")
+    return job_workdir(args.out, f"{step}-sub-{sub}")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bids", required=True, help="raw BIDS root")
     p.add_argument("--subject", required=True, help="subject label, with or without 'sub-'")
@@ -130,8 +138,9 @@ def _run_anat(args) -> int:
     _check(args)
     from neurohybrid.preprocessing.pipeline import run_anat
 
-    run_anat(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm, fast=args.fast,
-             backend=args.backend, threads=args.threads, session=args.session)
+    with _scratch(args, "anat"):
+        run_anat(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm, fast=args.fast,
+                 backend=args.backend, threads=args.threads, session=args.session)
     return 0
 
 
@@ -139,7 +148,8 @@ def _run_lesions(args) -> int:
     _check(args)
     from neurohybrid.preprocessing.pipeline import run_lesions
 
-    run_lesions(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm)
+    with _scratch(args, "lesions"):
+        run_lesions(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm)
     return 0
 
 
@@ -147,7 +157,8 @@ def _run_pet(args) -> int:
     _check(args)
     from neurohybrid.preprocessing.pipeline import run_pet
 
-    run_pet(args.bids, args.subject, args.out)
+    with _scratch(args, "pet"):
+        run_pet(args.bids, args.subject, args.out)
     return 0
 
 
@@ -155,6 +166,7 @@ def _run_connectome(args) -> int:
     _check(args)
     from neurohybrid.preprocessing.pipeline import run_connectome
 
-    run_connectome(args.bids, args.subject, args.out, method=args.method, normative_csv=args.normative_csv,
-                   fast=args.fast, threads=args.threads)
+    with _scratch(args, "connectome"):
+        run_connectome(args.bids, args.subject, args.out, method=args.method, normative_csv=args.normative_csv,
+                       fast=args.fast, threads=args.threads)
     return 0
