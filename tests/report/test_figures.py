@@ -92,6 +92,12 @@ def test_figures_cli(cohort):
     assert primary_comparisons(read_stats(stats), cohort / "pc.png")  # glioma sol vs mechanistic on dice_flair
 
 
+def test_box_labels_count_missing_subjects():
+    from neurohybrid.report.figures import box_labels
+
+    assert box_labels(["mechanistic", "ude"], [np.ones(5), np.ones(3)], 5) == ["mechanistic", "ude (2 n/a)"]
+
+
 def test_overlay_colours():
     t = np.array([[1, 1], [0, 0]], float)
     f = np.array([[1, 0], [1, 0]], float)

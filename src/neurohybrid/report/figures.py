@@ -63,6 +63,11 @@ def _no_data(path: Path, title: str, reason: str) -> None:
     _save(fig, path)
 
 
+def box_labels(models, data, n_subjects: int) -> list[str]:
+    """Model names; a box drawn from fewer subjects says how many are missing (summary.tsv gives the reasons)."""
+    return [m if len(v) == n_subjects else f"{m} ({n_subjects - len(v)} n/a)" for m, v in zip(models, data)]
+
+
 def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path, primary: str | None = None) -> bool:
     """One panel per headline metric (the primary one first); one box (and the subjects as points) per model."""
     d = frame[frame["disorder"] == disorder]
@@ -75,12 +80,13 @@ def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path, primary: str
     panel_w = max(2.0, 0.45 * len(models) + 1.0)
     fig, axes = plt.subplots(1, len(metrics), figsize=(panel_w * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        n_subjects = d["subject"].nunique()
         data = [d[(d["metric"] == metric) & (d["model"] == m)]["value"].dropna().to_numpy() for m in models]
         ax.boxplot(data, showfliers=False)
         for i, values in enumerate(data, start=1):
             jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.plot(i + jitter, values, "o", ms=3, alpha=0.6, color="k")
-        ax.set_xticks(range(1, len(models) + 1), models, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(1, len(models) + 1), box_labels(models, data, n_subjects), rotation=60, ha="right", fontsize=7)
         title = metric.replace("_ml_", "_ml\n").replace("_mm_", "_mm\n")
         ax.set_title(title + ("\n(primary)" if metric == primary else ""), fontsize=7,
                      fontweight="bold" if metric == primary else "normal")
