@@ -108,6 +108,16 @@ def test_untestable_comparison_keeps_its_place_in_the_holm_family():
     assert not np.allclose(holm(p, family_size=6), holm(p))  # counting it makes a difference
 
 
+def test_a_configured_family_without_any_row_still_counts():
+    """A family whose every forecast failed is a planned comparison with n = 0, not a smaller family."""
+    plan = analysis.plan({"analysis": {"resamples": 999}, "models": {"families": ["persistence", "mechanistic", "residual", "ude"]}})
+    stats_ = paired_tests(synthetic_table(), plan)
+    ude = stats_[stats_.model == "ude"]
+    assert len(ude) == 2 and (ude["n"] == 0).all() and (ude["n_missing"] == 10).all()
+    assert (ude["missing_reasons"] == f"10 × ude: {NO_ROW}").all() and ude["p_value"].isna().all()
+    assert (stats_["holm_m"] == 2 + 2 + 1).all()
+
+
 def test_small_cohort_says_it_cannot_reach_significance():
     stats_ = paired_tests(synthetic_table(n=4), PLAN)
     row = stats_[(stats_.model == "residual") & (stats_.baseline == "mechanistic")].iloc[0]

@@ -68,6 +68,9 @@ class Plan:
     resamples: int
     power: float
     seed: int
+    # the families the run was configured with (models.families): the planned comparisons are
+    # among these, so a family whose every forecast failed still counts in the Holm family
+    families: tuple = ()
 
     def primary(self, disorder: str) -> str | None:
         return self.primary_metrics.get(disorder)
@@ -117,4 +120,5 @@ def plan(config: dict | None) -> Plan:
     return Plan(primary_metrics=dict(values["primary_metrics"]), alpha=float(values["alpha"]),
                 holm_scope=str(values["holm_scope"]), interval=str(values["interval"]),
                 confidence=float(values["confidence"]), resamples=int(values["resamples"]),
-                power=float(values["power"]), seed=int(config.get("seed", 0) or 0))
+                power=float(values["power"]), seed=int(config.get("seed", 0) or 0),
+                families=tuple((config.get("models") or {}).get("families") or ()))

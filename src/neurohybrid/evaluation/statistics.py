@@ -172,7 +172,8 @@ def comparisons(models, baselines=BASELINES) -> list[tuple[str, str, str]]:
 
 def primary_pairs(frame: pd.DataFrame, plan: analysis.Plan, baselines=BASELINES):
     """Yield (disorder, metric, model, baseline, kind, a, b, missing reasons) per planned comparison:
-    a and b are the two families' primary metric over every subject of the disorder."""
+    a and b are the two families' primary metric over every subject of the disorder. The families
+    are the plan's (the config's models.families) and any other in the table."""
     for disorder, dgrp in frame.groupby("disorder", sort=True):
         metric = plan.primary(disorder)
         if metric is None:
@@ -180,6 +181,8 @@ def primary_pairs(frame: pd.DataFrame, plan: analysis.Plan, baselines=BASELINES)
         subjects = sorted(dgrp["subject"].unique())
         rows = dgrp[dgrp["metric"] == metric]
         values = {m: _values_by_subject(g, subjects) for m, g in rows.groupby("model", sort=True)}
+        for m in plan.families:  # planned but without a single row: every subject missing
+            values.setdefault(m, (np.full(len(subjects), math.nan), [NO_ROW] * len(subjects)))
         for model, base, kind in comparisons(values, baselines):
             (a, ra), (b, rb) = values[model], values[base]
             reasons = [" & ".join(f"{name}: {r}" for name, r in ((model, x), (base, y)) if r) for x, y in zip(ra, rb)]
