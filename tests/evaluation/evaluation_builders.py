@@ -54,8 +54,11 @@ def glioma_case(tmp_path):
     fdir = tmp_path / "forecasts" / "sub-g1"
     save_volume(fdir / "sub-g1_model-mechanistic_desc-T1Gd_mask.nii.gz", cube(shape, (4, 2, 2), (8, 6, 6)), aff, dtype=np.uint8)
     save_volume(fdir / "sub-g1_model-mechanistic_desc-FLAIR_mask.nii.gz", flair, aff, dtype=np.uint8)
-    write_fit(fdir, "g1", "mechanistic", parameters={"dw": 0.3, "rho": 0.025, "seed_x": 4.0})
+    write_fit(fdir, "g1", "mechanistic", parameters={"dw": 0.3, "rho": 0.025, "seed_x": 4.0, "t0_days": 200.0,
+                                                     "theta_t1gd": 0.7, "theta_flair": 0.25})
     truth = tmp_path / "groundtruth" / "sub-g1"
     truth.mkdir(parents=True)
-    (truth / "sub-g1_desc-true_params.json").write_text(json.dumps({"glioma": {"dw": 0.2, "rho": 0.025}, "seed": 7}))
+    # the synth's layout (synth.cohort): the disorder's parameters under "disease"
+    (truth / "sub-g1_desc-truth_params.json").write_text(json.dumps(
+        {"disease": {"dw": 0.2, "rho": 0.025, "theta_t1gd": 0.6, "theta_flair": 0.2}, "voxel_mm": 2.0}))
     return tmp_path, aff, voxel

@@ -7,7 +7,8 @@ import pytest
 from evaluation_builders import affine_for, cube, write_fit, write_target
 from neurohybrid.cli import main
 from neurohybrid.errors import InputError
-from neurohybrid.evaluation.scoring import COLUMNS, evaluate_subject
+from neurohybrid.evaluation.analysis import SCORED_METRICS
+from neurohybrid.evaluation.scoring import REASON, TABLE_COLUMNS, evaluate_subject
 from neurohybrid.io import save_volume
 
 
@@ -19,8 +20,9 @@ def test_glioma_scores_and_parameter_recovery(glioma_case):
     root, _, voxel = glioma_case
     frame = evaluate_subject("glioma", "sub-g1", "mechanistic", root / "forecasts" / "sub-g1",
                              root / "targets", root / "groundtruth")
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns) == TABLE_COLUMNS
     assert set(frame["subject"]) == {"g1"} and set(frame["model"]) == {"mechanistic"}
+    assert (frame[REASON] == "").all()  # every value present
     m = as_dict(frame)
     assert m["dice_t1gd"] == pytest.approx(0.5)
     assert m["dice_flair"] == 1.0 and m["hd95_mm_flair"] == 0.0
@@ -30,6 +32,20 @@ def test_glioma_scores_and_parameter_recovery(glioma_case):
     assert m["param_abs_error_dw"] == pytest.approx(0.1)
     assert m["param_rel_error_rho"] == pytest.approx(0.0)
     assert "param_abs_error_seed_x" not in m  # no true value for it
+    # the visibility thresholds are fixed settings, not estimates: never scored, though the truth has them
+    assert not any("theta" in k for k in m)
+    scored = {k for k in m if not k.startswith("param_") and k not in ("fit_seconds", "inference_seconds")}
+    assert scored == set(SCORED_METRICS["glioma"])
+
+
+def test_empty_forecast_mask_hd95_is_missing_with_its_reason(glioma_case):
+    root, aff, _ = glioma_case
+    fdir = root / "forecasts" / "sub-g1"
+    save_volume(fdir / "sub-g1_model-mechanistic_desc-T1Gd_mask.nii.gz", np.zeros((10, 10, 10), np.uint8), aff)
+    frame = evaluate_subject("glioma", "g1", "mechanistic", fdir, root / "targets").set_index("metric")
+    assert math.isnan(frame.at["hd95_mm_t1gd", "value"])
+    assert frame.at["hd95_mm_t1gd", REASON] == "empty forecast mask"
+    assert frame.at["dice_t1gd", "value"] == 0.0 and frame.at["dice_t1gd", REASON] == ""
 
 
 def test_glioma_volume_error_in_ml(glioma_case, tmp_path):
@@ -99,6 +115,7 @@ def test_alzheimer_rmse_pearson_relative(tmp_path):
     assert m["rmse_rel_persistence"] == pytest.approx(1.0 / ref)
     assert m["pearson_r"] == pytest.approx(np.corrcoef([2, 1, 4, 3], [1, 2, 3, 4])[0, 1])
     assert m["sol_error_vs_fine"] == 0.1 and m["coarse_error_vs_fine"] == 0.3 and m["sol_cost_seconds"] == 2.0
+    assert set(SCORED_METRICS["alzheimer"]) <= set(m)
 
 
 def test_alzheimer_missing_region_is_an_error(tmp_path):
@@ -123,10 +140,11 @@ def test_stroke_dice_volume_and_cli(tmp_path):
                "--forecast-dir", str(fdir), "--target", str(tmp_path / "targets"), "--out", str(out)])
     assert rc == 0
     frame = pd.read_csv(out, sep="\t")
-    assert list(frame.columns) == COLUMNS
+    assert list(frame.columns) == TABLE_COLUMNS
     m = as_dict(frame)
     assert m["dice_infarct"] == pytest.approx(2 * 32 / (64 + 32))
     assert m["abs_volume_error_ml_infarct"] == pytest.approx(32 * 8 / 1000)
+    assert {k for k in m if not k.endswith("_seconds")} == set(SCORED_METRICS["stroke"])
 
 
 def test_cli_bad_input_exit_2(tmp_path, capsys):

@@ -71,16 +71,32 @@ def test_figures_written_and_flag_missing_data(cohort):
     assert drawn["parameter_recovery.png"] and drawn["sol_accuracy_cost.png"]
     # no stroke subjects in this cohort: those figures say so instead of drawing
     assert not drawn["boxplot_stroke.png"] and not drawn["overlay_stroke.png"]
-    # without ground truth there is nothing to recover
-    assert not write_all(frame, cohort / "figs2", cohort / "forecasts", cohort / "targets", None)["parameter_recovery.png"]
+    # without ground truth there is nothing to recover; without a stats table no primary comparisons
+    again = write_all(frame, cohort / "figs2", cohort / "forecasts", cohort / "targets", None)
+    assert not again["parameter_recovery.png"] and not again["primary_comparisons.png"]
 
 
 def test_figures_cli(cohort):
+    """Through the CLI with the stats table (cohort stats first): the primary comparisons are drawn."""
     out = cohort / "cohort" / "figures"
+    stats = cohort / "cohort" / "stats.tsv"
+    assert main(["cohort", "stats", "--metrics", str(cohort / "cohort" / "metrics.tsv"), "--stats-out", str(stats),
+                 "--summary-out", str(cohort / "cohort" / "summary.tsv")]) == 0
     rc = main(["cohort", "figures", "--metrics", str(cohort / "cohort" / "metrics.tsv"), "--forecasts", str(cohort / "forecasts"),
-               "--targets", str(cohort / "targets"), "--truth", str(cohort / "groundtruth"), "--out-dir", str(out)])
+               "--targets", str(cohort / "targets"), "--truth", str(cohort / "groundtruth"), "--stats", str(stats),
+               "--out-dir", str(out)])
     assert rc == 0
     assert sorted(p.name for p in out.glob("*.png")) == sorted(FIGURE_NAMES)
+    from neurohybrid.evaluation.statistics import read_stats
+    from neurohybrid.report.figures import primary_comparisons
+
+    assert primary_comparisons(read_stats(stats), cohort / "pc.png")  # glioma sol vs mechanistic on dice_flair
+
+
+def test_box_labels_count_missing_subjects():
+    from neurohybrid.report.figures import box_labels
+
+    assert box_labels(["mechanistic", "ude"], [np.ones(5), np.ones(3)], 5) == ["mechanistic", "UDE (2 n/a)"]  # registry labels
 
 
 def test_overlay_colours():

@@ -46,8 +46,11 @@ def check_config(config):
     from neurohybrid.errors import InputError
     from neurohybrid.settings import check_keys
 
+    from neurohybrid.evaluation import analysis
+
     try:
         check_keys(config)
+        analysis.check(config.get("analysis"))  # metric names the scorers write
     except InputError as exc:
         raise WorkflowError(f"invalid config: {exc.problem}") from None
 

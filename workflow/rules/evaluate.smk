@@ -1,5 +1,6 @@
 # Per-subject scores of every family's forecast against the held-out last session, then the
-# cohort: one tidy table, summary statistics with paired tests, and figures for the report.
+# cohort: one tidy table, the pre-registered statistics (summary with bootstrap intervals, primary
+# paired tests with Holm, a sample-size note), and figures for the report.
 
 
 rule evaluate:
@@ -57,21 +58,30 @@ rule cohort_table:
 
 rule cohort_stats:
     input:
-        rules.cohort_table.output[0],
+        metrics=rules.cohort_table.output[0],
+        # the analysis plan (config analysis:) and the bootstrap seed
+        config=RESOLVED_CONFIG,
     output:
         summary=report(
             f"{COHORT}/summary.tsv",
             caption="../report/cohort_summary.rst",
             category="Cohort",
             subcategory="Tables",
-            labels={"table": "summary (mean, 95% CI)"},
+            labels={"table": "summary (mean, bootstrap CI, n missing)"},
         ),
         stats=report(
             f"{COHORT}/stats.tsv",
             caption="../report/cohort_stats.rst",
             category="Cohort",
             subcategory="Tables",
-            labels={"table": "paired Wilcoxon tests"},
+            labels={"table": "primary comparisons (paired Wilcoxon, Holm)"},
+        ),
+        power=report(
+            f"{COHORT}/power.tsv",
+            caption="../report/cohort_power.rst",
+            category="Cohort",
+            subcategory="Tables",
+            labels={"table": "subjects needed (power)"},
         ),
     log:
         f"{LOGS}/cohort_stats.log",
@@ -84,12 +94,14 @@ rule cohort_stats:
         mem_mb=2000,
         runtime=10,
     shell:
-        "neurohybrid cohort stats --metrics {input} --summary-out {output.summary} --stats-out {output.stats} > {log} 2>&1"
+        "neurohybrid cohort stats --metrics {input.metrics} --config {input.config} --summary-out {output.summary}"
+        " --stats-out {output.stats} --power-out {output.power} > {log} 2>&1"
 
 
 rule cohort_figures:
     input:
         metrics=rules.cohort_table.output[0],
+        stats=rules.cohort_stats.output.stats,
         truth=truth_dir(),
         models=all_fold_models(),
     output:
@@ -116,6 +128,9 @@ rule cohort_figures:
         training_curves=cohort_figure(
             "training_curves", "training_curves", "training curves"
         ),
+        primary_comparisons=cohort_figure(
+            "primary_comparisons", "primary_comparisons", "primary comparisons"
+        ),
     log:
         f"{LOGS}/cohort_figures.log",
     benchmark:
@@ -133,5 +148,5 @@ rule cohort_figures:
         models=lambda wildcards, input: f"--models {MODELS}" if input.models else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.boxplot_glioma),
     shell:
-        "neurohybrid cohort figures --metrics {input.metrics} --forecasts {params.forecasts} --targets {params.targets}"
-        " {params.truth} {params.models} --out-dir {params.out_dir} > {log} 2>&1"
+        "neurohybrid cohort figures --metrics {input.metrics} --stats {input.stats} --forecasts {params.forecasts}"
+        " --targets {params.targets} {params.truth} {params.models} --out-dir {params.out_dir} > {log} 2>&1"

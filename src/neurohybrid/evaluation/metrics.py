@@ -65,9 +65,19 @@ def directed_surface_distances(a: np.ndarray, b: np.ndarray, voxel_mm) -> np.nda
 def hausdorff95(pred: np.ndarray, target: np.ndarray, voxel_mm) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between two masks' surfaces.
 
-    Convention (as MedPy's ``hd95``): the larger of the two directed 95th percentiles of
-    surface-to-surface distances. 0.0 when both masks are empty; NaN when exactly one is
-    empty (the distance is undefined, and a number would be invented).
+    What it computes: the larger of the two directed 95th percentiles (``np.percentile``, linear
+    interpolation) of the distances from each surface voxel of one mask to the nearest surface
+    voxel of the other (surfaces as in ``surface_voxels``, distances as in
+    ``directed_surface_distances``). That is the convention of DeepMind's surface-distance
+    ``compute_robust_hausdorff`` (which also weights surface elements by their area; here each
+    surface voxel counts once). It is NOT MedPy's ``hd95``, which takes the 95th percentile of the
+    two directed distance sets pooled; on random masks the pooled value was never larger than
+    this one and mostly smaller, by most when one direction has many more or much larger
+    distances (a small forecast inside a large lesion); tests/evaluation/test_metrics.py shows it.
+
+    0.0 when both masks are empty; NaN when exactly one is empty (the distance is undefined, and a
+    number would be invented): the scorer records which mask was empty, and the cohort tables
+    count the value as missing with that reason.
     """
     pred = np.asarray(pred, dtype=bool)
     target = np.asarray(target, dtype=bool)

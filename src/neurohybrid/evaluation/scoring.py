@@ -17,11 +17,15 @@ import pandas as pd
 
 from neurohybrid.errors import InputError
 from neurohybrid.evaluation import metrics as M
+from neurohybrid.evaluation.recovery import recovery_scores
 from neurohybrid.evaluation.targets import Target, bare_subject, read_target
 from neurohybrid.io import load_image
 from neurohybrid.io.tsv import read_table
 
 COLUMNS = ["subject", "disorder", "model", "metric", "value"]
+# why a value is missing (n/a): the cohort counts missing values with their reasons, never drops them
+REASON = "missing_reason"
+TABLE_COLUMNS = COLUMNS + [REASON]
 
 # values copied from the fit json into the table as they are (the sol_* / coarse_* / fine_* ones:
 # the solver-in-the-loop families' accuracy against the fine solver and the costs it saves)
@@ -89,13 +93,16 @@ def load_forecast_mask(path: Path, target: Target, key: str) -> np.ndarray:
     return data.astype(bool)
 
 
-def _mask_scores(pred: np.ndarray, obs: np.ndarray, voxel_mm, tag: str) -> dict[str, float]:
+def _mask_scores(pred: np.ndarray, obs: np.ndarray, voxel_mm, tag: str, reasons: dict) -> dict[str, float]:
     v_pred, v_obs = M.volume_ml(pred, voxel_mm), M.volume_ml(obs, voxel_mm)
+    hd95 = M.hausdorff95(pred, obs, voxel_mm)
+    if not np.isfinite(hd95):  # exactly one mask is empty: no surface to measure from
+        reasons[f"hd95_mm_{tag}"] = "empty forecast mask" if not pred.any() else "empty observed mask"
     return {
         f"dice_{tag}": M.dice(pred, obs),
         f"volume_error_ml_{tag}": v_pred - v_obs,
         f"abs_volume_error_ml_{tag}": abs(v_pred - v_obs),
-        f"hd95_mm_{tag}": M.hausdorff95(pred, obs, voxel_mm),
+        f"hd95_mm_{tag}": hd95,
     }
 
 
@@ -116,33 +123,37 @@ def read_regional_forecast(path: Path, subject: str, regions: list[str]) -> np.n
     return out
 
 
-def score_glioma(forecast_dir, target: Target, model: str) -> dict[str, float]:
+def score_glioma(forecast_dir, target: Target, model: str, reasons: dict) -> dict[str, float]:
     out = {}
     for key, desc in (("t1gd", "T1Gd"), ("flair", "FLAIR")):
         path = forecast_path(forecast_dir, target.subject, model, f"desc-{desc}_mask.nii.gz")
         pred = load_forecast_mask(path, target, key)
-        out.update(_mask_scores(pred, target.arrays[key], target.voxel_mm, key))
+        out.update(_mask_scores(pred, target.arrays[key], target.voxel_mm, key, reasons))
     return out
 
 
-def score_stroke(forecast_dir, target: Target, model: str) -> dict[str, float]:
+def score_stroke(forecast_dir, target: Target, model: str, reasons: dict) -> dict[str, float]:
     path = forecast_path(forecast_dir, target.subject, model, "desc-infarct_mask.nii.gz")
     pred = load_forecast_mask(path, target, "infarct")
-    return _mask_scores(pred, target.arrays["infarct"], target.voxel_mm, "infarct")
+    return _mask_scores(pred, target.arrays["infarct"], target.voxel_mm, "infarct", reasons)
 
 
-def score_alzheimer(forecast_dir, target: Target, model: str) -> dict[str, float]:
+def score_alzheimer(forecast_dir, target: Target, model: str, reasons: dict) -> dict[str, float]:
     regions = [str(r) for r in target.meta["regions"]]
     obs = target.arrays["suvr"]
     path = forecast_path(forecast_dir, target.subject, model, "pet.tsv")
     pred = read_regional_forecast(path, target.subject, regions)
     out = {"rmse_suvr": M.rmse(pred, obs), "pearson_r": M.pearson_r(pred, obs)}
+    if not np.isfinite(out["pearson_r"]):
+        reasons["pearson_r"] = "forecast or observation constant across regions: r undefined"
     # "no change" reference: only when its forecast sits beside ours; otherwise the cohort
     # table adds the ratio by joining the persistence rows
     persistence = forecast_path(forecast_dir, target.subject, "persistence", "pet.tsv")
     if persistence.exists():
         ref = read_regional_forecast(persistence, target.subject, regions)
         out["rmse_rel_persistence"] = M.relative_error(out["rmse_suvr"], M.rmse(ref, obs))
+        if not np.isfinite(out["rmse_rel_persistence"]):
+            reasons["rmse_rel_persistence"] = "no-change RMSE is 0"
     return out
 
 
@@ -150,19 +161,29 @@ SCORERS = {"glioma": score_glioma, "alzheimer": score_alzheimer, "stroke": score
 
 
 def evaluate_subject(disorder: str, subject: str, model: str, forecast_dir, targets_root, truth_root=None) -> pd.DataFrame:
-    """All metrics of one subject and model as a tidy table (COLUMNS)."""
+    """All metrics of one subject and model as a tidy table (TABLE_COLUMNS): a value that is n/a
+    carries the reason in ``missing_reason``."""
     sub = bare_subject(subject)
     target = read_target(targets_root, sub, disorder)
     fit = read_fit_json(forecast_dir, sub, model)
-    values = SCORERS[disorder](forecast_dir, target, model)
+    reasons: dict[str, str] = {}
+    values = SCORERS[disorder](forecast_dir, target, model, reasons)
     for key in FIT_JSON_METRICS:
         if key in fit:
             try:
-                values[key] = float(fit[key])
+                values[key] = float(fit[key]) if fit[key] is not None else math.nan
             except (TypeError, ValueError):
                 raise InputError(f"'{key}' must be a number, got {fit[key]!r}",
                                  file=forecast_path(forecast_dir, sub, model, "desc-fit.json"), subject=sub) from None
+            if fit[key] is None:
+                reasons[key] = "not reported by the fit"
     if truth_root is not None and fit.get("parameters"):
-        values.update(M.parameter_errors(fit["parameters"], read_truth(truth_root, sub)))
-    rows = [(sub, disorder, model, name, float(v) if v is not None else math.nan) for name, v in values.items()]
-    return pd.DataFrame(rows, columns=COLUMNS)
+        scores, why = recovery_scores(disorder, fit, read_truth(truth_root, sub), target.meta)
+        values.update(scores)
+        reasons.update(why)
+    rows = []
+    for name, v in values.items():
+        value = float(v) if v is not None else math.nan
+        reason = "" if np.isfinite(value) else reasons.get(name, "undefined")
+        rows.append((sub, disorder, model, name, value, reason))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)

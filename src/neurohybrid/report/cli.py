@@ -17,10 +17,15 @@ def register(subparsers) -> None:
     t.add_argument("--out", required=True, help="results/cohort/metrics.tsv")
     t.set_defaults(func=_table)
 
-    s = sub.add_parser("stats", help="summary (mean, 95%% CI) and paired Wilcoxon tests")
+    s = sub.add_parser("stats", help="summary (mean, bootstrap CI, n missing), primary paired tests (Wilcoxon, Holm) "
+                                     "and a sample-size note",
+                       description="The analysis plan (primary metric per disorder, alpha, Holm scope, interval, seed) "
+                                   "is the config's 'analysis:' section and 'seed' (defaults: config/config.yaml).")
     s.add_argument("--metrics", required=True, help="results/cohort/metrics.tsv")
+    s.add_argument("--config", default=None, help="resolved workflow config (results/config.yaml); optional")
     s.add_argument("--summary-out", required=True, help="results/cohort/summary.tsv")
     s.add_argument("--stats-out", required=True, help="results/cohort/stats.tsv")
+    s.add_argument("--power-out", default=None, help="results/cohort/power.tsv (subjects needed for the planned power)")
     s.set_defaults(func=_stats)
 
     f = sub.add_parser("figures", help="PNG figures into a folder")
@@ -29,6 +34,7 @@ def register(subparsers) -> None:
     f.add_argument("--targets", default=None, help="results/targets")
     f.add_argument("--truth", default=None, help="results/groundtruth (parameter recovery), optional")
     f.add_argument("--models", default=None, help="results/models (training curves of the fold models), optional")
+    f.add_argument("--stats", default=None, help="results/cohort/stats.tsv (primary comparisons), optional")
     f.add_argument("--out-dir", required=True, help="results/cohort/figures")
     f.set_defaults(func=_figures)
 
@@ -47,22 +53,40 @@ def _table(args) -> int:
     return 0
 
 
+def _read_config(path) -> dict:
+    import yaml
+
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read config ({type(exc).__name__}: {exc})", file=path) from None
+    if not isinstance(config, dict):
+        raise InputError("config must be a mapping", file=path)
+    return config
+
+
 def _stats(args) -> int:
-    from neurohybrid.evaluation.statistics import paired_tests, read_metrics, summarise
+    from neurohybrid.evaluation import analysis
+    from neurohybrid.evaluation.statistics import paired_tests, power_table, read_metrics, summarise
     from neurohybrid.io import write_tsv
 
+    plan = analysis.plan(_read_config(args.config))
     frame = read_metrics(args.metrics)
-    summary = summarise(frame)
-    tests = paired_tests(frame)
-    write_tsv(args.summary_out, summary)
-    write_tsv(args.stats_out, tests)
+    write_tsv(args.summary_out, summarise(frame, plan))
+    write_tsv(args.stats_out, paired_tests(frame, plan))
+    if args.power_out:
+        write_tsv(args.power_out, power_table(frame, plan))
     return 0
 
 
 def _figures(args) -> int:
     from neurohybrid.report.figures import write_all  # matplotlib only when figures are asked for
 
-    from neurohybrid.evaluation.statistics import read_metrics
+    from neurohybrid.evaluation.statistics import read_metrics, read_stats
 
-    write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth, args.models)
+    stats = read_stats(args.stats) if args.stats else None
+    write_all(read_metrics(args.metrics), args.out_dir, args.forecasts, args.targets, args.truth, args.models, stats)
     return 0

@@ -1,5 +1,6 @@
-"""Cohort figures (PNG, matplotlib's Agg backend): metric box plots, forecast-vs-observed
-overlays, parameter recovery, SOL accuracy vs cost and the training curves of every fold model.
+"""Cohort figures (PNG, matplotlib's Agg backend): metric box plots, the primary comparisons'
+effect sizes, forecast-vs-observed overlays, parameter recovery, SOL accuracy vs cost and the
+training curves of every fold model.
 
 Every figure file is always written, so a workflow can declare them as outputs; a figure
 whose data the cohort lacks (no stroke subjects, no ground truth, no SOL model) says so in
@@ -18,7 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from neurohybrid.errors import InputError  # noqa: E402
-from neurohybrid.evaluation.metrics import match_parameters  # noqa: E402
+from neurohybrid.evaluation.analysis import direction  # noqa: E402
+from neurohybrid.evaluation.recovery import recovered  # noqa: E402
 from neurohybrid.evaluation.scoring import (forecast_path, load_forecast_mask, read_fit_json,  # noqa: E402
                                             read_regional_forecast, read_truth)
 from neurohybrid.evaluation.targets import DISORDERS, read_target  # noqa: E402
@@ -28,11 +30,12 @@ from neurohybrid.io import atomic_path  # noqa: E402
 FIGURE_NAMES = (
     "boxplot_glioma.png", "boxplot_alzheimer.png", "boxplot_stroke.png",
     "overlay_glioma.png", "overlay_stroke.png", "scatter_alzheimer.png",
-    "parameter_recovery.png", "sol_accuracy_cost.png", "training_curves.png",
+    "parameter_recovery.png", "sol_accuracy_cost.png", "training_curves.png", "primary_comparisons.png",
 )
 
-# the headline metrics of each disorder, in the order they are shown
-PRIMARY_METRICS = {
+# the metrics each disorder's box plot shows, in this order (the pre-registered primary metric,
+# read from stats.tsv when given, comes first and says so)
+HEADLINE_METRICS = {
     "glioma": ["dice_t1gd", "dice_flair", "abs_volume_error_ml_t1gd", "abs_volume_error_ml_flair",
                "hd95_mm_t1gd", "hd95_mm_flair", "fit_seconds"],
     "alzheimer": ["rmse_suvr", "pearson_r", "rmse_rel_persistence", "fit_seconds"],
@@ -65,10 +68,16 @@ def _no_data(path: Path, title: str, reason: str) -> None:
     _save(fig, path)
 
 
-def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> bool:
-    """One panel per headline metric; one box (and the subjects as points) per model."""
+def box_labels(models, data, n_subjects: int) -> list[str]:
+    """Model names; a box drawn from fewer subjects says how many are missing (summary.tsv gives the reasons)."""
+    return [_label(m) if len(v) == n_subjects else f"{_label(m)} ({n_subjects - len(v)} n/a)" for m, v in zip(models, data)]
+
+
+def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path, primary: str | None = None) -> bool:
+    """One panel per headline metric (the primary one first); one box (and the subjects as points) per model."""
     d = frame[frame["disorder"] == disorder]
-    metrics = [m for m in PRIMARY_METRICS[disorder] if m in set(d["metric"])]
+    shown = ([primary] if primary else []) + [m for m in HEADLINE_METRICS[disorder] if m != primary]
+    metrics = [m for m in shown if m in set(d["metric"])]
     if not metrics:
         _no_data(path, f"{disorder}: metrics", f"no {disorder} rows in the metrics table")
         return False
@@ -76,13 +85,16 @@ def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path) -> bool:
     panel_w = max(2.0, 0.45 * len(models) + 1.0)
     fig, axes = plt.subplots(1, len(metrics), figsize=(panel_w * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        n_subjects = d["subject"].nunique()
         data = [d[(d["metric"] == metric) & (d["model"] == m)]["value"].dropna().to_numpy() for m in models]
         ax.boxplot(data, showfliers=False)
         for i, values in enumerate(data, start=1):
             jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
             ax.plot(i + jitter, values, "o", ms=3, alpha=0.6, color="k")
-        ax.set_xticks(range(1, len(models) + 1), [_label(m) for m in models], rotation=60, ha="right", fontsize=7)
-        ax.set_title(metric.replace("_ml_", "_ml\n").replace("_mm_", "_mm\n"), fontsize=7)
+        ax.set_xticks(range(1, len(models) + 1), box_labels(models, data, n_subjects), rotation=60, ha="right", fontsize=7)
+        title = metric.replace("_ml_", "_ml\n").replace("_mm_", "_mm\n")
+        ax.set_title(title + ("\n(primary)" if metric == primary else ""), fontsize=7,
+                     fontweight="bold" if metric == primary else "normal")
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{disorder}: per-subject metrics (n = {d['subject'].nunique()} subjects)")
     fig.tight_layout()
@@ -157,8 +169,10 @@ def alzheimer_scatter(frame, forecasts_root, targets_root, path: Path) -> bool:
     return True
 
 
-def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels: int = 8) -> bool:
-    """Estimated vs true parameter, one panel per parameter, colour per model."""
+def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels: int = 8, targets_root=None) -> bool:
+    """Estimated vs true parameter, one panel per scored parameter (evaluation.recovery: fitted,
+    identifiable, same units as the truth), colour per model; a subject whose value is not scored
+    (e.g. stroke sigma from a prior) is left out, as in the metrics table."""
     if forecasts_root is None or truth_root is None:
         _no_data(path, "parameter recovery", "no ground-truth folder given")
         return False
@@ -168,8 +182,10 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
         if not truth:
             continue
         fit = read_fit_json(Path(forecasts_root) / f"sub-{subject}", subject, model)
-        for name, (est, tru) in match_parameters(fit.get("parameters") or {}, truth).items():
-            points.setdefault(f"{disorder}: {name}", []).append((model, tru, est))
+        meta = _target_meta(targets_root, subject, disorder)
+        for name, (est, tru, reason) in recovered(disorder, fit, truth, meta).items():
+            if not reason:
+                points.setdefault(f"{disorder}: {name}", []).append((model, tru, est))
     if not points:
         _no_data(path, "parameter recovery", "no fitted parameter matches a ground-truth value")
         return False
@@ -186,6 +202,50 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
         ax.set_xlabel("true", fontsize=7)
     axes[0][0].set_ylabel("estimated", fontsize=7)
     axes[0][-1].legend(fontsize=6)
+    _save(fig, path)
+    return True
+
+
+def _target_meta(targets_root, subject: str, disorder: str) -> dict:
+    """The target's metadata (Alzheimer's connectome source decides whether kappa is scored)."""
+    if targets_root is None:
+        return {}
+    try:
+        return read_target(targets_root, subject, disorder).meta
+    except InputError:
+        return {}
+
+
+def primary_comparisons(stats: pd.DataFrame | None, path: Path) -> bool:
+    """One panel per disorder: the median paired difference (model - baseline) of the primary
+    metric with its bootstrap interval, one row per planned comparison; filled markers where the
+    Holm-adjusted p is below the plan's alpha (stats.tsv ``significant``)."""
+    if stats is None or stats.empty:
+        _no_data(path, "primary comparisons", "no stats table (neurohybrid cohort stats) or no primary comparison")
+        return False
+    disorders = [d for d in DISORDERS if d in set(stats["disorder"])]
+    heights = [max(2.0, 0.22 * int((stats["disorder"] == d).sum()) + 1.0) for d in disorders]
+    fig, axes = plt.subplots(1, len(disorders), figsize=(4.6 * len(disorders), max(heights)), squeeze=False)
+    for ax, disorder in zip(axes[0], disorders):
+        rows = stats[stats["disorder"] == disorder].reset_index(drop=True)
+        metric = str(rows["metric"].iloc[0])
+        y = np.arange(len(rows))[::-1]
+        for yi, rec in zip(y, rows.itertuples(index=False)):
+            colour = "C0" if rec.comparison == "family vs baseline" else "C3"
+            lo, hi = float(rec.ci_low), float(rec.ci_high)
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [yi, yi], "-", color=colour, lw=1.2)
+            filled = str(rec.significant).lower() == "true"
+            ax.plot(float(rec.median_difference), yi, "o", ms=4, color=colour, mfc=colour if filled else "white")
+        ax.axvline(0.0, color="k", lw=0.7)
+        ax.set_yticks(y, [f"{r.model} - {r.baseline}" for r in rows.itertuples(index=False)], fontsize=6)
+        better = {1: "positive: model better", -1: "negative: model better"}.get(direction(metric), "")
+        ax.set_xlabel(f"median paired difference ({better})", fontsize=7)
+        ax.set_title(f"{disorder}: {metric} (n = {int(rows['n'].max())})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle("primary comparisons: median paired difference and bootstrap interval "
+                 "(filled: Holm-adjusted p below alpha; red: baseline vs baseline)", fontsize=8)
+    fig.tight_layout()
     _save(fig, path)
     return True
 
@@ -276,23 +336,28 @@ def training_curves(models_root, path: Path) -> bool:
 
 
 def write_all(frame: pd.DataFrame, out_dir, forecasts_root=None, targets_root=None, truth_root=None,
-              models_root=None) -> dict[str, bool]:
-    """Write every figure of FIGURE_NAMES into out_dir.
+              models_root=None, stats: pd.DataFrame | None = None) -> dict[str, bool]:
+    """Write every figure of FIGURE_NAMES into out_dir; ``stats`` is the table of
+    ``statistics.paired_tests`` (stats.tsv), which names each disorder's primary metric.
 
     Returns {file name: True if it shows data, False if it is a "no data" panel}.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    primary = {} if stats is None or stats.empty else dict(zip(stats["disorder"], stats["metric"]))
     drawn = {}
     for disorder in DISORDERS:
-        drawn[f"boxplot_{disorder}.png"] = metric_boxplots(frame, disorder, out / f"boxplot_{disorder}.png")
+        drawn[f"boxplot_{disorder}.png"] = metric_boxplots(frame, disorder, out / f"boxplot_{disorder}.png",
+                                                           primary.get(disorder))
     for disorder in ("glioma", "stroke"):
         drawn[f"overlay_{disorder}.png"] = mask_overlay(frame, disorder, forecasts_root, targets_root,
                                                         out / f"overlay_{disorder}.png")
     drawn["scatter_alzheimer.png"] = alzheimer_scatter(frame, forecasts_root, targets_root, out / "scatter_alzheimer.png")
-    drawn["parameter_recovery.png"] = parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png")
+    drawn["parameter_recovery.png"] = parameter_recovery(frame, forecasts_root, truth_root, out / "parameter_recovery.png",
+                                                         targets_root=targets_root)
     drawn["sol_accuracy_cost.png"] = sol_accuracy_cost(frame, out / "sol_accuracy_cost.png")
     drawn["training_curves.png"] = training_curves(models_root, out / "training_curves.png")
+    drawn["primary_comparisons.png"] = primary_comparisons(stats, out / "primary_comparisons.png")
     missing = [n for n in FIGURE_NAMES if not (out / n).exists()]
     if missing:  # a bug, not bad input: every branch above writes its file
         raise RuntimeError(f"figures not written: {missing}")

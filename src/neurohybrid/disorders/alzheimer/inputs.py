@@ -13,7 +13,8 @@ Inputs:  arrays suvr (V, N), years (V,), connectome (N, N), volumes (N,), centro
          of position for the corrections, the same atlas the regions are named after);
          meta regions, sessions, target_years (when the held-out visit is: the forecast horizon,
          not its data), connectome_source.
-Target:  array suvr (N,); meta regions, years, session.
+Target:  array suvr (N,); meta regions, years, session, connectome_source (evaluation scores the
+         fitted kappa against the generator's only on the generator's normative connectome).
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def build_inputs(subject: str, bids_dir, preproc_dir, config: dict) -> tuple[Sub
         subject=subject,
         disorder="alzheimer",
         arrays={"suvr": last[2]},
-        meta={"regions": list(regions), "years": float(last[1] - years0), "session": last[0]},
+        meta={"regions": list(regions), "years": float(last[1] - years0), "session": last[0],
+              "connectome_source": source},
     )
     return inputs, target
