@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml envs/requirements.lock
 install: $(STAMP)
 
 run: install
-	snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
+	$(BIN)/neurohybrid run --cores $(CORES)
 	snakemake --report results/report.html
 
 test: install

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "neurohybrid.evaluation.cli",
     "neurohybrid.report.cli",
     "neurohybrid.bench",
+    "neurohybrid.runner",
 ]
 
 
@@ -48,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):
+        # everything after `run` belongs to snakemake (argparse's REMAINDER drops leading options)
+        argv, passthrough = argv[:1], argv[1:]
+    else:
+        passthrough = None
     args = parser.parse_args(argv)
+    if passthrough is not None:
+        args.snakemake_args = passthrough
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
