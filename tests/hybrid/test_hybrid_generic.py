@@ -457,3 +457,18 @@ def test_fit_correction_validates_and_falls_back_to_the_coarse_solver():
     for _ in range(3):
         plain = _euler_coarse(lap, h)(plain, cov)
     assert torch.equal(restored.rollout(fine[:, 0], 3)[:, -1], plain)
+
+
+def test_fit_correction_validates_with_per_member_operators():
+    from neurohybrid.hybrid.solver_in_loop import fit_correction
+
+    lap = _ring_laplacian()
+    torch.manual_seed(5)
+    b, h = 8, 0.8
+    kappa = torch.rand(b) * 0.3 + 0.1
+    cov = kappa[:, None, None].expand(b, 6, 1).clone()
+    fine = _fine_traj(lap, torch.rand(b, 6) * 0.5 + 0.05, kappa, h, 4)
+    per_member = lap.expand(b, 6, 6).clone()  # (B, N, N): selected with the validation members
+    model = CorrectedSolver(_euler_coarse(lap, h), RegionwiseMLP(n_covariates=1, hidden=8)).set_context(lap=per_member)
+    ckpt = fit_correction(model, fine, cov, precomputed=False, n_unroll=2, epochs=3, lr=1e-2, val_fraction=0.25)
+    assert ckpt["validation"]["trajectories"] == 2 and model.lap.shape == (b, 6, 6)

@@ -251,7 +251,12 @@ def fit_correction(model: CorrectedSolver, fine: torch.Tensor, covariates=None, 
     held_out = bool(result.val_indices)
     idx = result.val_indices if held_out else result.train_indices
     cov = model.covariates if covariates is None else covariates
-    errors = horizon_errors(model, fine[idx], _select(cov, idx, fine.shape[0]), error_fn)
+    full_lap = model.lap
+    model.lap = _select(full_lap, idx, fine.shape[0])  # a per-member operator follows its members
+    try:
+        errors = horizon_errors(model, fine[idx], _select(cov, idx, fine.shape[0]), error_fn)
+    finally:
+        model.lap = full_lap
     model.use_correction = errors["corrected"] < errors["coarse"]
     return {"state_dict": model.correction.state_dict(), "use_correction": model.use_correction,
             "history": result.history, "val_history": result.val_history, "best_epoch": result.best_epoch,
