@@ -388,14 +388,25 @@ def _imex_step():
 
 
 class SplittingCorrection(torch.nn.Module):
-    """The SOL correction of the coarse state, in SUVR: A (h / H)^2 MLP(x, L x, k, a, A', h / H)
-    with x = (u - b) / A the excess as a fraction of the amplitude, (k, a, A') = log kappa, log
-    alpha and log A scaled to [0, 1] by the ranges the network is trained on (``sol_bounds``) and H
-    the training step (``sol_coarse_dt``). One MLP shared by all regions (it sees neighbours
-    through L x). (h / H)^2: the splitting's local error is O(h^2), so the correction vanishes as
-    the step shrinks (a forecast a moment ahead is the observed state). The CorrectedSolver gates
-    it by 4 x (1 - x) (exactly zero where there is no excess, and at the capacity) and clamps the
-    state to the model's invariant range."""
+    """The SOL correction of the coarse state, in SUVR: A (h / H)^2 MLP(features) per region, one
+    MLP shared by all regions (it sees neighbours through the Laplacian). Features, all
+    dimensionless, from x = (u - b) / A (the excess as a fraction of the amplitude), the transport
+    number s = h kappa and the growth number r = h alpha:
+
+    * x, L x, and kappa, alpha, A log-scaled to [0, 1] by the ranges the network is trained on
+      (``sol_bounds``), h / H (H = ``sol_coarse_dt``, the training step);
+    * s r (L g(x) - g'(x) L x), g(x) = x (1 - x): the commutator of growth and transport, the
+      leading error term of the Lie splitting;
+    * s^2 L^2 x / (1 + s rho): backward Euler's leading transport error, damped where the step is
+      far beyond its accuracy (rho: the largest Laplacian eigenvalue);
+    * s L x and r g(x): the sizes of the two sub-steps.
+
+    (h / H)^2: the splitting's local error is O(h^2), so the correction vanishes as the step
+    shrinks (a forecast a moment ahead is the observed state). The CorrectedSolver gates it by
+    4 x (1 - x) (exactly zero where there is no excess, and at the capacity) and clamps the state
+    to the model's invariant range."""
+
+    N_FEATURES = 10
 
     def __init__(self, bounds, coarse_dt: float, hidden: int = 16):
         super().__init__()
@@ -407,19 +418,27 @@ class SplittingCorrection(torch.nn.Module):
         last = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.zeros_(last.bias)
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
-                                       torch.nn.Tanh(), last)
+        self.net = torch.nn.Sequential(torch.nn.Linear(self.N_FEATURES, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), last)
 
-    def forward(self, u, covariates=None, lap=None):
-        cov = covariates
+    def features(self, u, cov):
         amp = cov[..., AMP].expand_as(u)
         x = (u - cov[..., BASE]) / amp
         theta = torch.stack([cov[..., KAPPA], cov[..., ALPHA], cov[..., AMP]], dim=-1)
         p = (torch.log(theta) - self.log_lo.to(u.dtype)) / self.log_width.to(u.dtype)
         hn = (cov[..., STEP] / self.coarse_dt.to(u.dtype)).expand_as(u)
-        feats = torch.cat([x[..., None], spectral_transport(cov, x)[..., None], p.expand(*u.shape, 3), hn[..., None]],
-                          dim=-1)
-        return amp * hn ** 2 * self.net(feats).squeeze(-1)
+        s = (cov[..., KAPPA] * cov[..., STEP]).expand_as(u)
+        r = (cov[..., ALPHA] * cov[..., STEP]).expand_as(u)
+        rho = cov[..., SPECTRAL].amax(dim=-1, keepdim=True)
+        lx = spectral_transport(cov, x)
+        g = x * (1.0 - x)
+        comm = s * r * (spectral_transport(cov, g) - (1.0 - 2.0 * x) * lx)
+        be = s * s * spectral_transport(cov, lx) / (1.0 + s * rho)
+        return torch.cat([torch.stack([x, lx, comm, be, s * lx, r * g, hn], dim=-1), p.expand(*u.shape, 3)], dim=-1)
+
+    def forward(self, u, covariates=None, lap=None):
+        hn = covariates[..., STEP] / self.coarse_dt.to(u.dtype)
+        return covariates[..., AMP] * hn ** 2 * self.net(self.features(u, covariates)).squeeze(-1)
 
 
 def _excess_gate(u, cov):

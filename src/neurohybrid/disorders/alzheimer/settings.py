@@ -21,8 +21,11 @@ class Settings:
     kappa_bounds: tuple[float, float] = (0.005, 1.0)
     alpha_bounds: tuple[float, float] = (0.01, 2.0)
     amplitude_bounds: tuple[float, float] = (0.3, 3.0)
-    sol_kappa_range: tuple[float, float] | None = None
-    sol_alpha_range: tuple[float, float] | None = None
+    # where the SOL correction is trained and the SOL families calibrate (log-uniform draws); None:
+    # the calibration bounds. Narrower than them in alpha: growth rates of tau-PET studies, and
+    # the synthetic cohorts' 0.2-0.8 /yr, lie well inside
+    sol_kappa_range: tuple[float, float] | None = (0.01, 1.0)
+    sol_alpha_range: tuple[float, float] | None = (0.05, 1.0)
     dt: float = 0.5
     restarts: int = 2
     fit_iterations: int = 40
