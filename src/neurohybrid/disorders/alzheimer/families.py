@@ -429,11 +429,16 @@ class SplittingCorrection(torch.nn.Module):
         hn = (cov[..., STEP] / self.coarse_dt.to(u.dtype)).expand_as(u)
         s = (cov[..., KAPPA] * cov[..., STEP]).expand_as(u)
         r = (cov[..., ALPHA] * cov[..., STEP]).expand_as(u)
-        rho = cov[..., SPECTRAL].amax(dim=-1, keepdim=True)
-        lx = spectral_transport(cov, x)
+        lam, vec = cov[..., SPECTRAL], cov[..., SPECTRAL + 1:]
+        rho = lam.amax(dim=-1, keepdim=True)
         g = x * (1.0 - x)
-        comm = s * r * (spectral_transport(cov, g) - (1.0 - 2.0 * x) * lx)
-        be = s * s * spectral_transport(cov, lx) / (1.0 + s * rho)
+        # L x, L^2 x and L g in the eigenbasis: two products for the three
+        coef = torch.matmul(torch.stack([x, g], dim=1), vec)  # (B, 2, N): V^T x, V^T g
+        back = torch.matmul(torch.stack([lam * coef[:, 0], lam * lam * coef[:, 0], lam * coef[:, 1]], dim=1),
+                            vec.transpose(-1, -2))
+        lx, llx, lg = back[:, 0], back[:, 1], back[:, 2]
+        comm = s * r * (lg - (1.0 - 2.0 * x) * lx)
+        be = s * s * llx / (1.0 + s * rho)
         return torch.cat([torch.stack([x, lx, comm, be, s * lx, r * g, hn], dim=-1), p.expand(*u.shape, 3)], dim=-1)
 
     def forward(self, u, covariates=None, lap=None):

@@ -141,10 +141,10 @@ def run(quick: bool = False, seed: int = 0, n_train: int | None = None, n_test: 
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     torch.set_num_threads(1)
     n_train = n_train or (2 if quick else 4)
-    n_test = n_test or (2 if quick else 6)
+    n_test = n_test or (1 if quick else 6)
     cfg = dict(config or {"seed": seed, "sloppy": bool(quick)})
     if quick and config is None:
-        cfg["alzheimer"] = {"sol_samples": 3, "epochs": 20, "patience": None}
+        cfg["alzheimer"] = {"sol_samples": 2, "epochs": 8, "patience": None}
     weights, names = normative_connectome()
     vols = np.random.default_rng(seed).uniform(2000.0, 9000.0, len(names))
     subjects = [_subject(i, seed, weights, names, vols) for i in range(n_train + n_test)]
