@@ -139,7 +139,8 @@ def test_settings_read_config_sections():
     s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "sol_kappa_range": [0.1, 1]},
                               "sloppy": False})
     assert s.epochs == 9 and s.hidden == 5
-    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], s.amplitude_bounds[0]])
+    assert np.allclose(s.sol_bounds().lower, [0.1, s.sol_alpha_range[0], s.amplitude_bounds[0]])
+    assert Settings.from_config({"alzheimer": {"sol_alpha_range": None}}).sol_bounds().lower[1] == s.alpha_bounds[0]
     assert Settings.from_config({"sloppy": True}).epochs <= 15
     with pytest.raises(InputError):
         Settings.from_config({"alzheimer": {"amortised_training": "magic"}})

@@ -15,10 +15,16 @@ residual             APHYNITY: mechanistic + regional correction relu(e) * h(e, 
                      lambda ||g||^2; per-training-subject theta and shared g trained jointly; at
                      forecast time the subject's theta is fitted with g frozen.
 ude                  the same universal differential equation without the penalty (lambda = 0).
-sol                  solver-in-the-loop: a forward-Euler step of size ``sol_coarse_dt`` corrected
-                     by a network, trained by unrolling ``sol_steps`` steps against the fine RK4
-                     solver; used as the forward model of the subject's calibration.
-sol_precomputed      the same network trained on pre-computed one-step targets.
+sol                  solver-in-the-loop, an accelerated mechanistic model: one semi-implicit step
+                     per ``sol_coarse_dt`` years (exact logistic growth, backward-Euler transport
+                     through the subject's spectral Laplacian; stable far beyond forward Euler's
+                     limit) followed by a learned correction gated by the regional excess and
+                     clamped to the model's invariant range, trained by unrolling ``sol_steps``
+                     steps against fine RK4 trajectories of prior draws, falling back to the plain
+                     coarse step when it does not help on held-out draws; the forward model of the
+                     subject's calibration. The forecast's extra reports its error and cost against
+                     the fine solver (``sol_accuracy_and_cost``).
+sol_precomputed      the same network and data, trained on pre-computed one-step targets.
 amortised            a network from summary features of the observed visits to theta, trained
                      end-to-end through the solver on the training subjects (or on their
                      calibrated parameters); no per-subject optimisation.
