@@ -78,8 +78,14 @@ def test_every_family_trains_and_forecasts(cohort):
             hist = ck["history"]
             # training converges, not just moves: at least half the first epoch's loss (sol_precomputed
             # learns its one-step targets within the first epoch's mini-batches: a third; issue 11)
-            frac = 2 / 3 if name == "sol_precomputed" else 0.5
-            assert len(hist) >= 2 and min(hist) <= frac * hist[0], f"{name}: loss did not fall enough {hist[:3]}..{min(hist)}"
+            if name.startswith("sol"):
+                # the SOL loss is the coarse solver's own error, small from the start at these steps: its
+                # convergence is tested against the fine solver in test_alzheimer_sol.py; here the
+                # validation over the horizon and the fall-back decision must be recorded
+                val = ck["validation"]
+                assert ck["use_correction"] == (val["corrected"] < val["coarse"]) and val["held_out"], name
+            else:
+                assert len(hist) >= 2 and min(hist) <= 0.5 * hist[0], f"{name}: loss did not fall enough {hist[:3]}..{min(hist)}"
             assert "val_history" in ck
         fc = fam.forecast(inputs, ck)
         out = fc.outputs["suvr"]
@@ -90,9 +96,12 @@ def test_every_family_trains_and_forecasts(cohort):
         assert out.shape == (8,) and np.all(np.isfinite(out)), name
         assert np.all(out > 0.5) and np.all(out < 4.0), name
         json.dumps(fc.parameters), json.dumps(fc.extra)  # the fit json must be writable
-        if name == "sol":
-            for key in ("sol_error", "coarse_error", "sol_cost_seconds", "fine_cost_seconds"):
-                assert fc.extra[key] >= 0
+        if name in ("sol", "sol_precomputed"):
+            for key in ("sol_error_vs_fine", "coarse_error_vs_fine", "fine_cost_seconds", "coarse_cost_seconds",
+                        "sol_cost_seconds"):
+                assert fc.extra[key] >= 0, (name, key)
+            assert isinstance(fc.extra["use_correction"], bool) and fc.extra["sol_error_metric"]
+            assert "sol_error" not in fc.extra and "coarse_error" not in fc.extra
     # the persistence forecast is the last observed visit
     assert np.array_equal(DISORDER.family("persistence", FAST, CPU).forecast(inputs, None).outputs["suvr"],
                           inputs.arrays["suvr"][-1])
@@ -130,7 +139,8 @@ def test_settings_read_config_sections():
     s = Settings.from_config({"models": {"epochs": 7, "hidden": 5}, "alzheimer": {"epochs": 9, "sol_kappa_range": [0.1, 1]},
                               "sloppy": False})
     assert s.epochs == 9 and s.hidden == 5
-    assert np.allclose(s.sol_bounds().lower, [0.1, s.alpha_bounds[0], s.amplitude_bounds[0]])
+    assert np.allclose(s.sol_bounds().lower, [0.1, s.sol_alpha_range[0], s.amplitude_bounds[0]])
+    assert Settings.from_config({"alzheimer": {"sol_alpha_range": None}}).sol_bounds().lower[1] == s.alpha_bounds[0]
     assert Settings.from_config({"sloppy": True}).epochs <= 15
     with pytest.raises(InputError):
         Settings.from_config({"alzheimer": {"amortised_training": "magic"}})

@@ -15,10 +15,16 @@ residual             APHYNITY: mechanistic + regional correction relu(e) * h(e, 
                      lambda ||g||^2; per-training-subject theta and shared g trained jointly; at
                      forecast time the subject's theta is fitted with g frozen.
 ude                  the same universal differential equation without the penalty (lambda = 0).
-sol                  solver-in-the-loop: a forward-Euler step of size ``sol_coarse_dt`` corrected
-                     by a network, trained by unrolling ``sol_steps`` steps against the fine RK4
-                     solver; used as the forward model of the subject's calibration.
-sol_precomputed      the same network trained on pre-computed one-step targets.
+sol                  solver-in-the-loop, an accelerated mechanistic model: one semi-implicit step
+                     per ``sol_coarse_dt`` years (exact logistic growth, backward-Euler transport
+                     through the subject's spectral Laplacian; stable far beyond forward Euler's
+                     limit) followed by a learned correction gated by the regional excess and
+                     clamped to the model's invariant range, trained by unrolling ``sol_steps``
+                     steps against fine RK4 trajectories of prior draws, falling back to the plain
+                     coarse step when it does not help on held-out draws; the forward model of the
+                     subject's calibration. The forecast's extra reports its error and cost against
+                     the fine solver (``sol_accuracy_and_cost``).
+sol_precomputed      the same network and data, trained on pre-computed one-step targets.
 amortised            a network from summary features of the observed visits to theta, trained
                      end-to-end through the solver on the training subjects (or on their
                      calibrated parameters); no per-subject optimisation.
@@ -45,8 +51,8 @@ from neurohybrid.disorders.alzheimer.model import (
 from neurohybrid.disorders.base import Family, Forecast, SubjectData, shared_work
 from neurohybrid.errors import InputError
 from neurohybrid.hybrid.amortised import ParameterNet, train_end_to_end, train_supervised
-from neurohybrid.hybrid.neural_ode import HybridDynamics, RegionwiseMLP, integrate, transport
-from neurohybrid.hybrid.solver_in_loop import CorrectedSolver, time_call, train_precomputed, train_sol
+from neurohybrid.hybrid.neural_ode import HybridDynamics, integrate
+from neurohybrid.hybrid.solver_in_loop import CorrectedSolver, fit_correction, logistic_gate, time_call
 from neurohybrid.hybrid.training import split_validation, train_loop
 
 
@@ -332,85 +338,182 @@ class AmortisedResidual(Amortised):
 # series: solver-in-the-loop
 
 
-def _euler_step(model_ref):
-    """Forward Euler of the local network FKPP with per-member (kappa, alpha, h, baseline,
-    amplitude) read from the covariate channels; the Laplacian from the CorrectedSolver's context."""
+def spectral_laplacian(lap: torch.Tensor) -> torch.Tensor:
+    """(M, N, N) symmetric Laplacians -> (M, N, N+1): the eigenvalues (column 0, eigenvalue j in
+    row j) beside the eigenvectors V (columns 1..N, row i = region i), computed once per subject in
+    float64. L x = V diag(lam) V^T x and (I + s L)^-1 x = V diag(1 / (1 + s lam)) V^T x for any s
+    (kappa h) then cost two (N, N) products, differentiably in kappa (no factorisation per
+    calibration step). The SOL model carries it in its covariate channels (``SPECTRAL``), so that
+    the core's batching, which repeats and selects covariates per member, keeps it aligned."""
+    lam, vec = torch.linalg.eigh(lap.to(torch.float64))
+    return torch.cat([lam.clamp_min(0.0)[..., None], vec], dim=-1).to(lap.dtype)
+
+
+def _spectral_apply(cov: torch.Tensor, x: torch.Tensor, scale) -> torch.Tensor:
+    """V diag(scale(lam)) V^T x for x (B, N), the spectral Laplacian in cov (B or 1, N, SPECTRAL + N+1)."""
+    lam, vec = cov[..., SPECTRAL], cov[..., SPECTRAL + 1:]
+    coef = torch.matmul(x[:, None, :], vec).squeeze(1)  # (V^T x)^T
+    return torch.matmul(vec, (scale(lam) * coef)[..., None]).squeeze(-1)
+
+
+def spectral_transport(cov, x):
+    """L x from the spectral Laplacian in the covariates."""
+    return _spectral_apply(cov, x, lambda lam: lam)
+
+
+# covariate channels of the SOL model (per member and region): the parameters, the step, the
+# baseline, the invariant range, then the spectral Laplacian (``spectral_laplacian``)
+KAPPA, ALPHA, STEP, BASE, AMP, LOWER, UPPER, SPECTRAL = range(8)
+
+
+def logistic_flow(e, alpha, amp, h):
+    """The exact flow over h of de/dt = alpha e (1 - e / A) on e > 0 (unchanged where e <= 0, as
+    the model's relu(e) growth): A e / (e + (A - e) exp(-alpha h)); keeps e in [0, A] and brings
+    an excess above A down towards it."""
+    ep = torch.relu(e)
+    grown = amp * ep / (ep + (amp - ep) * torch.exp(-alpha * h))
+    return torch.where(e > 0, grown, e)
+
+
+def _imex_step():
+    """The coarse step: Lie splitting of the local network FKPP, the growth integrated exactly
+    (``logistic_flow``), then the transport by backward Euler, e <- (I + h kappa L)^-1 e
+    (``spectral_laplacian`` in the covariates). Both parts are unconditionally
+    stable and keep the excess in its invariant range (the resolvent of the M-matrix
+    I + h kappa L is non-negative with unit row sums), so the step may be far beyond forward
+    Euler's limit h < 2 / (kappa rho(L) + alpha); the price is a first-order splitting and
+    transport error, which the correction learns."""
     def step(u, cov):
-        kappa, alpha, h, base, amp = cov[:, 0:1, 0], cov[:, 0:1, 1], cov[:, 0:1, 2], cov[..., 3], cov[:, 0:1, 4]
-        excess = u - base
-        e = torch.relu(excess)
-        du = -kappa * transport(excess, model_ref[0].lap) + alpha * e * (1.0 - e / amp)
-        return u + h * du
+        kappa, alpha, h, base, amp = (cov[:, 0:1, KAPPA], cov[:, 0:1, ALPHA], cov[:, 0:1, STEP], cov[..., BASE],
+                                      cov[:, 0:1, AMP])
+        e = logistic_flow(u - base, alpha, amp, h)
+        s = (kappa * h)[:, :, None]  # (B, 1, 1) against lam (B or 1, 1, N)
+        e = _spectral_apply(cov, e, lambda lam: 1.0 / (1.0 + s[:, 0] * lam))
+        return base + e
     return step
 
 
-class StepScaledCorrection(torch.nn.Module):
-    """h^2 * MLP(u, Lu, kappa, alpha, h, b, A): forward Euler's local error is O(h^2), so the
-    network learns the O(1) coefficient instead of a quantity that shrinks with the step."""
+class SplittingCorrection(torch.nn.Module):
+    """The SOL correction of the coarse state, in SUVR: A (h / H)^2 MLP(features) per region, one
+    MLP shared by all regions (it sees neighbours through the Laplacian). Features, all
+    dimensionless, from x = (u - b) / A (the excess as a fraction of the amplitude), the transport
+    number s = h kappa and the growth number r = h alpha:
 
-    def __init__(self, net: RegionwiseMLP):
+    * x, L x, and kappa, alpha, A log-scaled to [0, 1] by the ranges the network is trained on
+      (``sol_bounds``), h / H (H = ``sol_coarse_dt``, the training step);
+    * s r (L g(x) - g'(x) L x), g(x) = x (1 - x): the commutator of growth and transport, the
+      leading error term of the Lie splitting;
+    * s^2 L^2 x / (1 + s rho): backward Euler's leading transport error, damped where the step is
+      far beyond its accuracy (rho: the largest Laplacian eigenvalue);
+    * s L x and r g(x): the sizes of the two sub-steps.
+
+    (h / H)^2: the splitting's local error is O(h^2), so the correction vanishes as the step
+    shrinks (a forecast a moment ahead is the observed state). The CorrectedSolver gates it by
+    4 x (1 - x) (exactly zero where there is no excess, and at the capacity) and clamps the state
+    to the model's invariant range."""
+
+    N_FEATURES = 10
+
+    def __init__(self, bounds, coarse_dt: float, hidden: int = 16):
         super().__init__()
-        self.net = net
+        lo = torch.log(torch.as_tensor(np.asarray(bounds.lower, dtype=np.float64)))
+        hi = torch.log(torch.as_tensor(np.asarray(bounds.upper, dtype=np.float64)))
+        self.register_buffer("log_lo", lo)
+        self.register_buffer("log_width", hi - lo)
+        self.register_buffer("coarse_dt", torch.tensor(float(coarse_dt)))
+        last = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        self.net = torch.nn.Sequential(torch.nn.Linear(self.N_FEATURES, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), last)
+
+    def features(self, u, cov):
+        amp = cov[..., AMP].expand_as(u)
+        x = (u - cov[..., BASE]) / amp
+        theta = torch.stack([cov[..., KAPPA], cov[..., ALPHA], cov[..., AMP]], dim=-1)
+        p = (torch.log(theta) - self.log_lo.to(u.dtype)) / self.log_width.to(u.dtype)
+        hn = (cov[..., STEP] / self.coarse_dt.to(u.dtype)).expand_as(u)
+        s = (cov[..., KAPPA] * cov[..., STEP]).expand_as(u)
+        r = (cov[..., ALPHA] * cov[..., STEP]).expand_as(u)
+        lam, vec = cov[..., SPECTRAL], cov[..., SPECTRAL + 1:]
+        rho = lam.amax(dim=-1, keepdim=True)
+        g = x * (1.0 - x)
+        # L x, L^2 x and L g in the eigenbasis: two products for the three
+        coef = torch.matmul(torch.stack([x, g], dim=1), vec)  # (B, 2, N): V^T x, V^T g
+        back = torch.matmul(torch.stack([lam * coef[:, 0], lam * lam * coef[:, 0], lam * coef[:, 1]], dim=1),
+                            vec.transpose(-1, -2))
+        lx, llx, lg = back[:, 0], back[:, 1], back[:, 2]
+        comm = s * r * (lg - (1.0 - 2.0 * x) * lx)
+        be = s * s * llx / (1.0 + s * rho)
+        return torch.cat([torch.stack([x, lx, comm, be, s * lx, r * g, hn], dim=-1), p.expand(*u.shape, 3)], dim=-1)
 
     def forward(self, u, covariates=None, lap=None):
-        return covariates[..., 2] ** 2 * self.net(u, covariates, lap)
+        hn = covariates[..., STEP] / self.coarse_dt.to(u.dtype)
+        return covariates[..., AMP] * hn ** 2 * self.net(self.features(u, covariates)).squeeze(-1)
 
 
-SOL_COVARIATES = 5
+def _excess_gate(u, cov):
+    """4 x (1 - x), x = (u - b) / A, clamped at 0: zero where the region has no excess over its
+    baseline (or is at or above its capacity)."""
+    return logistic_gate(u, cov[..., BASE], cov[..., BASE] + cov[..., AMP])
+
+
+def _invariant_range(u, cov):
+    """(lower, upper) per region: b + min(0, min_j e0_j) and b + max(A, max_j e0_j), e0 the excess
+    of the rollout's start state. The model keeps its state there (transport is an averaging and
+    the growth pushes e towards [0, A]), so only what the model itself cannot reach is clamped:
+    an observed start state may read below its baseline (measurement noise; the model lets such a
+    region be filled by transport, it is neither a seed nor a sink) or above its capacity."""
+    return cov[..., LOWER], cov[..., UPPER]
 
 
 def _sol_model(settings: Settings, device, dtype, state=None) -> CorrectedSolver:
-    ref: list = [None]
-    net = StepScaledCorrection(RegionwiseMLP(n_covariates=SOL_COVARIATES, hidden=settings.hidden, use_transport=True,
-                                             zero_init=True))
+    net = SplittingCorrection(settings.sol_bounds(), settings.sol_coarse_dt, hidden=settings.hidden)
     if state is not None:
         net.load_state_dict(state)
-    model = CorrectedSolver(_euler_step(ref), net.to(device=device, dtype=dtype))
-    ref[0] = model
-    return model
+    return CorrectedSolver(_imex_step(), net.to(device=device, dtype=dtype), state_range=_invariant_range,
+                           gate=_excess_gate)
 
 
-def _sol_covariates(theta, h, base):
-    """(M, N, 5): kappa, alpha, step, regional baseline, amplitude."""
+def _sol_covariates(theta, h, base, first, spectral):
+    """(M, N, 8 + N): kappa, alpha, step, regional baseline, amplitude, invariant range (lower,
+    upper) of the member's start state ``first``, spectral Laplacian."""
     bsz, n = base.shape
-    return torch.stack([theta[:, 0:1].expand(bsz, n), theta[:, 1:2].expand(bsz, n), h[:, None].expand(bsz, n), base,
-                        theta[:, 2:3].expand(bsz, n)], dim=-1)
+    amp = theta[:, 2:3]
+    excess = (first - base).detach()
+    lower = base + torch.clamp(excess.amin(dim=-1, keepdim=True), max=0.0)
+    upper = base + torch.maximum(amp, excess.amax(dim=-1, keepdim=True))
+    own = torch.stack([theta[:, 0:1].expand(bsz, n), theta[:, 1:2].expand(bsz, n), h[:, None].expand(bsz, n), base,
+                       amp.expand(bsz, n), lower, upper], dim=-1)
+    return torch.cat([own, spectral.to(own.dtype).expand(bsz, *spectral.shape[1:])], dim=-1)
 
 
-EULER_STABILITY = 1.0  # h * (Jacobian bound) at most this: forward Euler stays well inside |1 - h lambda| < 1
-
-
-def jacobian_bound(kappa, alpha, lap_diag_max, growth_factor=1.0):
-    """Upper bound of the local FKPP Jacobian's spectral radius (Gershgorin: rho(L) <= 2 max L_ii;
-    the growth's derivative alpha (1 - 2 e / A) is at most alpha * growth_factor in size,
-    growth_factor = max(1, 2 e_max / A - 1))."""
-    return kappa * 2.0 * lap_diag_max + alpha * growth_factor
-
-
-def _growth_factor(u, base, amp):
-    return torch.clamp(2.0 * torch.relu(u - base).amax(dim=-1) / amp - 1.0, min=1.0)
+def _spectral_of(batch):
+    """``spectral_laplacian`` of the batch's Laplacians, computed once per batch."""
+    spec = getattr(batch, "_spectral", None)
+    if spec is None:
+        spec = spectral_laplacian(batch.lap)
+        batch._spectral = spec
+    return spec
 
 
 def sol_rollout(model: CorrectedSolver, theta_rows, batch, settings: Settings, coarse_dt=None, corrected=True):
     """States at batch.times from the corrected (or plain) coarse solver, each member from its
-    observed start state: each visit interval is cut into n equal steps, n = ceil(gap / coarse_dt),
-    more where a step would leave Euler's stability margin (the same rule that bounds the training
-    steps)."""
+    observed start state: each visit interval is cut into n = ceil(gap / coarse_dt) equal steps
+    (one step per visit interval at the default step; the scheme is stable at any step)."""
     coarse_dt = settings.sol_coarse_dt if coarse_dt is None else coarse_dt
     theta = theta_rows[batch.owner]
     u = batch.first
-    model.set_context(None, batch.lap)
+    spectral = _spectral_of(batch)
+    model.set_context(None, None)
     states = []
     prev = batch.times[:, 0]
     for k in range(batch.times.shape[1]):
         gap = batch.times[:, k] - prev
         longest = float(gap.max())
         if longest > 0:
-            lam = float(jacobian_bound(theta[:, 0].detach(), theta[:, 1].detach(),
-                                       torch.diagonal(batch.lap, dim1=-2, dim2=-1).amax(dim=-1),
-                                       _growth_factor(u.detach(), batch.base, theta[:, 2].detach())).max())
-            n = max(1, math.ceil(longest / coarse_dt - 1e-9), math.ceil(longest * lam / EULER_STABILITY - 1e-9))
-            cov = _sol_covariates(theta, gap / n, batch.base)
+            n = max(1, math.ceil(longest / coarse_dt - 1e-9))
+            cov = _sol_covariates(theta, gap / n, batch.base, batch.first, spectral)
             model.covariates = cov
             for _ in range(n):
                 u = model.step(u) if corrected else model.coarse_step(u, cov)
@@ -419,75 +522,134 @@ def sol_rollout(model: CorrectedSolver, theta_rows, batch, settings: Settings, c
     return torch.stack(states, dim=1)
 
 
-def _rk4_rollout(theta_rows, batch, settings, dt):
-    """The mechanistic model integrated by RK4 with step dt (the same discretisation as the solver)."""
+def fine_dt(theta, batch) -> float:
+    """The fine solver's step: ``default_rk4_dt`` (h * Jacobian bound <= 0.05) for every member."""
+    from neurohybrid.solvers.network import default_rk4_dt
+
+    th = theta.detach().cpu().double().numpy()
+    th = th[batch.owner.cpu().numpy()] if th.shape[0] != batch.size else th
+    base = batch.base.cpu().double().numpy()
+    return min(default_rk4_dt(batch.lap[i].cpu().double().numpy(), th[i, 0], th[i, 1] / th[i, 2], base[i],
+                              base[i] + th[i, 2]) for i in range(batch.size))
+
+
+def fine_rollout(theta_rows, batch, settings, dt=None):
+    """The fine (reference) solver: classical RK4 of the model (``predict``, relu growth, any start
+    state) with the accurate step ``fine_dt`` (the Numba solver's default RK4 step)."""
+    dt = fine_dt(theta_rows, batch) if dt is None else dt
     pred, _ = predict(theta_rows, batch, dataclasses.replace(settings, dt=dt, adjoint=False))
     return pred
 
 
+SOL_ERROR_METRIC = ("RMSE over regions (SUVR) at the forecast visit between the coarse solver (with or without "
+                    "the learned correction) and the fine solver (RK4, h * Jacobian bound <= 0.05), both from the "
+                    "observed last visit at the subject's fitted parameters")
+
+
+def sol_accuracy_and_cost(model: CorrectedSolver, theta, batch, settings: Settings, repeats: int = 2) -> dict:
+    """Error of the corrected and of the plain coarse solver against the fine solver at the last
+    time of ``batch`` (RMSE over regions, mean over members) and best-of-``repeats`` wall times of
+    the three solvers (same threads)."""
+    saved = model.use_correction
+    with torch.no_grad():
+        dt = fine_dt(theta, batch)
+        fine = fine_rollout(theta, batch, settings, dt)[:, -1]
+
+        def err(x):
+            return float(torch.sqrt(((x[:, -1] - fine) ** 2).mean(dim=-1)).mean())
+
+        sol = sol_rollout(model, theta, batch, settings)
+        coarse = sol_rollout(model, theta, batch, settings, corrected=False)
+        out = {"sol_error_vs_fine": err(sol), "coarse_error_vs_fine": err(coarse),
+               "fine_cost_seconds": time_call(lambda: fine_rollout(theta, batch, settings, dt), repeats),
+               "coarse_cost_seconds": time_call(lambda: sol_rollout(model, theta, batch, settings, corrected=False),
+                                                repeats),
+               "sol_cost_seconds": time_call(lambda: sol_rollout(model, theta, batch, settings), repeats),
+               "use_correction": bool(saved), "sol_error_metric": SOL_ERROR_METRIC, "fine_dt_years": dt,
+               "coarse_dt_years": settings.sol_coarse_dt}
+    model.use_correction = saved
+    return out
+
+
+def sol_training_set(subjects: list[Subject], settings: Settings, seed: int, device, dtype):
+    """Fine-solver trajectories for the SOL training: from every observed visit of the training
+    subjects (raised to the baseline where noise reads below it), ``sol_samples`` draws of
+    (kappa, alpha, A) log-uniform in ``sol_bounds`` and of the step h in [0.4, 1] ``sol_coarse_dt``
+    (the steps ``sol_rollout`` takes), K = max(sol_trajectory_steps, sol_steps) steps of h each, so
+    every trajectory spans several forecast horizons (a visit interval is one step). The fine
+    solver is the Numba RK4 (``simulate_network``, default accurate step).
+
+    Returns (fine (B, K+1, N), covariates (B, N, 8 + N) as ``_sol_covariates``)."""
+    from neurohybrid.solvers.network import simulate_network
+
+    rng = np.random.default_rng(seed)
+    bounds = settings.sol_bounds()
+    k_steps = max(settings.sol_trajectory_steps, settings.sol_steps)
+    fines, covs = [], []
+    for s in subjects:
+        base = s.baseline(settings)
+        starts = np.repeat(np.maximum(s.suvr, base), settings.sol_samples, axis=0)
+        m = starts.shape[0]
+        theta = bounds.sample(m, rng)
+        amp = np.maximum(theta[:, 2], 1.05 * (starts - base).max(axis=1))  # starts at or below the capacity
+        h = settings.sol_coarse_dt * rng.uniform(0.4, 1.0, m)
+        # K steps of size h == K unit steps of the model with rates scaled by h; the solver's
+        # local model alpha' (u - b)(c - u) is ours with alpha' = alpha / A, c = b + A (e >= 0 here)
+        traj = simulate_network(s.lap, starts, np.arange(1, k_steps + 1, dtype=float), kappa=theta[:, 0] * h,
+                                alpha=theta[:, 1] / amp * h, model="local", baseline=np.broadcast_to(base, starts.shape),
+                                capacity=base[None, :] + amp[:, None], method="rk4", threads=1)
+        fines.append(np.concatenate([starts[:, None], traj], axis=1))
+        bshape = starts.shape
+        covs.append(np.stack([np.broadcast_to(theta[:, 0:1], bshape), np.broadcast_to(theta[:, 1:2], bshape),
+                              np.broadcast_to(h[:, None], bshape), np.broadcast_to(base, bshape),
+                              np.broadcast_to(amp[:, None], bshape), np.broadcast_to(base, bshape),
+                              base[None, :] + amp[:, None]], axis=-1))
+        spec = spectral_laplacian(torch.as_tensor(s.lap[None], dtype=torch.float64))[0].numpy()
+        covs[-1] = np.concatenate([covs[-1], np.broadcast_to(spec, (m,) + spec.shape)], axis=-1)
+    return (torch.as_tensor(np.concatenate(fines), dtype=dtype, device=device),
+            torch.as_tensor(np.concatenate(covs), dtype=dtype, device=device))
+
+
 class SolverInTheLoop(_ADFamily):
+    """Solver-in-the-loop (Um et al. 2020) as an accelerated mechanistic model: the coarse step is
+    one semi-implicit step per visit interval (``_imex_step``; ``sol_coarse_dt`` years, beyond
+    forward Euler's limit for the stiff part of the prior), corrected by ``SplittingCorrection``
+    trained (``fit_correction``) by unrolling ``sol_steps`` coarse steps against fine trajectories
+    (``sol_training_set``); the correction is switched off (recorded) when it does not beat the
+    plain coarse solver on held-out draws. The corrected solver is the forward model of the
+    subject's calibration (within ``sol_bounds``, where the network was trained)."""
+
     name = "sol"
     trains_across_subjects = True
     precomputed = False
 
-    def _fine_trajectories(self, subjects: list[Subject]):
-        """Fine-solver (Numba RK4, default accurate step) trajectories of K coarse steps from every
-        observed state of the training subjects, with sampled (kappa, alpha, amplitude) and step sizes."""
-        from neurohybrid.solvers.network import simulate_network
-
-        rng = np.random.default_rng(self.s.seed)
-        bounds = self.s.sol_bounds()
-        k_steps = max(self.s.sol_trajectory_steps, self.s.sol_steps)
-        fines, covs, laps = [], [], []
-        for s in subjects:
-            base = s.baseline(self.s)
-            starts = np.repeat(np.maximum(s.suvr, base), self.s.sol_samples, axis=0)
-            m = starts.shape[0]
-            theta = bounds.sample(m, rng)
-            amp = np.maximum(theta[:, 2], 1.05 * (starts - base).max(axis=1))  # starts at or below the capacity
-            h = self.s.sol_coarse_dt * rng.uniform(0.5, 1.0, m)
-            lam = jacobian_bound(theta[:, 0], theta[:, 1], np.diag(s.lap).max())
-            h = np.minimum(h, EULER_STABILITY / lam)  # as sol_rollout: no step outside Euler's margin
-            # K steps of size h == K unit steps of the model with rates scaled by h; the solver's
-            # local model alpha' (u - b)(c - u) is ours with alpha' = alpha / A, c = b + A
-            traj = simulate_network(s.lap, starts, np.arange(1, k_steps + 1, dtype=float), kappa=theta[:, 0] * h,
-                                    alpha=theta[:, 1] / amp * h, model="local", baseline=np.broadcast_to(base, starts.shape),
-                                    capacity=base[None, :] + amp[:, None], method="rk4", threads=1)
-            fines.append(np.concatenate([starts[:, None], traj], axis=1))
-            covs.append(np.stack([np.broadcast_to(theta[:, 0:1], starts.shape), np.broadcast_to(theta[:, 1:2], starts.shape),
-                                  np.broadcast_to(h[:, None], starts.shape), np.broadcast_to(base, starts.shape),
-                                  np.broadcast_to(amp[:, None], starts.shape)], axis=-1))
-            laps.append(np.broadcast_to(s.lap, (m,) + s.lap.shape))
-        dt = self.s.torch_dtype
-        return (torch.as_tensor(np.concatenate(fines), dtype=dt, device=self.device),
-                torch.as_tensor(np.concatenate(covs), dtype=dt, device=self.device),
-                torch.as_tensor(np.concatenate(laps), dtype=dt, device=self.device))
-
     def train(self, pairs):
         subjects = self._pairs(pairs)
-        fine, cov, lap = self._fine_trajectories(subjects)
+        dtype = self.s.torch_dtype
+        fine, cov = sol_training_set(subjects, self.s, self.s.seed, self.device, dtype)
         self._seed()
-        model = _sol_model(self.s, self.device, self.s.torch_dtype)
-        model.set_context(cov, lap)
-        # items are the fine trajectories (mini-batches of batch_size trajectories)
-        kw = self.s.train_kw()
-        if self.precomputed:
-            res = train_precomputed(model, fine, **kw)
-        else:
-            res = train_sol(model, fine, n_unroll=self.s.sol_steps, **kw)
-        return {"correction": {k: v.cpu() for k, v in model.correction.state_dict().items()}, "hidden": self.s.hidden,
-                "history": res.history, "val_history": res.val_history,
-                "training_target": "precomputed" if self.precomputed else f"sol-{self.s.sol_steps}",
-                "n_trajectories": int(fine.shape[0])}
+        model = _sol_model(self.s, self.device, dtype)
+        model.set_context(cov)
+        kw = dict(self.s.train_kw(), batch_size=self.s.sol_batch_size)
+        ck = fit_correction(model, fine, cov, precomputed=self.precomputed, n_unroll=self.s.sol_steps, **kw)
+        ck["correction"] = {k: v.detach().cpu() for k, v in ck.pop("state_dict").items()}
+        ck.update({"hidden": self.s.hidden, "n_trajectories": int(fine.shape[0]),
+                   "coarse_dt_years": self.s.sol_coarse_dt})
+        return ck
+
+    def model(self, trained) -> CorrectedSolver:
+        model = _sol_model(self.s, self.device, self.s.torch_dtype, trained["correction"])
+        model.use_correction = bool(trained.get("use_correction", True))
+        for p in model.correction.parameters():
+            p.requires_grad_(False)
+        return model
 
     def forecast(self, inputs, trained):
         from neurohybrid.hybrid.calibration import calibrate_gradient_many
 
         subj = self._subject(inputs)
         start = time.perf_counter()
-        model = _sol_model(self.s, self.device, self.s.torch_dtype, trained["correction"])
-        for p in model.correction.parameters():
-            p.requires_grad_(False)
+        model = self.model(trained)
         r = max(1, self.s.restarts)
         rep = make_batch([subj], self.s, self.device, repeats=r)
 
@@ -507,63 +669,13 @@ class SolverInTheLoop(_ADFamily):
         with torch.no_grad():
             pred = sol_rollout(model, theta, batch, self.s)
         infer_s = time.perf_counter() - start
-        extra = {"calibration_loss": res.loss, **self._accuracy_and_cost(model, theta, batch, pred)}
+        extra = {"calibration_loss": res.loss, **sol_accuracy_and_cost(model, theta, batch, self.s)}
         return Forecast(self._output(pred[0, -1]), theta_dict(res.theta), fit_s, infer_s, extra)
-
-    def _accuracy_and_cost(self, model, theta, batch, pred) -> dict:
-        """SOL accuracy against the fine solver at the fitted parameters, and cost at equal accuracy.
-
-        fine: RK4 with the solver's default accurate step (``default_rk4_dt``, the Numba
-        discretisation). Errors are RMSE over regions at the forecast visit. The equal-accuracy
-        reference is the cheapest of forward Euler and RK4 with coarse_dt / m (m = 1..64) whose
-        error is at most SOL's.
-        """
-        from neurohybrid.solvers.network import default_rk4_dt
-
-        bd = batch
-        th = theta.cpu().double().numpy()
-        base = bd.base[0].cpu().double().numpy()
-        fine_dt = default_rk4_dt(bd.lap[0].cpu().double().numpy(), th[:, 0], th[:, 1] / th[:, 2], base,
-                                 base + th[0, 2])
-        with torch.no_grad():
-            fine = _rk4_rollout(theta, bd, self.s, fine_dt)
-            coarse = sol_rollout(model, theta, bd, self.s, corrected=False)
-
-            def err(x):
-                return float(torch.sqrt(((x[0, -1] - fine[0, -1]) ** 2).mean()))
-
-            sol_err, coarse_err = err(pred), err(coarse)
-            costs = {
-                "sol": time_call(lambda: sol_rollout(model, theta, bd, self.s)),
-                "coarse": time_call(lambda: sol_rollout(model, theta, bd, self.s, corrected=False)),
-                "fine": time_call(lambda: _rk4_rollout(theta, bd, self.s, fine_dt)),
-            }
-            best = None
-            for method in ("euler", "rk4"):
-                for m in (1, 2, 4, 8, 16, 32, 64):
-                    h = self.s.sol_coarse_dt / m
-                    if method == "euler":
-                        run = lambda h=h: sol_rollout(model, theta, bd, self.s, coarse_dt=h, corrected=False)  # noqa: E731
-                    else:
-                        run = lambda h=h: _rk4_rollout(theta, bd, self.s, h)  # noqa: E731
-                    if err(run()) <= sol_err:
-                        cost = time_call(run, repeats=2)
-                        if best is None or cost < best[2]:
-                            best = (method, m, cost)
-                        break
-        out = {"sol_error": sol_err, "coarse_error": coarse_err, "sol_cost_seconds": costs["sol"],
-               "coarse_cost_seconds": costs["coarse"], "fine_cost_seconds": costs["fine"], "fine_dt_years": fine_dt,
-               "speedup_vs_fine": costs["fine"] / max(costs["sol"], 1e-12)}
-        if best is not None:
-            out.update({"equal_accuracy_method": best[0], "equal_accuracy_step_years": self.s.sol_coarse_dt / best[1],
-                        "equal_accuracy_cost_seconds": best[2],
-                        "speedup_equal_accuracy": best[2] / max(costs["sol"], 1e-12)})
-        else:
-            out.update({"equal_accuracy_method": None, "speedup_equal_accuracy": None})
-        return out
 
 
 class SolverPrecomputed(SolverInTheLoop):
+    """The same network and training data, trained on pre-computed one-step targets."""
+
     name = "sol_precomputed"
     precomputed = True
 

@@ -21,8 +21,11 @@ class Settings:
     kappa_bounds: tuple[float, float] = (0.005, 1.0)
     alpha_bounds: tuple[float, float] = (0.01, 2.0)
     amplitude_bounds: tuple[float, float] = (0.3, 3.0)
-    sol_kappa_range: tuple[float, float] | None = None
-    sol_alpha_range: tuple[float, float] | None = None
+    # where the SOL correction is trained and the SOL families calibrate (log-uniform draws); None:
+    # the calibration bounds. Narrower than them in alpha: growth rates of tau-PET studies, and
+    # the synthetic cohorts' 0.2-0.8 /yr, lie well inside
+    sol_kappa_range: tuple[float, float] | None = (0.01, 1.0)
+    sol_alpha_range: tuple[float, float] | None = (0.05, 1.0)
     dt: float = 0.5
     restarts: int = 2
     fit_iterations: int = 40
@@ -40,10 +43,11 @@ class Settings:
     batch_size: int | None = 1
     val_fraction: float = 0.25
     patience: int | None = 20
-    sol_steps: int = 4
-    sol_coarse_dt: float = 1.5
-    sol_samples: int = 3
-    sol_trajectory_steps: int = 4
+    sol_steps: int = 4              # SOL-n: coarse steps unrolled in training
+    sol_coarse_dt: float = 1.5      # coarse (semi-implicit) step, years: one step per visit interval
+    sol_samples: int = 8            # parameter draws per observed visit of a training subject
+    sol_trajectory_steps: int = 4   # coarse steps per fine training trajectory (several horizons)
+    sol_batch_size: int = 16        # trajectories per SOL training mini-batch
     amortised_training: str = "end_to_end"
     adjoint: bool = False
     dtype: str = "float32"
