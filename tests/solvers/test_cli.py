@@ -1,5 +1,7 @@
 """`neurohybrid simulate ...` on tiny files: results, units in --help, and every bad input."""
 
+import sys
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -277,6 +279,24 @@ def test_bench_network_and_stroke_print_json(capsys):
     assert main(["bench", "stroke", "--stroke-shape", "4", "3", "2", "--hours", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["voxels"] == 24 and res["voxel_hours_per_s"] > 0
+
+
+def test_bench_sol_dispatches_to_each_disorders_benchmark(capsys, monkeypatch):
+    """`bench sol` runs each chosen disorder's ``sol_bench.run`` (tested in tests/disorders) and adds
+    the machine; here a stand-in module records the call."""
+    import json
+    import types
+
+    calls = []
+    for disorder in ("glioma", "stroke"):
+        fake = types.ModuleType(f"neurohybrid.disorders.{disorder}.sol_bench")
+        fake.run = lambda quick, seed, d=disorder: calls.append((d, quick, seed)) or {"disorder": d, "cases": []}
+        monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    assert main(["bench", "sol", "--quick", "--disorder", "stroke", "--disorder", "glioma", "--seed", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert calls == [("stroke", True, 3), ("glioma", True, 3)]
+    assert [r["disorder"] for r in res] == ["stroke", "glioma"]
+    assert all(r["benchmark"] == "solver_in_the_loop" and r["wall_seconds"] >= 0 and "cpu_count" in r for r in res)
 
 
 # ---------------------------------------------------------------------------------------------
