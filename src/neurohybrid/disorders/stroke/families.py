@@ -26,9 +26,14 @@ Hybrids:
   covariates, not its state (D, T): that keeps training at one Numba RK4 solve with exact
   derivatives per step (``death_grad``); backpropagating a state-dependent MLP through the 480
   torch RK4 steps of 120 h cost ~8 s per optimiser step on one core.
-* sol / sol_precomputed (series): a large-step (``sol_step_hours``) semi-implicit solver whose state a
-  pointwise MLP corrects after each step; SOL-n unrolls n steps against the fine Numba solver
-  (RK4, ``fine_dt_s``), the pre-computed variant learns one-step targets. Same network.
+* sol / sol_precomputed (series, accelerated mechanistic models; ``stroke.sol``): a large-step
+  (at most ``sol_step_hours``, the step length an input) semi-implicit solver whose state
+  [D, A = T (1 - D), start-of-step D0, A0] a pointwise MLP corrects after each step (gated: zero
+  without hypoperfusion or toxin and in dead tissue; clamped to D in [0, 1], A in [0, T_MAX]);
+  SOL-n unrolls n steps against the fine Numba solver (RK4, ``fine_dt_s``), the pre-computed
+  variant learns one-step targets. Same network, same data: fine trajectories over the whole
+  horizon, ``sol_draws`` sigma draws per training subject, reperfusion times drawn. Validated on
+  held-out draws by D at the horizon; falls back to the plain coarse solver (``use_correction``).
 * amortised (series): a CNN maps CBF, tissue, core and times to sigma; the solver forecasts.
 * amortised_residual (parallel-series): amortised sigma + the residual CBF correction.
 * data_driven: a CNN from the features to the final infarct.

@@ -52,7 +52,7 @@ DEFAULTS = dict(
     # (None: voxel_batch) chunks per optimiser step
     voxel_chunks=8, voxel_batch=4,
     # SOL families (``stroke.sol``): sigma draws per training subject, voxels per draw, optimiser epochs
-    sol_draws=4, sol_train_voxels=256, sol_epochs=60,
+    sol_draws=4, sol_train_voxels=256, sol_epochs=200,
 )
 SLOPPY = dict(fit_iterations=12, epochs=6, voxel_chunks=4, voxel_batch=2, sol_draws=2, sol_train_voxels=64, sol_epochs=15)
 
