@@ -204,7 +204,7 @@ def test_every_family_starts_from_the_observed_acute_state(early):
     assert set(inputs.arrays) == {"cbf", "wm", "gm", "core"} and inputs.meta["sessions"] == ["acute"]
     core = inputs.arrays["core"]
     assert core.any()
-    cfg = {**HYBRID_CFG, "stroke": {**HYBRID_CFG["stroke"], "epochs": 2, "sol_train_steps": 2}}
+    cfg = {**HYBRID_CFG, "stroke": {**HYBRID_CFG["stroke"], "epochs": 2, "sol_epochs": 2}}
     d = get_disorder("stroke")
     for name in d.families:
         fam = d.family(name, cfg, "cpu")

@@ -18,7 +18,7 @@ SPACE = "MNI152NLin2009cSym"
 SHAPE = (16, 16, 16)
 VOX = 2.0
 FAST = {"sloppy": True, "seed": 0, "device": "cpu",
-        "stroke": {"epochs": 4, "hidden": 4, "sol_train_steps": 3, "sol_step_hours": 6.0, "time_limit_s": 300.0}}
+        "stroke": {"epochs": 4, "hidden": 4, "sol_step_hours": 6.0, "time_limit_s": 300.0}}
 
 
 def _save(path, data, affine):
@@ -148,8 +148,9 @@ def test_family_trains_and_forecasts(cohort, family):
     assert fc.outputs["infarct"].any()
     assert 0.0 <= fc.outputs["dead"].min() and fc.outputs["dead"].max() <= 1.0
     if family.startswith("sol"):
-        assert 0 <= fc.extra["sol_error"] < 0.5 and np.isfinite(fc.extra["coarse_error"])
-        assert fc.extra["sol_cost_seconds"] > 0 and fc.extra["fine_cost_seconds"] > 0
+        assert 0 <= fc.extra["sol_error_vs_fine"] < 0.5 and np.isfinite(fc.extra["coarse_error_vs_fine"])
+        assert fc.extra["sol_cost_seconds"] > 0 and fc.extra["fine_cost_seconds"] > 0 and fc.extra["coarse_cost_seconds"] > 0
+        assert isinstance(fc.extra["use_correction"], bool) and "sol_error" not in fc.extra
 
 
 def test_data_driven_loss_halves(cohort):

@@ -113,6 +113,19 @@ def test_time_grid_lands_on_reperfusion():
     assert save_seg.tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("rep", [2.2, 4.07, 4.597134453694828, 1.25])
+def test_time_grid_reperfuses_whatever_the_rounding(rep):
+    """Reperfusion times whose seconds round down (e.g. 2.2 h) once left the
+    segment after reperfusion in phase 0: the tissue stayed ischaemic until the next save time."""
+    _, phases, _, _ = time_grid(120.0, reperfusion_h=rep, dt_s=300.0)
+    assert phases.tolist() == [0, 1]
+    _, phases, _, _ = time_grid(120.0, reperfusion_h=rep, save_hours=[10.0, 120.0], dt_s=300.0)
+    assert phases.tolist() == [0, 1, 1]
+    cbf = np.array([22.0])
+    after = simulate_tissue_death(cbf, hours=24.0, reperfusion_h=rep, save_hours=[rep, 24.0], dt_s=300.0)
+    assert after["dead"][0, 0] < 0.5 and after["toxic"][1, 0] < 1e-3 * after["toxic"][0, 0]  # washed out
+
+
 def test_bad_inputs():
     with pytest.raises(InputError, match="NaN"):
         simulate_tissue_death(np.array([np.nan]), hours=1.0)

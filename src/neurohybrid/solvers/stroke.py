@@ -98,7 +98,9 @@ def time_grid(hours, reperfusion_h=None, save_hours=None, dt_s=60.0):
         raise InputError(f"dt_s must be positive, got {dt_s}")
     edges = sorted(set(np.round(saves * 3600.0, 9).tolist())
                    | ({round(reperfusion_h * 3600.0, 9)} if reperfusion_h is not None and reperfusion_h < hours else set()))
-    rep_s = math.inf if reperfusion_h is None else reperfusion_h * 3600.0
+    # rounded as the edges are: unrounded, a reperfusion time whose seconds round down (3% of the
+    # times with 2 decimals, e.g. 4.59 h) left the segment after it in phase 0 (no reperfusion)
+    rep_s = math.inf if reperfusion_h is None else round(reperfusion_h * 3600.0, 9)
     ends, phases, steps, save_idx = [], [], [], []
     t = 0.0
     for e in edges:

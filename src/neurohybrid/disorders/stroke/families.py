@@ -26,9 +26,14 @@ Hybrids:
   covariates, not its state (D, T): that keeps training at one Numba RK4 solve with exact
   derivatives per step (``death_grad``); backpropagating a state-dependent MLP through the 480
   torch RK4 steps of 120 h cost ~8 s per optimiser step on one core.
-* sol / sol_precomputed (series): a large-step (``sol_step_hours``) semi-implicit solver whose state a
-  pointwise MLP corrects after each step; SOL-n unrolls n steps against the fine Numba solver
-  (RK4, ``fine_dt_s``), the pre-computed variant learns one-step targets. Same network.
+* sol / sol_precomputed (series, accelerated mechanistic models; ``stroke.sol``): a large-step
+  (at most ``sol_step_hours``, the step length an input) semi-implicit solver whose state
+  [D, A = T (1 - D), start-of-step D0, A0] a pointwise MLP corrects after each step (gated: zero
+  without hypoperfusion or toxin and in dead tissue; clamped to D in [0, 1], A in [0, T_MAX]);
+  SOL-n unrolls n steps against the fine Numba solver (RK4, ``fine_dt_s``), the pre-computed
+  variant learns one-step targets. Same network, same data: fine trajectories over the whole
+  horizon, ``sol_draws`` sigma draws per training subject, reperfusion times drawn. Validated on
+  held-out draws by D at the horizon; falls back to the plain coarse solver (``use_correction``).
 * amortised (series): a CNN maps CBF, tissue, core and times to sigma; the solver forecasts.
 * amortised_residual (parallel-series): amortised sigma + the residual CBF correction.
 * data_driven: a CNN from the features to the final infarct.
@@ -53,10 +58,13 @@ from neurohybrid.disorders import voxel
 from neurohybrid.disorders.base import Forecast, shared_work
 from neurohybrid.disorders.networks import ParamNet, TinyCNN, soft_dice_loss
 from neurohybrid.disorders.stroke import mechanistic as mech
+from neurohybrid.disorders.stroke import sol
+from neurohybrid.disorders.stroke.sol import CoarseXueStep, SolCorrection  # noqa: F401  (the SOL pieces, re-exported)
 from neurohybrid.disorders.stroke.inputs import cropped_target
 from neurohybrid.disorders.voxel_family import (VoxelFamily, check_trained, train_corrected_solver, train_mask_cnn,
                                                 train_param_net)
 from neurohybrid.errors import InputError
+from neurohybrid.solvers.stroke import CORE_THRESHOLD
 
 HOURS = 24.0  # time features in days
 CBF_SCALE = 60.0
@@ -64,6 +72,7 @@ DIST_SCALE_MM = 20.0
 N_FEATURES = 11  # channels of ``features``
 N_VOXEL_COVARIATES = 6  # per-voxel covariates of the UDE correction (besides D, T)
 UDE_EPOCH_FACTOR = 20  # the UDE trains UDE_EPOCH_FACTOR x epochs (cheap epochs; see UDE.train)
+SOL_BATCH = 8  # members (subject, sigma draw) per optimiser step of the SOL correction when batch_size is None
 RESIDUAL_SCALE = 10.0  # ml/100 ml/min per unit output of the residual CNN (the APHYNITY penalty is on the output)
 
 
@@ -672,163 +681,102 @@ class UDE(StrokeFamily):
 
 
 # ---------------------------------------------------------------------------------------------
-# solver in the loop: large-step semi-implicit solver + pointwise correction
+# solver in the loop: large-step semi-implicit solver + pointwise state correction (``stroke.sol``)
 # ---------------------------------------------------------------------------------------------
 
-class CoarseXueStep:
-    """One step of `hours` of the Xue model, semi-implicit (T implicit in its decay, then D with the
-    new T): unconditionally stable at steps where explicit RK4 (kb dt < 2.8, dt < ~20 min) is not,
-    and first-order accurate. State u (M, 2N) = [D, T]; covariates (M, N, 1) = H."""
-
-    def __init__(self, hours):
-        self.hours = float(hours)
-
-    def __call__(self, u, covariates):
-        from neurohybrid.solvers.stroke import XUE2021 as P
-
-        dt = self.hours * 3600.0
-        m, n2 = u.shape
-        n = n2 // 2
-        h = covariates.expand(m, n, 1)[..., 0]
-        d, tox = u[:, :n], u[:, n:]
-        alive = 1.0 - d
-        tox = (tox + dt * P["kt"] * h * alive) / (1.0 + dt * P["kb"] * (1.0 - h) * alive)
-        d = 1.0 - alive * torch.exp(-dt * P["kf"] * tox)  # exact for D given T over the step
-        return torch.cat([d, tox], dim=1)
-
-
-class SolCorrection(PointwiseCorrection):
-    """The SOL state correction: same pointwise MLP, outputs in state units (not rates)."""
-
-    def __init__(self, hidden=16):
-        super().__init__(hidden, scale=0.01)
-
-
 class SolverInLoop(StrokeFamily):
+    """Coarse solver (``sol.CoarseXueStep``, steps of at most ``sol_step_hours``) + a learned state
+    correction after every step (``sol.SolCorrection``: gated, clamped, normalised inputs, the step
+    length an input). Trained on fine-solver trajectories over the whole forecast horizon, sigma
+    drawn from its range (``sol.fine_trajectories``); ``fit_correction`` validates on held-out
+    draws and falls back to the plain coarse solver when the correction does not help there."""
+
     name = "sol"
     trains_across_subjects = True
     precomputed = False
-    max_train_voxels = 3000
 
-    def model(self, hours):
-        from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
+    def model(self):
+        return sol.corrected_solver(float(self.s["sol_step_hours"]), 2 * int(self.s["hidden"]), self.device)
 
-        return CorrectedSolver(CoarseXueStep(hours), SolCorrection(2 * int(self.s["hidden"])).to(self.device))
+    def train_kw(self, s=None):
+        kw = super().train_kw(s)
+        s = s or self.s
+        kw["epochs"] = int(s["sol_epochs"])
+        if kw["batch_size"] is None:
+            kw["batch_size"] = SOL_BATCH
+        return kw
 
-    def training_data(self, pairs):
-        """One member of every candidate voxel of every training subject (the model is pointwise):
-        fine trajectories from onset under the acute flow and, for reperfused subjects, from the
-        reperfusion state under the restored flow, sampled every `sol_step_hours`."""
-        from neurohybrid.solvers.stroke import hypoxic_fraction, normal_cbf, simulate_tissue_death
-
+    def fit_solver(self, voxels, shared=None) -> dict:
+        """Train the correction on fine trajectories of these subjects' tissue (``sol.Voxels``)."""
         s = self.s
-        step, k = float(s["sol_step_hours"]), int(s["sol_train_steps"])
-        save = [step * i for i in range(1, k + 1)]
-
-        def trajectories(inputs, fit):
-            case = _Case(inputs, fit, s)
-            out_d, out_t, out_h = [], [], []
-            if case.cbf.size == 0:
-                return out_d, out_t, out_h
-            flows = [(case.cbf / fit.sensitivity, None, None)]
-            if case.rep is not None:
-                start = simulate_tissue_death(case.cbf / fit.sensitivity, hours=case.rep, wm_fraction=case.wm,
-                                              dt_s=float(s["fine_dt_s"]), threads=int(s["threads"]))
-                flows.append((normal_cbf(case.wm) / fit.sensitivity, start["dead"], start["toxic"]))
-            for flow, d0, t0 in flows:
-                out = simulate_tissue_death(flow, hours=save[-1], wm_fraction=case.wm, dt_s=float(s["fine_dt_s"]),
-                                            save_hours=save, dead0=d0, toxic0=t0, threads=int(s["threads"]))
-                z = np.zeros_like(flow) if d0 is None else d0
-                zt = np.zeros_like(flow) if t0 is None else t0
-                out_d.append(np.vstack([z[None], out["dead"]]))
-                out_t.append(np.vstack([zt[None], out["toxic"]]))
-                out_h.append(hypoxic_fraction(flow, case.wm))
-            return out_d, out_t, out_h
-
-        ds, ts, hs = [], [], []
-        prior = getattr(self, "_train_prior", None)
-        for inputs, _ in pairs:
-            fit = self.calibrate(inputs, prior)
-            # the same fine trajectories train sol and sol_precomputed (once per subject's inputs)
-            d_, t_, h_ = inputs.shared.get("stroke.sol_fine_trajectories", (s, fit.sensitivity),
-                                           lambda inputs=inputs, fit=fit: trajectories(inputs, fit))
-            ds += d_
-            ts += t_
-            hs += h_
-        if not ds:
-            raise InputError("no training subject has hypoperfused tissue: nothing to train the SOL correction on")
-        d, t, h = np.concatenate(ds, axis=1), np.concatenate(ts, axis=1), np.concatenate(hs)
-        if h.size > self.max_train_voxels:
-            pick = np.random.default_rng(self.seed).choice(h.size, self.max_train_voxels, replace=False)
-            d, t, h = d[:, pick], t[:, pick], h[pick]
-        fine = self.tensor(np.concatenate([d, t], axis=1))[None]  # (1, K+1, 2N)
-        return fine, self.tensor(h)[None, :, None]
-
-    def train(self, pairs):
-        # sigma of training subjects whose acute core is empty or tiny: the fold's prior (kept in the checkpoint)
-        self._train_prior = mech.sigma_prior(pairs, self.s)
-        fine, cov = self.training_data(pairs)
-        model = self.model(float(self.s["sol_step_hours"]))
-        kw = self.train_kw()
-        kw["epochs"] = 4 * kw["epochs"]  # one pointwise MLP: cheap epochs
-        out = train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
-        out["sigma_prior"] = self._train_prior
+        shared = shared or shared_work(None)
+        # the same fine trajectories train sol and sol_precomputed (once per fold's training pairs)
+        fine, cov, info = shared.get("stroke.sol_fine_trajectories", (s, [v.name for v in voxels]),
+                                     lambda: sol.fine_trajectories(voxels, s, self.seed))
+        start = time.perf_counter()
+        model = self.model()
+        kw = dict(self.train_kw(), error_fn=sol.dead_horizon_error)  # validated on D (fit_correction's error_fn)
+        out = train_corrected_solver(model, fine.to(self.device), cov.to(self.device), s, kw, precomputed=self.precomputed)
+        out["training_data"] = dict(members=len(info), draws=info, voxels_per_member=int(cov.shape[1]),
+                                    steps=int(fine.shape[1] - 1), seconds_fit=time.perf_counter() - start)
         return out
 
-    def forecast(self, inputs, trained):
-        from neurohybrid.hybrid.solver_in_loop import time_call
+    def train(self, pairs):
+        prior = mech.sigma_prior(pairs, self.s)
+        out = self.fit_solver([sol.Voxels.of(inputs, self.s) for inputs, _ in pairs], shared_work(pairs))
+        out["sigma_prior"] = prior
+        return out
+
+    def loaded(self, trained):
+        from neurohybrid.hybrid.solver_in_loop import load_correction
 
         check_trained(trained, self.name)
+        return load_correction(self.model(), trained)
+
+    def compare(self, model, vox, sigma, shared=None) -> dict:
+        """Coarse, corrected coarse and fine solver at sigma over the forecast horizon: D at follow-up of
+        each, errors against the fine solver, best-of-2 wall times."""
+        from neurohybrid.hybrid.solver_in_loop import time_call
+
         s = self.s
-        fit = self.calibrate(inputs, self.prior_of(trained))
-        case = _Case(inputs, fit, s)
-        h_before, h_after = _hypoxia(case)
-        segments = [(0.0, case.rep if case.rep is not None else case.hours, h_before)]
-        if case.rep is not None:
-            segments.append((case.rep, case.hours, h_after))
-        model = self.model(float(s["sol_step_hours"]))
-        model.correction.load_state_dict(trained["state_dict"])
-        n = case.cbf.size
-
-        def run(corrected=True):
-            u = torch.zeros(1, 2 * n, device=self.device)
-            for t0, t1, h in segments:
-                if t1 <= t0:
-                    continue
-                steps = max(1, math.ceil((t1 - t0) / float(s["sol_step_hours"]) - 1e-9))
-                model.coarse_step.hours = (t1 - t0) / steps
-                model.set_context(torch.as_tensor(h, device=self.device)[None, :, None])
-                for _ in range(steps):
-                    u = model.step(u) if corrected else model.coarse_step(u, model.covariates)
-                    u = torch.cat([u[:, :n].clamp(0.0, 1.0), u[:, n:].clamp_min(0.0)], dim=1)
-            return u[0, :n]
-
-        def run_fine():
-            return mech.simulate(case.cbf, case.wm, fit.sensitivity, case.hours, case.rep, s, dt_s=float(s["fine_dt_s"]))
+        with torch.no_grad():
+            d_sol = sol.coarse_dead(model, vox, sigma, device=self.device).cpu().numpy()
+            d_coarse = sol.coarse_dead(model, vox, sigma, corrected=False, device=self.device).cpu().numpy()
 
         def fine_reference():
-            """(fine solution, best-of-2 wall time of the fine solve): the run that gives the solution is one of the two."""
-            if not n:
+            """(fine solution, best-of-2 wall time): the run that gives the solution is one of the two."""
+            if not vox.cbf.size:
                 return np.zeros(0), 0.0
             start = time.perf_counter()
-            d = run_fine()
-            return d, min(time.perf_counter() - start, time_call(run_fine, repeats=1))
+            d = sol.fine_dead(vox, sigma, s)
+            return d, min(time.perf_counter() - start, time_call(lambda: sol.fine_dead(vox, sigma, s), repeats=1))
 
+        # the same reference for sol and sol_precomputed (memoised per process)
+        d_fine, fine_cost = (shared or shared_work(None)).get("stroke.sol_fine_reference", (s, sigma), fine_reference)
+        costs = {k: time_call(lambda c=c: sol.coarse_dead(model, vox, sigma, corrected=c, device=self.device), repeats=2)
+                 for k, c in (("sol", True), ("coarse", False))}
+        infarct = d_fine > CORE_THRESHOLD
+        return dict(d_sol=d_sol, d_coarse=d_coarse, d_fine=d_fine,
+                    sol_error_vs_fine=sol.dead_error(d_sol, d_fine), coarse_error_vs_fine=sol.dead_error(d_coarse, d_fine),
+                    sol_dice_vs_fine=sol.dice(d_sol > CORE_THRESHOLD, infarct),
+                    coarse_dice_vs_fine=sol.dice(d_coarse > CORE_THRESHOLD, infarct),
+                    fine_cost_seconds=fine_cost, coarse_cost_seconds=costs["coarse"], sol_cost_seconds=costs["sol"])
+
+    def forecast(self, inputs, trained):
+        model = self.loaded(trained)
+        fit = self.calibrate(inputs, self.prior_of(trained))
+        vox = sol.Voxels.of(inputs, self.s)
         t = time.perf_counter()
         with torch.no_grad():
-            d_sol = run().cpu().numpy()
-            d_coarse = run(False).cpu().numpy()
+            d_sol = sol.coarse_dead(model, vox, fit.sensitivity, device=self.device).cpu().numpy()
         inference = time.perf_counter() - t
-        # the same reference for sol and sol_precomputed (memoised per process)
-        d_fine, fine_cost = inputs.shared.get("stroke.sol_fine_reference", (s, fit.sensitivity), fine_reference)
-        sol_cost = time_call(run, repeats=2)
-
-        def rel(x):
-            return float(np.linalg.norm(x - d_fine) / max(np.linalg.norm(d_fine), 1e-12))
-
-        dead = case.on_grid(d_sol, inputs.arrays["cbf"].shape)
-        extra = dict(**fit.diagnostics(), sol_error=rel(d_sol), coarse_error=rel(d_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
-                     sol_error_metric=f"relative L2 error of the dead fraction vs the fine RK4 solver (dt {s['fine_dt_s']} s)",
+        cmp = self.compare(model, vox, fit.sensitivity, inputs.shared)
+        dead = np.zeros(inputs.arrays["cbf"].shape, np.float32)
+        dead[mech.candidates(inputs, self.s)] = d_sol
+        keys = ("sol_error_vs_fine", "coarse_error_vs_fine", "sol_dice_vs_fine", "coarse_dice_vs_fine",
+                "fine_cost_seconds", "coarse_cost_seconds", "sol_cost_seconds")
+        extra = dict(**fit.diagnostics(), **{k: cmp[k] for k in keys}, use_correction=bool(model.use_correction),
+                     sol_error_metric=sol.ERROR_METRIC.format(fine=self.s["fine_dt_s"]),
                      training_target=trained.get("training_target"))
         return Forecast(self.outputs(dead, inputs), fit.parameters(), fit.seconds, inference, extra)
 
