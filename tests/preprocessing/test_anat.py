@@ -245,3 +245,17 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys, step, extra, messa
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (out / "sub-09").exists()
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant"])
+def test_non_brain_images_stop_before_any_output(tmp_path, kind):
+    from neurohybrid.anatomy.templates import load_template
+
+    tpl = load_template("t1", 8.0)
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0, 1000, tpl.shape) if kind == "noise" else np.full(tpl.shape, 500.0)
+    bids, _ = _bids_with(tmp_path, data.astype(np.float32), tpl.affine)
+    with pytest.raises(InputError, match="implausible|brain mask is empty|no tissue contrast") as exc:
+        run_anat(bids, "09", tmp_path / "o", fast=True, model_voxel_mm=8.0)
+    assert exc.value.subject == "09" and exc.value.file.endswith("T1w.nii.gz")
+    assert [p for p in (tmp_path / "o" / "sub-09").rglob("*") if p.is_file()] == []  # (the dataset's description may stay)

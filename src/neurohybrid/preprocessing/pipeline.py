@@ -16,6 +16,7 @@ from scipy import ndimage
 from neurohybrid.anatomy.atlas import load_dk_atlas, region_table
 from neurohybrid.anatomy.templates import load_template, registration_voxel_mm
 from neurohybrid.errors import InputError
+from neurohybrid.preprocessing.plausibility import check_contrast, check_tissue_volumes
 from neurohybrid.io import check_same_grid, load_image, save_volume, write_json, write_tsv
 from neurohybrid.preprocessing import layout
 from neurohybrid.preprocessing.layout import Derivatives
@@ -91,6 +92,7 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
         if mask_np.sum() == 0:
             raise InputError("brain mask is empty after template-based extraction (is the image blank "
                              "or not a T1w brain?)", file=t1_path, subject=sub)
+        check_contrast(np.asarray(t1_img.dataobj, dtype=np.float32)[mask_np], file=t1_path, subject=sub)  # before N4, which adds structure
         times["brain_extraction"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -115,6 +117,12 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
     priors = {k: ab.apply(ab.to_ants(load_template(k.lower(), reg_mm)), t1n, inv, invert=ab.INVERSE_INVERT) for k in ("CSF", "GM", "WM")}
     probs = atropos_segment(t1n, mask, priors, iterations=5 if fast else 15)
     times["segmentation"] = time.perf_counter() - t
+    try:
+        check_tissue_volumes(probs, float(abs(np.linalg.det(t1_img.affine[:3, :3]))) / 1000.0, file=t1_path, subject=sub)
+    except InputError:
+        for path in (*fwd, *inv, Path(f"{d.xfm_forward_stem}.json"), Path(f"{d.xfm_inverse_stem}.json")):
+            path.unlink(missing_ok=True)  # written after registration: a failed run leaves nothing
+        raise
 
     t = time.perf_counter()
     dk_img, regions = load_dk_atlas(reg_mm)
