@@ -18,9 +18,11 @@ ude                  the same universal differential equation without the penalt
 sol                  solver-in-the-loop, an accelerated mechanistic model: one semi-implicit step
                      per ``sol_coarse_dt`` years (exact logistic growth, backward-Euler transport
                      through the subject's spectral Laplacian; stable far beyond forward Euler's
-                     limit) followed by a learned correction gated by the regional excess and
+                     limit) followed by a learned correction (coefficients of the step's leading
+                     error terms plus a small free remainder) gated by the regional excess and
                      clamped to the model's invariant range, trained by unrolling ``sol_steps``
-                     steps against fine RK4 trajectories of prior draws, falling back to the plain
+                     steps against fine RK4 trajectories of prior draws (each trajectory's loss
+                     relative to its coarse error, ``sol_weight_power``), falling back to the plain
                      coarse step when it does not help on held-out draws; the forward model of the
                      subject's calibration. The forecast's extra reports its error and cost against
                      the fine solver (``sol_accuracy_and_cost``).
