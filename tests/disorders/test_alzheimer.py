@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 CPU = torch.device("cpu")
 # tiny but real: few epochs/iterations, the same code paths as the demo
 FAST = {"seed": 0, "models": {"epochs": 20, "hidden": 8}, "alzheimer": {"fit_iterations": 15, "restarts": 1,
-                                                                         "lbfgs_iterations": 0, "sol_samples": 2}}
+                                                                         "lbfgs_iterations": 1, "sol_samples": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from alzheimer_synth import hidden_cohort  # noqa: E402
 
 from neurohybrid.disorders.alzheimer.families import (  # noqa: E402
-    SolverInTheLoop, _sol_covariates, _sol_model, sol_training_set, spectral_laplacian,
+    SolverInTheLoop, _sol_covariates, _sol_model, sol_loss_weights, sol_training_set, spectral_laplacian,
 )
 from neurohybrid.disorders.alzheimer.model import Settings, Subject  # noqa: E402
 from neurohybrid.hybrid.solver_in_loop import fit_correction, horizon_errors  # noqa: E402
@@ -78,6 +78,44 @@ def test_coarse_step_is_stable_far_beyond_forward_eulers_limit():
     assert float(euler.min()) < 0.0  # what the explicit step would do
 
 
+def test_correction_is_second_order_in_the_step():
+    """The correction of an arbitrary network vanishes like h^2 as the step shrinks (the coarse
+    step's local error is O(h^2)): a step 10 times shorter gets a correction ~100 times smaller
+    (more than 50: not first order)."""
+    u = torch.tensor([[1.0, 1.4, 1.7, 1.2, 1.05, 1.0, 1.3, 1.1, 1.0, 1.5]], dtype=F64)
+    sizes = []
+    for h in (1.5e-2, 1.5e-3):
+        model, cov = _model_and_covariates(u, (0.8, 0.9, 1.5), h, scale=1.0)
+        sizes.append(float((model.correct(u) - u).abs().max()))
+    assert sizes[0] > 1e-7 and sizes[1] < sizes[0] / 50.0, sizes
+
+
+def test_loss_weights_equalise_the_trajectories():
+    """Relative loss weights: a trajectory whose coarse error is 10 times larger weighs ~100 times
+    less (power 2), the mean weight is 1, and power 0 is the plain mean squared error."""
+    data = hidden_cohort(2, 0.0, n_regions=10)
+    subjects = [Subject.from_inputs(*data[s]) for s in data]
+    s = Settings(sol_samples=4, dtype="float64")
+    fine, cov = sol_training_set(subjects, s, 0, None, F64)
+    model = _sol_model(s, None, F64).set_context(cov)
+    assert sol_loss_weights(model, fine, cov, 0) is None
+    w = sol_loss_weights(model, fine, cov, 2)
+    assert w.shape == (fine.shape[0],) and abs(float(w.mean()) - 1.0) < 1e-9
+    from neurohybrid.hybrid.solver_in_loop import precomputed_pairs
+
+    inputs, targets = precomputed_pairs(model, fine, cov)
+    err2 = ((inputs - targets) ** 2).reshape(fine.shape[0], -1).mean(dim=1)
+    weighted = w * (err2 + 1e-8)
+    assert float(weighted.max() / weighted.min()) < 1.0 + 1e-9  # every trajectory's coarse error counts alike
+    assert float(err2.max() / err2.min()) > 100.0  # while the errors themselves span orders of magnitude
+    from neurohybrid.hybrid.solver_in_loop import precomputed_loss
+
+    model.use_correction = False  # the weighted loss of the plain coarse step is the weighted mean of err2
+    loss = precomputed_loss(model, inputs, targets, cov, w)
+    assert abs(float(loss) - float((w * err2).sum() / w.sum())) < 1e-12 * max(float(loss), 1.0)
+    assert abs(float(loss) - float(err2.mean())) > 1e-3 * float(err2.mean())
+
+
 def _small_case(epochs, precomputed=False, **kw):
     data = hidden_cohort(3, 0.0, n_regions=10)
     subjects = [Subject.from_inputs(*data[s]) for s in data]
@@ -110,7 +148,7 @@ def test_fall_back_to_the_coarse_solver_is_recorded():
     assert ck["validation"]["corrected"] >= ck["validation"]["coarse"]
     assert ck["use_correction"] is False and model.use_correction is False
     data = hidden_cohort(2, 0.0, n_regions=8, seed=3)
-    fam = SolverInTheLoop({"alzheimer": {"fit_iterations": 3, "restarts": 1, "lbfgs_iterations": 0}},
+    fam = SolverInTheLoop({"alzheimer": {"fit_iterations": 3, "restarts": 1, "lbfgs_iterations": 1}},
                           torch.device("cpu"))
     state = {k: torch.randn_like(v) if k.startswith("net.") else v
              for k, v in _sol_model(fam.s, None, torch.float32).correction.state_dict().items()}

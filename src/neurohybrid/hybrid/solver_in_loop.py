@@ -114,10 +114,21 @@ def _check_fine(fine: torch.Tensor) -> None:
         raise ValueError(f"fine trajectories must be (B, K+1, ...) with K >= 1 steps, got {tuple(fine.shape)}")
 
 
-def sol_loss(model: CorrectedSolver, fine: torch.Tensor, n_unroll: int, covariates=None) -> torch.Tensor:
+def _weighted_mean(sq: torch.Tensor, weights) -> torch.Tensor:
+    """Mean of squared errors sq (B, ...); with per-trajectory weights (B,), each trajectory's mean
+    is weighted (weights are relative: divided by their mean over the batch)."""
+    if weights is None:
+        return sq.mean()
+    w = weights.to(sq.dtype)
+    return (sq.reshape(sq.shape[0], -1).mean(dim=1) * w).sum() / w.sum()
+
+
+def sol_loss(model: CorrectedSolver, fine: torch.Tensor, n_unroll: int, covariates=None, weights=None) -> torch.Tensor:
     """SOL-n loss: from every fine state k (with k + n <= K), unroll n corrected coarse steps and
     compare with fine states k+1..k+n (mean squared error over steps, members and components).
-    covariates default to the model's context (``set_context``)."""
+    covariates default to the model's context (``set_context``). weights: optional (B,) relative
+    weights of the trajectories (e.g. the inverse of each one's coarse error scale, so that small
+    and large errors count alike); None: the plain mean."""
     _check_fine(fine)
     covariates = model.covariates if covariates is None else covariates
     bsz, kp1, rest = fine.shape[0], fine.shape[1], tuple(fine.shape[2:])
@@ -131,7 +142,7 @@ def sol_loss(model: CorrectedSolver, fine: torch.Tensor, n_unroll: int, covariat
     finally:
         model.covariates, model.lap = saved
     target = torch.stack([fine[:, s + 1:s + 1 + n_unroll] for s in range(starts)], dim=1)
-    return ((pred - target.reshape(bsz * starts, n_unroll, *rest)) ** 2).mean()
+    return _weighted_mean(((pred - target.reshape(bsz * starts, n_unroll, *rest)) ** 2).reshape(bsz, -1), weights)
 
 
 def _repeat(cov, bsz, times):
@@ -156,7 +167,8 @@ def precomputed_pairs(model: CorrectedSolver, fine: torch.Tensor, covariates=Non
     return inputs.detach(), fine[:, 1:].detach()
 
 
-def precomputed_loss(model: CorrectedSolver, inputs: torch.Tensor, targets: torch.Tensor, covariates=None) -> torch.Tensor:
+def precomputed_loss(model: CorrectedSolver, inputs: torch.Tensor, targets: torch.Tensor, covariates=None,
+                     weights=None) -> torch.Tensor:
     bsz, k, rest = inputs.shape[0], inputs.shape[1], tuple(inputs.shape[2:])
     cov = _repeat(model.covariates if covariates is None else covariates, bsz, k)
     saved = model.lap
@@ -165,7 +177,7 @@ def precomputed_loss(model: CorrectedSolver, inputs: torch.Tensor, targets: torc
         pred = model.correct(inputs.reshape(bsz * k, *rest), cov).reshape(bsz, k, *rest)
     finally:
         model.lap = saved
-    return ((pred - targets) ** 2).mean()
+    return _weighted_mean((pred - targets) ** 2, weights)
 
 
 def _select(cov, idx, n_items):
@@ -174,11 +186,17 @@ def _select(cov, idx, n_items):
     return cov[idx]
 
 
-def train_sol(model: CorrectedSolver, fine: torch.Tensor, *, n_unroll: int = 4, covariates=None, **train_kw) -> TrainResult:
+def _pick(weights, idx):
+    return None if weights is None else weights[idx]
+
+
+def train_sol(model: CorrectedSolver, fine: torch.Tensor, *, n_unroll: int = 4, covariates=None, weights=None,
+              **train_kw) -> TrainResult:
     """Train the correction by unrolling ``n_unroll`` differentiable coarse steps (SOL-n).
 
     fine: (B, K+1, N) fine-solver trajectories at the coarse step times (one item per member B).
-    covariates: (B, N, C) per member or shared (1, N, C)/None. train_kw: ``train_loop`` options.
+    covariates: (B, N, C) per member or shared (1, N, C)/None. weights: optional (B,) relative
+    loss weights of the trajectories (``sol_loss``). train_kw: ``train_loop`` options.
     """
     full_lap, n = model.lap, fine.shape[0]
     covariates = model.covariates if covariates is None else covariates
@@ -186,14 +204,15 @@ def train_sol(model: CorrectedSolver, fine: torch.Tensor, *, n_unroll: int = 4, 
     def loss_fn(idx):
         model.lap = _select(full_lap, idx, n)
         try:
-            return sol_loss(model, fine[idx], n_unroll, _select(covariates, idx, n))
+            return sol_loss(model, fine[idx], n_unroll, _select(covariates, idx, n), _pick(weights, idx))
         finally:
             model.lap = full_lap
 
     return train_loop(model.correction, loss_fn, n, **train_kw)
 
 
-def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=None, **train_kw) -> TrainResult:
+def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=None, weights=None,
+                      **train_kw) -> TrainResult:
     """Train the same correction on pre-computed one-step targets (no solver interaction)."""
     covariates = model.covariates if covariates is None else covariates
     inputs, targets = precomputed_pairs(model, fine, covariates)
@@ -203,7 +222,7 @@ def train_precomputed(model: CorrectedSolver, fine: torch.Tensor, *, covariates=
     def loss_fn(idx):
         model.lap = _select(full_lap, idx, n)
         try:
-            return precomputed_loss(model, inputs[idx], targets[idx], _select(covariates, idx, n))
+            return precomputed_loss(model, inputs[idx], targets[idx], _select(covariates, idx, n), _pick(weights, idx))
         finally:
             model.lap = full_lap
 
@@ -235,19 +254,21 @@ def horizon_errors(model: CorrectedSolver, fine: torch.Tensor, covariates=None, 
 
 
 def fit_correction(model: CorrectedSolver, fine: torch.Tensor, covariates=None, *, precomputed: bool, n_unroll: int,
-                   error_fn=relative_l2, **train_kw) -> dict:
+                   error_fn=relative_l2, weights=None, **train_kw) -> dict:
     """Train the correction (SOL-n, or on pre-computed one-step targets), then check it where it was
     not trained: over the whole horizon of the validation trajectories (held-out parameter draws,
     ``train_kw['val_fraction']``; the training ones when there are too few to hold any out). A
     correction that is not better than the plain coarse solver there is switched off
     (``use_correction`` False, recorded): the series hybrid then falls back to its coarse solver.
 
+    weights: optional (B,) relative loss weights of the trajectories (both targets; ``sol_loss``).
+
     Returns the checkpoint: state_dict, use_correction, histories, validation errors, target.
     """
     if precomputed:
-        result = train_precomputed(model, fine, covariates=covariates, **train_kw)
+        result = train_precomputed(model, fine, covariates=covariates, weights=weights, **train_kw)
     else:
-        result = train_sol(model, fine, n_unroll=n_unroll, covariates=covariates, **train_kw)
+        result = train_sol(model, fine, n_unroll=n_unroll, covariates=covariates, weights=weights, **train_kw)
     held_out = bool(result.val_indices)
     idx = result.val_indices if held_out else result.train_indices
     cov = model.covariates if covariates is None else covariates

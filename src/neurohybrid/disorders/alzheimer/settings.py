@@ -43,11 +43,12 @@ class Settings:
     batch_size: int | None = 1
     val_fraction: float = 0.25
     patience: int | None = 20
-    sol_steps: int = 4              # SOL-n: coarse steps unrolled in training
+    sol_steps: int = 2              # SOL-n: coarse steps unrolled in training
     sol_coarse_dt: float = 1.5      # coarse (semi-implicit) step, years: one step per visit interval
     sol_samples: int = 8            # parameter draws per observed visit of a training subject
     sol_trajectory_steps: int = 4   # coarse steps per fine training trajectory (several horizons)
     sol_batch_size: int = 16        # trajectories per SOL training mini-batch
+    sol_weight_power: float = 2.0   # SOL loss weight (coarse one-step error + floor)^-p per trajectory; 0: plain MSE
     amortised_training: str = "end_to_end"
     adjoint: bool = False
     dtype: str = "float32"

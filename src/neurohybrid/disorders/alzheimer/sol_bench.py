@@ -183,7 +183,7 @@ def run(quick: bool = False, seed: int = 0, n_train: int | None = None, n_test: 
                              "h < 2 / (kappa rho(L) + alpha), ~0.4-1.5 years in the prior box"),
             "train_seconds": train_seconds, "training": fallback, "n_train": n_train, "n_test": n_test,
             "settings": {k: getattr(s, k) for k in ("sol_coarse_dt", "sol_steps", "sol_samples", "sol_trajectory_steps",
-                                                    "sol_batch_size", "epochs", "hidden", "sol_kappa_range",
+                                                    "sol_batch_size", "sol_weight_power", "epochs", "hidden", "sol_kappa_range",
                                                     "sol_alpha_range")},
             "cases": cases, "summary": summary}
 
