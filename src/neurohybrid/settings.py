@@ -91,7 +91,7 @@ def _convert(key: str, value: Any, default: Any, where: str) -> Any:
         if kind in (tuple, list):
             return kind(float(v) for v in value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise InputError(f"config key '{where}.{key}': expected {kind.__name__}, got {value!r}") from None
 
 

@@ -136,3 +136,24 @@ def test_code_defaults_and_fast_values_are_in_range(disorder):
     base, fast = defaults(disorder)
     for key, value in {**base, **fast}.items():
         _check_range(key, value, disorder)
+
+
+def test_count_settings_property():
+    """Any integer count >= 1 passes and comes back as an int; 0, negatives and fractions stop."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(value=st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                           st.sampled_from([float("inf"), -float("inf"), float("nan"), 0.5, 2.0])))
+    def check(value):
+        config = {"models": {"epochs": value}}
+        valid = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # inf/nan: not
+        if valid and value >= 1:
+            out = resolve(config, "glioma")["epochs"]
+            assert out == value and isinstance(out, int)
+        else:
+            with pytest.raises(InputError, match="'models.epochs'"):
+                check_keys(config)
+
+    check()
