@@ -27,7 +27,8 @@ Hybrids:
   derivatives per step (``death_grad``); backpropagating a state-dependent MLP through the 480
   torch RK4 steps of 120 h cost ~8 s per optimiser step on one core.
 * sol / sol_precomputed (series, accelerated mechanistic models; ``stroke.sol``): a large-step
-  (at most ``sol_step_hours``, the step length an input) semi-implicit solver whose state
+  (at most ``sol_step_hours`` = 24 h, the step length an input) linearly implicit solver (backward
+  Euler for the living fraction, ``sol_coarse_scheme``; ~7% error of D alone) whose state
   [D, A = T (1 - D), start-of-step D0, A0] a pointwise MLP corrects after each step (gated: zero
   without hypoperfusion or toxin and in dead tissue; clamped to D in [0, 1], A in [0, T_MAX]);
   SOL-n unrolls n steps against the fine Numba solver (RK4, ``fine_dt_s``), the pre-computed
