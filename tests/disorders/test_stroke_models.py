@@ -229,7 +229,7 @@ def test_per_subject_work_is_done_once_per_process(cohort, monkeypatch):
     base = cohort["data"]["s1"][0]
     inputs = SubjectData(base.subject, base.disorder, dict(base.arrays), dict(base.meta))  # a fresh context
     d = get_disorder("stroke")
-    trained = {"state_dict": SolCorrection(2 * FAST["stroke"]["hidden"]).state_dict()}
+    trained = {"state_dict": SolCorrection(mech.settings(FAST)["sol_hidden"]).state_dict()}
     fc = {f: d.family(f, FAST, "cpu").forecast(inputs, trained if f.startswith("sol") else None)
           for f in ("mechanistic", "sol", "sol_precomputed")}
     assert len(calls) == 1

@@ -77,40 +77,53 @@ def _train(precomputed, epochs, s_over=None, seed=0):
     s = dict(mech.settings(FAST), sol_step_hours=12.0, sol_draws=6, sol_train_voxels=96, **(s_over or {}))
     fine, cov, _ = sol.fine_trajectories(_voxels(2, seed), s, seed)
     torch.manual_seed(0)
-    model = sol.corrected_solver(float(s["sol_step_hours"]), 16)
+    model = sol.corrected_solver(float(s["sol_step_hours"]), 32)
     ck = fit_correction(model, fine, cov, precomputed=precomputed, n_unroll=2, error_fn=sol.dead_horizon_error,
-                        epochs=epochs, lr=0.01, batch_size=4, val_fraction=0.34, patience=None, seed=0)
+                        epochs=epochs, lr=0.01, batch_size=2, val_fraction=0.34, patience=None, seed=0)
     return model, ck, s
 
 
 @pytest.fixture(scope="module")
 def trained_sol():
-    """SOL-2 on fine trajectories of 8 of 12 sigma draws of two patients (24 h horizon), checked over
-    the whole horizon on the 4 held-out draws (relative L2 of D over every step)."""
-    return _train(False, 150)
+    """SOL-2 on fine trajectories of 8 of 12 sigma draws of two patients (24 h horizon, two 12 h
+    backward-Euler steps), checked on the 4 held-out draws (relative L2 of D at the horizon)."""
+    return _train(False, EPOCHS)
+
+
+EPOCHS = 60
 
 
 def test_sol_training_validates_on_held_out_draws_and_falls_back(trained_sol):
-    """What holds for stroke today: the check is on held-out draws, and a correction that does not beat
-    the coarse solver there is switched off (the forecast is then the coarse solver's)."""
+    """The check is on held-out draws, and the fall-back decision follows it."""
     _, ck, _ = trained_sol
     val = ck["validation"]
     assert val["held_out"] and val["trajectories"] == 4 and val["horizon_steps"] == 2
     assert ck["use_correction"] == (val["corrected"] < val["coarse"])
 
 
-@pytest.mark.xfail(strict=True, reason="not reached for stroke: on the held-out draws SOL-2 gives 5.4e-3 vs 5.0e-3 for "
-                                       "the plain coarse step (relative L2 of D at the horizon); see sol.py")
 def test_sol_training_lowers_the_error_on_held_out_draws(trained_sol):
     val = trained_sol[1]["validation"]
-    assert val["corrected"] < val["coarse"], val
+    assert trained_sol[1]["use_correction"] and val["corrected"] < val["coarse"], val
 
 
-@pytest.mark.xfail(strict=True, reason="not reached for stroke (the issue's bar): the correction does not lower the "
-                                       "held-out error at all, let alone by half")
 def test_sol_training_halves_the_error(trained_sol):
+    """The issue's bar: SOL-n training lowers the error against the fine solver on a small case (held-out
+    draws) by at least half."""
     val = trained_sol[1]["validation"]
     assert val["corrected"] <= 0.5 * val["coarse"], val
+
+
+def test_sol_corrected_coarse_beats_plain_coarse_on_a_held_out_patient(trained_sol):
+    """Over a held-out patient's own forecast (its voxels, sigma, reperfusion), D at follow-up."""
+    model, ck, s = trained_sol
+    vox = _voxels(1, 7)[0]
+    d_fine = sol.fine_dead(vox, 1.0, s)
+    with torch.no_grad():
+        err = {c: sol.dead_error(sol.coarse_dead(model, vox, 1.0, corrected=c).numpy(), d_fine) for c in (True, False)}
+    assert err[True] < 0.5 * err[False], err
+    # the coarse set-up leaves something to correct: the plain backward-Euler step is off by ~10% here
+    # (the "exact" scheme, exp(-kf T dt), by ~1e-3)
+    assert err[False] > 2e-2, err
 
 
 def test_fall_back_to_the_coarse_solver_is_recorded():

@@ -27,7 +27,8 @@ Hybrids:
   derivatives per step (``death_grad``); backpropagating a state-dependent MLP through the 480
   torch RK4 steps of 120 h cost ~8 s per optimiser step on one core.
 * sol / sol_precomputed (series, accelerated mechanistic models; ``stroke.sol``): a large-step
-  (at most ``sol_step_hours``, the step length an input) semi-implicit solver whose state
+  (at most ``sol_step_hours`` = 24 h, the step length an input) linearly implicit solver (backward
+  Euler for the living fraction, ``sol_coarse_scheme``; ~7% error of D alone) whose state
   [D, A = T (1 - D), start-of-step D0, A0] a pointwise MLP corrects after each step (gated: zero
   without hypoperfusion or toxin and in dead tissue; clamped to D in [0, 1], A in [0, T_MAX]);
   SOL-n unrolls n steps against the fine Numba solver (RK4, ``fine_dt_s``), the pre-computed
@@ -72,7 +73,6 @@ DIST_SCALE_MM = 20.0
 N_FEATURES = 11  # channels of ``features``
 N_VOXEL_COVARIATES = 6  # per-voxel covariates of the UDE correction (besides D, T)
 UDE_EPOCH_FACTOR = 20  # the UDE trains UDE_EPOCH_FACTOR x epochs (cheap epochs; see UDE.train)
-SOL_BATCH = 8  # members (subject, sigma draw) per optimiser step of the SOL correction when batch_size is None
 RESIDUAL_SCALE = 10.0  # ml/100 ml/min per unit output of the residual CNN (the APHYNITY penalty is on the output)
 
 
@@ -696,14 +696,16 @@ class SolverInLoop(StrokeFamily):
     precomputed = False
 
     def model(self):
-        return sol.corrected_solver(float(self.s["sol_step_hours"]), 2 * int(self.s["hidden"]), self.device)
+        return sol.corrected_solver(float(self.s["sol_step_hours"]), int(self.s["sol_hidden"]), self.device,
+                                    scheme=str(self.s["sol_coarse_scheme"]))
 
     def train_kw(self, s=None):
         kw = super().train_kw(s)
         s = s or self.s
         kw["epochs"] = int(s["sol_epochs"])
+        kw["patience"] = None if s["sol_patience"] is None else int(s["sol_patience"])
         if kw["batch_size"] is None:
-            kw["batch_size"] = SOL_BATCH
+            kw["batch_size"] = int(s["sol_batch_size"])
         return kw
 
     def fit_solver(self, voxels, shared=None) -> dict:

@@ -41,7 +41,7 @@ from neurohybrid.settings import resolve
 # residual / UDE rollouts); fine_dt_s is the SOL families' fine reference, ~100x more accurate than dt_s.
 DEFAULTS = dict(
     crop_margin=3, tissue_min=0.5, dt_s=900.0, soft_tau=0.05, sens_min=0.5, sens_max=1.5, candidate_feff=35.0, fit_iterations=20,
-    epochs=12, learning_rate=0.01, hidden=8, residual_penalty=1e-3, train_margin=3, sol_step_hours=12.0, sol_steps=3,
+    epochs=12, learning_rate=0.01, hidden=8, residual_penalty=1e-3, train_margin=3, sol_step_hours=24.0, sol_steps=3,
     fine_dt_s=300.0, time_limit_s=None, batch_size=None, val_fraction=0.25, patience=10, threads=1, torch_threads=1, ude_train_voxels=2000,
     residual_train_voxels=4000,
     # sigma when the acute core is empty or tiny (see the module docstring)
@@ -51,8 +51,12 @@ DEFAULTS = dict(
     # residual / amortised_residual / ude training items: chunks of each subject's voxels; batch_size
     # (None: voxel_batch) chunks per optimiser step
     voxel_chunks=8, voxel_batch=4,
-    # SOL families (``stroke.sol``): sigma draws per training subject, voxels per draw, optimiser epochs
-    sol_draws=4, sol_train_voxels=256, sol_epochs=200,
+    # SOL families (``stroke.sol``): sigma draws per training subject, voxels per draw, optimiser epochs,
+    # width of the correction MLP, members per optimiser step, early-stopping patience (epochs), and the
+    # coarse step's scheme for the living fraction ("euler": backward Euler, the SOL coarse solver;
+    # "exact": exp(-kf T dt), already within ~1e-3 of the fine solver at one step per flow segment)
+    sol_draws=4, sol_train_voxels=256, sol_epochs=200, sol_hidden=32, sol_batch_size=2, sol_patience=20,
+    sol_coarse_scheme="euler",
 )
 SLOPPY = dict(fit_iterations=12, epochs=6, voxel_chunks=4, voxel_batch=2, sol_draws=2, sol_train_voxels=64, sol_epochs=15)
 
