@@ -22,7 +22,6 @@ m = 1, 2, 4, 8, 16) give the cheapest non-learned set-up within the tolerance.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -138,8 +137,7 @@ def run(quick: bool = False, seed: int = 0, n_train: int | None = None, n_test: 
     from neurohybrid.disorders.alzheimer.families import SolverInTheLoop, SolverPrecomputed
     from neurohybrid.disorders.alzheimer.model import Subject, make_batch
 
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the Numba solves pass threads=1: one thread on both sides
     n_train = n_train or (2 if quick else 4)
     n_test = n_test or (1 if quick else 6)
     cfg = dict(config or {"seed": seed, "sloppy": bool(quick)})
