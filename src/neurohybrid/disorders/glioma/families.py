@@ -691,7 +691,7 @@ class CoarseGliomaStep:
         dw, rho, h = self.member_parameters(covariates, m)
         dg = float(self.s["dg_ratio"])
         dmax = (wm + dg * gm).reshape(m, -1).amax(1).double() * dw
-        dt = [stable_dt(float(d), self.spacing, float(r), max_rho_dt=float(self.s["max_rho_dt"])) for d, r in zip(dmax, rho)]
+        dt = [stable_dt(float(d), self.spacing, float(r), max_rho_dt=float(self.s["sol_coarse_max_rho_dt"])) for d, r in zip(dmax, rho)]
         per = (m, 1, 1, 1)
         coeffs = glioma_coefficients_torch(wm, gm, self.spacing, dw.to(u.dtype).reshape(per), dg)
         return strang_advance_torch(u, coeffs, h.to(u.dtype).reshape(per), rho.to(u.dtype).reshape(per),
@@ -861,7 +861,8 @@ def _upsampler_data(family, fine_grid, max_states: int = 4):
             ks = np.unique(np.linspace(1, len(states) - 1, min(max_states, len(states) - 1)).round().astype(int))
             for k in ks:
                 up = _upsample_torch(family.tensor(_pool(states[k])), wm.shape, tissue)
-                act = ((up > 1e-6) & (up < 1 - 1e-6) & (tissue > 0)).reshape(-1)
+                eps = family.upsampler().active_eps
+                act = ((up > eps) & (up < 1 - eps) & (tissue > 0)).reshape(-1)
                 x = torch.cat([stencil_features(up[None]).reshape(-1, 3), cov], 1)[act]
                 items.append((x, up.reshape(-1)[act], family.tensor(states[k]).reshape(-1)[act]))
     return items
@@ -925,6 +926,8 @@ class SolForecaster:
         self.up = family.upsampler()
         self.up.load_state_dict(trained["upsampler"]["state_dict"])
         self.up_learned = bool(trained["upsampler"].get("use_learned", True))
+        # the coarse grid's tissue maps, made once per subject like the model grid's (not timed)
+        self.wm_c, self.gm_c = _pool(arrays["wm"]), _pool(arrays["gm"])
 
     def fine(self, u_last):
         return mech.simulate(self.a["wm"], self.a["gm"], u_last, self.spacing, self.dw, self.rho, [self.gap], self.s)[-1]
@@ -932,17 +935,16 @@ class SolForecaster:
     def _coarse_setup(self):
         from neurohybrid.solvers.glioma import GliomaStepper
 
-        wm_c, gm_c = _pool(self.a["wm"]), _pool(self.a["gm"])
-        stepper = GliomaStepper(wm_c, gm_c, np.zeros_like(wm_c), spacing=tuple(2 * h for h in self.spacing), dw=self.dw,
-                                rho=self.rho, dg_ratio=float(self.s["dg_ratio"]), max_rho_dt=float(self.s["max_rho_dt"]),
-                                threads=int(self.s["threads"]))
-        return stepper, wm_c, gm_c
+        stepper = GliomaStepper(self.wm_c, self.gm_c, np.zeros_like(self.wm_c), spacing=tuple(2 * h for h in self.spacing),
+                                dw=self.dw, rho=self.rho, dg_ratio=float(self.s["dg_ratio"]),
+                                max_rho_dt=float(self.s["sol_coarse_max_rho_dt"]), threads=int(self.s["threads"]))
+        return stepper, self.wm_c, self.gm_c
 
     def _run(self, u_last, corrected: bool) -> np.ndarray:
         from neurohybrid.hybrid.solver_in_loop import logistic_gate
 
         stepper, wm_c, gm_c = self._coarse_setup()
-        stepper.load(_pool(u_last))
+        stepper.load(_pool_state(u_last, self.wm_c.shape, self.EPS))
         correct = corrected and self.model.use_correction
         if correct:
             cov_grid = _sol_covariates(wm_c, gm_c, self.dw, self.rho, self.h, self.s)[0].reshape(*wm_c.shape, N_SOL_COV)
@@ -988,6 +990,19 @@ class SolForecaster:
 
         return {"fine": time_call(lambda: self.fine(u_last), 2), "coarse": time_call(lambda: self.coarse(u_last), 2),
                 "sol": time_call(lambda: self.sol(u_last), 2)}
+
+
+def _pool_state(u: np.ndarray, coarse_shape, eps: float) -> np.ndarray:
+    """``_pool`` of a state, computed on the (even-aligned) bounding box of u > eps only; the coarse
+    state is 0 elsewhere (there the exact means are below eps)."""
+    out = np.zeros(coarse_shape, np.float32)
+    box = _active_box(u, eps, 0, upper=False)
+    if box is None:
+        return out
+    fine = tuple(slice(b.start - b.start % 2, b.stop + b.stop % 2) for b in box)
+    coarse = tuple(slice(f.start // 2, (f.start + 1) // 2 + (min(f.stop, n) - f.start + 1) // 2) for f, n in zip(fine, u.shape))
+    out[coarse] = _pool(u[fine])
+    return out
 
 
 def _active_box(u: np.ndarray, eps: float, pad: int, upper: bool = True):
