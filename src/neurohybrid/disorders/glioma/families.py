@@ -9,9 +9,13 @@ reproduces the observed sessions) and differ in how they advance it to the forec
   lambda * mean ||g||^2 (``hybrid.residual``).
 * ude: the same equation with a pointwise MLP g(u, c) gated by u (1 - u) (``hybrid.neural_ode``),
   no penalty, torchdiffeq.
-* sol / sol_precomputed (series): a 2x coarser grid stepping `sol_step_days` at a time, its state
-  corrected after each step by a CNN; SOL-n unrolls n steps against the fine (Numba) solver, the
-  pre-computed variant learns one-step targets (``hybrid.solver_in_loop``). Same network class.
+* sol / sol_precomputed (series): a 2x coarser grid (8 mm at the demo's 4 mm) advanced in macro steps
+  of at most `sol_step_days`, each followed by a gated ``GridCorrection`` (a pointwise MLP of the
+  state's stencil features, tissue, D_w and rho on their prior scale and the step, on the tumour
+  front only); the last coarse state goes back onto the model grid by trilinear interpolation plus a
+  learned gated correction. SOL-n unrolls n steps against the fine (Numba) solver's trajectories
+  pooled onto the coarse grid, the pre-computed variant learns one-step targets
+  (``hybrid.solver_in_loop``). Same network class, same data (``sol_trajectories``).
 * amortised (series): a CNN maps the first session's masks + tissue to (D_w, rho); only t0 is fitted.
 * amortised_residual (parallel-series): amortised parameters + the residual correction.
 * data_driven: a CNN from the last masks, the covariates c and the time gap to the follow-up masks.
