@@ -151,3 +151,35 @@ def test_bench_quick_returns_the_schema():
         assert case["case"].startswith("solbench1")  # held-out subjects, not the training ones
     for key in ("fine_s", "sol_s", "coarse_error", "sol_error", "speedup_vs_fine", "speedup_equal_accuracy"):
         assert key in out["summary"]
+
+
+def _random_checkpoint(family, std=0.3):
+    torch.manual_seed(1)
+    corr, up = family.model((VOX,) * 3).correction, family.upsampler()
+    for net in (corr, up):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=std)
+    return {"state_dict": corr.state_dict(), "use_correction": True,
+            "upsampler": {"state_dict": up.state_dict(), "use_learned": True}}
+
+
+def test_numba_forecast_equals_the_torch_modules():
+    """The forecast's Numba path (pooling, coarse steps, gated correction, interpolation and learned
+    upsampling with the trained weights) reproduces the torch modules the networks are trained as."""
+    from neurohybrid.disorders.base import get_disorder
+    from neurohybrid.disorders.glioma.families import SolForecaster
+
+    fam = get_disorder("glioma").family("sol", {"seed": 0, "sloppy": True, "glioma": {"threads": 1, "sol_step_days": 20.0}},
+                                        torch.device("cpu"))
+    wm, gm = tissue()
+    u0 = seed_state(wm, gm)
+    runner = SolForecaster(fam, dict(wm=wm, gm=gm), (VOX,) * 3, 0.1, 0.05, 70.0, _random_checkpoint(fam))
+    assert runner.n_macro == 4
+    sol, sol_t = runner.sol(u0), runner.sol_torch(u0)
+    coarse, coarse_t = runner.coarse(u0), runner.coarse_torch(u0)
+    assert float(np.abs(sol - coarse).max()) > 1e-2  # the random corrections do act
+    np.testing.assert_allclose(sol, sol_t, atol=2e-5)
+    np.testing.assert_allclose(coarse, coarse_t, atol=2e-6)
+    np.testing.assert_allclose(runner.fine(u0), runner.fine_simulate(u0), atol=1e-6)
+    again = runner.sol(u0)  # scratch buffers are reset between calls
+    np.testing.assert_array_equal(again, sol)

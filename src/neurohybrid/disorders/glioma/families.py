@@ -790,15 +790,29 @@ class SolverInLoop(GliomaFamily):
         spacings = [_spacing(inputs) for inputs, _ in subjects]
         if any(np.abs(np.subtract(sp, spacings[0])).max() > 1e-6 for sp in spacings):
             raise InputError("training subjects have different voxel sizes: SOL needs one grid")
-        coarse_shape = _common_shape([_pool(inp.arrays["wm"]).shape for inp, _ in subjects])
-        fines, covs, fine_grid = [], [], []
+        # each subject's training grid: the box its trajectories reach (coarse state > 1e-7 at any
+        # saved step, padded by 2 coarse voxels; outside it u stays ~0, so the crop's no-flux edge
+        # changes nothing), which keeps training cost proportional to the tumour, not the brain
+        crops = []
         for inputs, traj in subjects:
             a = inputs.arrays
-            wm_c, gm_c = _pad_to(_pool(a["wm"]), coarse_shape), _pad_to(_pool(a["gm"]), coarse_shape)
-            for (dw, rho, h), states in zip(traj["draws"], traj["fine"]):
-                fines.append(np.stack([_pad_to(_pool(u), coarse_shape) for u in states]))
+            pooled = np.stack([np.stack([_pool(u) for u in states]) for states in traj["fine"]])
+            box = _active_box(pooled.max(axis=(0, 1)), SolForecaster.EPS, 2, upper=False)
+            if box is None:
+                box = (slice(None),) * 3
+            cbox = tuple(slice(b.start or 0, b.stop if b.stop is not None else n) for b, n in zip(box, pooled.shape[2:]))
+            fbox = tuple(slice(2 * b.start, min(2 * b.stop, n)) for b, n in zip(cbox, a["wm"].shape))
+            crops.append((pooled[(slice(None), slice(None)) + cbox], _pool(a["wm"])[cbox], _pool(a["gm"])[cbox], fbox, traj))
+        coarse_shape = _common_shape([c[1].shape for c in crops])
+        fines, covs, fine_grid = [], [], []
+        for (inputs, _), (pooled, wm_c, gm_c, fbox, traj) in zip(subjects, crops):
+            a = inputs.arrays
+            wm_c, gm_c = _pad_to(wm_c, coarse_shape), _pad_to(gm_c, coarse_shape)
+            for (dw, rho, h), states in zip(traj["draws"], pooled):
+                fines.append(_pad_to(states, coarse_shape))
                 covs.append(_sol_covariates(wm_c, gm_c, dw, rho, h, s)[0])
-            fine_grid.append((a["wm"], a["gm"], traj))
+            sl = (slice(None), slice(None)) + fbox
+            fine_grid.append((a["wm"][fbox], a["gm"][fbox], dict(traj, fine=traj["fine"][sl])))
         return self.tensor(np.stack(fines)), self.tensor(np.stack(covs)), fine_grid, spacings[0]
 
     def train(self, pairs):
@@ -823,7 +837,7 @@ class SolverInLoop(GliomaFamily):
         inference = time.perf_counter() - t
         u_coarse = runner.coarse(u_last)
         u_fine = runner.fine(u_last)
-        costs = runner.costs(u_last)
+        costs = runner.costs(u_last, repeats=2)
         thr = (fit.theta_t1gd, min(fit.theta_flair, fit.theta_t1gd))
         extra = dict(sol_error_vs_fine=relative_error(u, u_fine), coarse_error_vs_fine=relative_error(u_coarse, u_fine),
                      fine_cost_seconds=costs["fine"], coarse_cost_seconds=costs["coarse"], sol_cost_seconds=costs["sol"],
@@ -906,19 +920,26 @@ def train_upsampler(family, fine_grid) -> dict:
 
 
 class SolForecaster:
-    """One subject's forecast by the fine solver, the plain coarse set-up and the corrected one.
+    """One subject's forecast by the fine solver, the plain coarse set-up and the corrected one,
+    prepared once per subject (maps, steppers, buffers, weights: not timed), then run per call.
 
-    fine: ``simulate_glioma`` on the model grid over the gap (the reference). coarse: the Numba
-    ``GliomaStepper`` on the 2x coarser grid in n macro steps (h = gap / n <= sol_step_days),
-    trilinear interpolation back, masked by tissue. sol: the same, each macro step followed by the
-    trained correction and the interpolation followed by the learned upsampling. The corrections
-    run where the state is active (``GridCorrection``), here on that region's bounding box; the
-    interpolation covers the box where the coarse state exceeds 1e-7 (elsewhere the model-grid
-    state is set to 0; the fine solver's values there are below the same order)."""
+    fine: the Numba ``GliomaStepper`` on the model grid cropped to the tissue's bounding box, one
+    advance over the gap (step for step ``simulate_glioma``; ``fine_simulate`` is that call itself,
+    with its own per-call set-up). coarse: the Numba stepper on the 2x coarser grid (cropped to its
+    tissue box) in n macro steps (h = gap / n <= sol_step_days), trilinear interpolation back,
+    masked by tissue. sol: the same, each macro step followed by the trained correction and the
+    interpolation followed by the learned upsampling, both evaluated by Numba loops with the
+    trained weights (``sol_numba``). ``sol_torch`` / ``coarse_torch`` are the same forecast with the
+    torch modules (the reference the Numba path is tested against). The interpolation covers the
+    box where the coarse state exceeds 1e-7 (elsewhere the model-grid state is set to 0; the fine
+    solver's values there are below the same order)."""
 
     EPS = 1e-7
 
     def __init__(self, family, arrays, spacing, dw, rho, gap, trained):
+        from neurohybrid.disorders.glioma import sol_numba
+        from neurohybrid.solvers.glioma import GliomaStepper, _bbox, _pad1
+
         self.f, self.s = family, family.s
         self.a, self.spacing, self.dw, self.rho, self.gap = arrays, spacing, float(dw), float(rho), float(gap)
         self.n_macro = max(1, math.ceil(self.gap / float(self.s["sol_step_days"]) - 1e-9))
@@ -930,25 +951,84 @@ class SolForecaster:
         self.up = family.upsampler()
         self.up.load_state_dict(trained["upsampler"]["state_dict"])
         self.up_learned = bool(trained["upsampler"].get("use_learned", True))
-        # the coarse grid's tissue maps, made once per subject like the model grid's (not timed)
+        s, threads, dg = self.s, int(self.s["threads"]), float(self.s["dg_ratio"])
+        # the coarse grid's tissue maps (made once per subject like the model grid's)
         self.wm_c, self.gm_c = _pool(arrays["wm"]), _pool(arrays["gm"])
+        # Numba path: the coarse stepper on the coarse tissue box, its padded maps and scratch
+        tissue_c = (self.wm_c + self.gm_c) > 0
+        # (padded by one coarse voxel: the interpolation box may reach one voxel beyond tissue, as on the full grid)
+        cbox = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(_bbox(tissue_c), tissue_c.shape))
+        self.c_off = tuple(int(b.start) for b in cbox)
+        self.tissue_cb = np.ascontiguousarray(tissue_c[cbox])
+        wm_cb, gm_cb = np.ascontiguousarray(self.wm_c[cbox]), np.ascontiguousarray(self.gm_c[cbox])
+        self.stepper = GliomaStepper(wm_cb, gm_cb, np.zeros_like(wm_cb), spacing=tuple(2 * h for h in spacing), dw=self.dw,
+                                     rho=self.rho, dg_ratio=dg, max_rho_dt=float(s["sol_coarse_max_rho_dt"]), threads=threads)
+        self.wm_cp, self.gm_cp = _pad1(wm_cb), _pad1(gm_cb)
+        self.scratch_c = np.zeros_like(self.wm_cp)
+        self.wm_f = np.ascontiguousarray(arrays["wm"], np.float32)
+        self.gm_f = np.ascontiguousarray(arrays["gm"], np.float32)
+        self.scratch_f = np.zeros(tuple(n + 2 for n in self.wm_f.shape), np.float32)
+        self.w_sol = sol_numba.mlp_weights(self.model.correction)
+        self.w_up = sol_numba.mlp_weights(self.up)
+        self.work = sol_numba.Scratch(self.w_sol[0].shape[0], int(s["sol_hidden"]))
+        self.work_up = sol_numba.Scratch(self.w_up[0].shape[0], int(s["sol_hidden"]))
+        zd, zr = _params_unit(self.dw, self.rho)
+        self.consts_sol = np.array([zd, zr, self.h / float(s["sol_step_days"])], np.float32)
+        self.consts_up = np.array([zd, zr], np.float32)
+        # the fine solver prepared the same way: Numba stepper on the model grid's tissue box
+        self.fbox = _bbox((self.wm_f + self.gm_f) > 0)
+        self.fine_stepper = GliomaStepper(self.wm_f[self.fbox], self.gm_f[self.fbox], np.zeros_like(self.wm_f[self.fbox]),
+                                          spacing=spacing, dw=self.dw, rho=self.rho, dg_ratio=dg,
+                                          max_rho_dt=float(s["max_rho_dt"]), threads=threads)
 
+    # -- fine (reference) -----------------------------------------------------------------------
     def fine(self, u_last):
+        st = self.fine_stepper
+        st.load(u_last[self.fbox])
+        st.advance(self.gap)
+        out = np.zeros(self.wm_f.shape, np.float32)
+        out[self.fbox] = st.state
+        return out
+
+    def fine_simulate(self, u_last):
         return mech.simulate(self.a["wm"], self.a["gm"], u_last, self.spacing, self.dw, self.rho, [self.gap], self.s)[-1]
 
-    def _coarse_setup(self):
+    # -- coarse and corrected coarse (Numba) ----------------------------------------------------
+    def _run(self, u_last, corrected: bool) -> np.ndarray:
+        from neurohybrid.disorders.glioma import sol_numba
+
+        st = self.stepper
+        u_last = np.ascontiguousarray(u_last, np.float32)
+        sol_numba.pool_into(u_last, st._a, self.tissue_cb, *self.c_off)
+        correct = corrected and self.model.use_correction
+        scale = np.float32(self.model.correction.scale)
+        eps = np.float32(self.model.correction.active_eps)
+        for _ in range(self.n_macro):
+            st.advance(self.h)
+            if correct:
+                sol_numba.correct_front(st._a, self.scratch_c, self.wm_cp, self.gm_cp, self.consts_sol, *self.w_sol, scale, eps, *self.work.args())
+        out = np.zeros(self.wm_f.shape, np.float32)
+        sol_numba.upsample_front(st._a, *self.c_off, self.wm_f, self.gm_f, self.scratch_f, out, bool(corrected and self.up_learned),
+                                 self.consts_up, *self.w_up, np.float32(self.up.scale), np.float32(self.up.active_eps),
+                                 np.float32(self.EPS), *self.work_up.args())
+        return out
+
+    def sol(self, u_last):
+        return self._run(u_last, True)
+
+    def coarse(self, u_last):
+        return self._run(u_last, False)
+
+    # -- the same with the torch modules (reference of the Numba path) --------------------------
+    def _run_torch(self, u_last, corrected: bool) -> np.ndarray:
+        from neurohybrid.hybrid.solver_in_loop import logistic_gate
         from neurohybrid.solvers.glioma import GliomaStepper
 
-        stepper = GliomaStepper(self.wm_c, self.gm_c, np.zeros_like(self.wm_c), spacing=tuple(2 * h for h in self.spacing),
-                                dw=self.dw, rho=self.rho, dg_ratio=float(self.s["dg_ratio"]),
+        wm_c, gm_c = self.wm_c, self.gm_c
+        stepper = GliomaStepper(wm_c, gm_c, np.zeros_like(wm_c), spacing=tuple(2 * h for h in self.spacing), dw=self.dw,
+                                rho=self.rho, dg_ratio=float(self.s["dg_ratio"]),
                                 max_rho_dt=float(self.s["sol_coarse_max_rho_dt"]), threads=int(self.s["threads"]))
-        return stepper, self.wm_c, self.gm_c
-
-    def _run(self, u_last, corrected: bool) -> np.ndarray:
-        from neurohybrid.hybrid.solver_in_loop import logistic_gate
-
-        stepper, wm_c, gm_c = self._coarse_setup()
-        stepper.load(_pool_state(u_last, self.wm_c.shape, self.EPS))
+        stepper.load(_pool_state(u_last, wm_c.shape, self.EPS))
         correct = corrected and self.model.use_correction
         if correct:
             cov_grid = _sol_covariates(wm_c, gm_c, self.dw, self.rho, self.h, self.s)[0].reshape(*wm_c.shape, N_SOL_COV)
@@ -982,18 +1062,22 @@ class SolForecaster:
             out[fbox] = up.cpu().numpy()
         return out
 
-    def sol(self, u_last):
-        return self._run(u_last, True)
+    def sol_torch(self, u_last):
+        return self._run_torch(u_last, True)
 
-    def coarse(self, u_last):
-        return self._run(u_last, False)
+    def coarse_torch(self, u_last):
+        return self._run_torch(u_last, False)
 
-    def costs(self, u_last) -> dict:
-        """Best-of-2 wall times (seconds) of fine, coarse and sol from u_last, same threads."""
+    def costs(self, u_last, repeats: int = 5) -> dict:
+        """Best-of-``repeats`` wall times (seconds) from u_last, same threads, compilation excluded (one
+        warm-up call each): the prepared fine stepper (``fine``), the fine solver call with its own
+        set-up (``fine_simulate``), coarse and sol (prepared the same way as ``fine``)."""
         from neurohybrid.hybrid.solver_in_loop import time_call
 
-        return {"fine": time_call(lambda: self.fine(u_last), 2), "coarse": time_call(lambda: self.coarse(u_last), 2),
-                "sol": time_call(lambda: self.sol(u_last), 2)}
+        calls = {"fine": self.fine, "fine_simulate": self.fine_simulate, "coarse": self.coarse, "sol": self.sol}
+        for fn in calls.values():
+            fn(u_last)
+        return {k: time_call(lambda fn=fn: fn(u_last), repeats) for k, fn in calls.items()}
 
 
 def _pool_state(u: np.ndarray, coarse_shape, eps: float) -> np.ndarray:
