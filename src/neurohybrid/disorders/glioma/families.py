@@ -772,11 +772,13 @@ class SolverInLoop(GliomaFamily):
     def model(self, spacing):
         from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
 
-        corr = GridCorrection(N_SOL_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE).to(self.device)
+        corr = GridCorrection(N_SOL_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE,
+                              active_eps=float(self.s["sol_active_eps"])).to(self.device)
         return CorrectedSolver(CoarseGliomaStep(spacing, self.s), corr)
 
     def upsampler(self):
-        return GridCorrection(N_UP_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE).to(self.device)
+        return GridCorrection(N_UP_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE,
+                             active_eps=float(self.s["sol_active_eps"])).to(self.device)
 
     def training_data(self, pairs):
         """Fine trajectories (B, K+1, coarse grid) pooled onto the coarse grid, the coarse step's

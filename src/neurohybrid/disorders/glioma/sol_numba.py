@@ -42,16 +42,17 @@ def mlp_weights(correction) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-CHUNK = 2048  # voxels per dense evaluation (the scratch rows of ``Scratch``)
+CHUNK = 512  # voxels per dense evaluation (the scratch columns of ``Scratch``)
 
 
 class Scratch:
-    """Per-subject scratch of the chunked MLP evaluation: features, hidden layers, outputs, voxels."""
+    """Per-subject scratch of the chunked MLP evaluation, voxels along the last axis (SIMD):
+    features (F, CHUNK), hidden layers (H, CHUNK), outputs, voxel indices."""
 
     def __init__(self, n_features: int, hidden: int):
-        self.x = np.zeros((CHUNK, n_features), np.float32)
-        self.h1 = np.zeros((CHUNK, hidden), np.float32)
-        self.h2 = np.zeros((CHUNK, hidden), np.float32)
+        self.x = np.zeros((n_features, CHUNK), np.float32)
+        self.h1 = np.zeros((hidden, CHUNK), np.float32)
+        self.h2 = np.zeros((hidden, CHUNK), np.float32)
         self.y = np.zeros(CHUNK, np.float32)
         self.ijk = np.zeros((CHUNK, 3), np.int64)
 
@@ -61,32 +62,48 @@ class Scratch:
 
 @nb.njit(cache=True, fastmath=True)
 def _dense(x, n, w1, b1, w2, b2, w3, b3, h1, h2, y):
-    """y[:n] = ReLU MLP of the rows x[:n] (w as (in, out)): two BLAS products (sgemm) and the biases,
-    ReLUs and the last layer in loops. fastmath: reassociation only (no NaN/inf can occur)."""
+    """y[:n] = ReLU MLP of the columns x[:, :n] (w as (in, out)), the voxel loop innermost (SIMD, no
+    BLAS: one thread, whatever the BLAS settings). fastmath: reassociation only (no NaN/inf)."""
     zero = np.float32(0)
-    a1, a2 = h1[:n], h2[:n]
-    np.dot(x[:n], w1, a1)
+    n0, n1 = w1.shape
+    n2 = w2.shape[1]
+    for o in range(n1):
+        row = h1[o]
+        for v in range(n):
+            row[v] = b1[o]
+        for i in range(n0):
+            w = w1[i, o]
+            xi = x[i]
+            for v in range(n):
+                row[v] += w * xi[v]
+        for v in range(n):
+            row[v] = max(row[v], zero)
     for v in range(n):
-        for o in range(a1.shape[1]):
-            a1[v, o] = max(a1[v, o] + b1[o], zero)
-    np.dot(a1, w2, a2)
-    for v in range(n):
-        acc = b3[0]
-        for o in range(a2.shape[1]):
-            acc += max(a2[v, o] + b2[o], zero) * w3[o, 0]
-        y[v] = acc
+        y[v] = b3[0]
+    for o in range(n2):
+        row = h2[o]
+        for v in range(n):
+            row[v] = b2[o]
+        for i in range(n1):
+            w = w2[i, o]
+            hi = h1[i]
+            for v in range(n):
+                row[v] += w * hi[v]
+        w = w3[o, 0]
+        for v in range(n):
+            y[v] += w * max(row[v], zero)
 
 
 @nb.njit(cache=True)
-def _features(p, i, j, k, x):
-    """stencil_features of the padded field p at (i, j, k) into x[0:3]."""
+def _features(p, i, j, k, x, n):
+    """stencil_features of the padded field p at (i, j, k) into x[0:3, n]."""
     uc = p[i, j, k]
     xp, xm = p[i + 1, j, k], p[i - 1, j, k]
     yp, ym = p[i, j + 1, k], p[i, j - 1, k]
     zp, zm = p[i, j, k + 1], p[i, j, k - 1]
-    x[0] = uc
-    x[1] = np.float32(4.0) * ((xp + xm + yp + ym + zp + zm) / np.float32(6.0) - uc)
-    x[2] = math.sqrt((xp - xm) ** 2 + (yp - ym) ** 2 + (zp - zm) ** 2 + np.float32(1e-12))
+    x[0, n] = uc
+    x[1, n] = np.float32(4.0) * ((xp + xm + yp + ym + zp + zm) / np.float32(6.0) - uc)
+    x[2, n] = math.sqrt((xp - xm) ** 2 + (yp - ym) ** 2 + (zp - zm) ** 2 + np.float32(1e-12))
 
 
 @nb.njit(cache=True)
@@ -122,7 +139,7 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
     nx, ny, nz = a.shape
     nc = consts.shape[0]
     one, zero = np.float32(1), np.float32(0)
-    chunk = x.shape[0]
+    chunk = x.shape[1]
     n, total = 0, 0
     for i in range(1, nx - 1):
         for j in range(1, ny - 1):
@@ -131,12 +148,11 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
                 scratch[i, j, k] = -one
                 if u <= eps or u >= one - eps or wm[i, j, k] + gm[i, j, k] <= zero:
                     continue
-                row = x[n]
-                _features(a, i, j, k, row)
-                row[3] = wm[i, j, k]
-                row[4] = gm[i, j, k]
+                _features(a, i, j, k, x, n)
+                x[3, n] = wm[i, j, k]
+                x[4, n] = gm[i, j, k]
                 for c in range(nc):
-                    row[5 + c] = consts[c]
+                    x[5 + c, n] = consts[c]
                 ijk[n, 0], ijk[n, 1], ijk[n, 2] = i, j, k
                 n += 1
                 if n == chunk:
@@ -252,7 +268,7 @@ def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b
     total = 0
     if learned:
         nc = consts.shape[0]
-        chunk = x.shape[0]
+        chunk = x.shape[1]
         n = 0
         for i in range(f0[0], f1[0]):
             for j in range(f0[1], f1[1]):
@@ -260,12 +276,11 @@ def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b
                     u = p[i + 1, j + 1, k + 1]
                     if u <= eps or u >= one - eps or wm[i, j, k] + gm[i, j, k] <= zero:
                         continue
-                    row = x[n]
-                    _features(p, i + 1, j + 1, k + 1, row)
-                    row[3] = wm[i, j, k]
-                    row[4] = gm[i, j, k]
+                    _features(p, i + 1, j + 1, k + 1, x, n)
+                    x[3, n] = wm[i, j, k]
+                    x[4, n] = gm[i, j, k]
                     for c in range(nc):
-                        row[5 + c] = consts[c]
+                        x[5 + c, n] = consts[c]
                     ijk[n, 0], ijk[n, 1], ijk[n, 2] = i, j, k
                     n += 1
                     if n == chunk:
