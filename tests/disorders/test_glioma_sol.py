@@ -83,6 +83,12 @@ def test_correction_is_zero_without_tumour_and_keeps_the_state_in_range():
     assert torch.equal(out[0][~tissue_c], u[0][~tissue_c])
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert float((out - u).abs().max()) > 1e-3  # the random correction does act on the tumour
+    # gated: the change is at most 4 u (1 - u) |h(u)| (vanishes as u -> 0 or 1, not only off the front)
+    from neurohybrid.hybrid.solver_in_loop import logistic_gate
+
+    with torch.no_grad():
+        bound = logistic_gate(u) * model.correction(u, cov).abs()
+    assert bool(((out - u).abs() <= bound + 1e-6).all())
     assert float(steps.min()) >= 0.0 and float(steps.max()) <= 1.0
 
 

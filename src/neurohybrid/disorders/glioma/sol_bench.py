@@ -1,14 +1,16 @@
 """Benchmark of the glioma solver-in-the-loop families (``neurohybrid bench sol``).
 
-Virtual patients from the project's own generator (``neurohybrid.synth.glioma`` on the 4 mm
-template anatomy, the demo's model grid), cropped to the brain: sessions at day 0, ~60-120 and
-~150-250; the models see the first two sessions' masks. ``sol`` and ``sol_precomputed`` are trained
-through the families themselves (calibration, fine trajectories, training, fall-back) on a few
-training subjects; then, on held-out subjects, each family's forecaster runs from the subject's
-calibrated state at its last session over its own gap (the demo horizon) with its calibrated
-parameters, and is compared with the fine solver (the Numba solver on the model grid over the
-whole crop): relative L2 error of the density, Dice of the T1Gd and FLAIR threshold masks, and
-best-of-2 wall times on one thread.
+Virtual patients from the project's own generator (``neurohybrid.synth.glioma`` on the template
+anatomy at the model grid: the demo's 4 mm and the paper's 2 mm, config/paper.yaml), cropped to the
+brain: sessions at day 0, ~60-120 and ~150-250; the models see the first two sessions' masks.
+``sol`` and ``sol_precomputed`` are trained through the families themselves (calibration, fine
+trajectories, training, fall-back) on a few training subjects; then, on held-out subjects, each
+family's forecaster runs from the subject's calibrated state at its last session over its own gap
+(the demo horizon) with its calibrated parameters, and is compared with the fine solver (the Numba
+solver on the model grid): relative L2 error of the density, Dice of the T1Gd and FLAIR threshold
+masks. Wall times: every set-up prepared once per subject (not timed), best of ``REPEATS`` calls
+after a warm-up (Numba compilation excluded), one thread, the corrections evaluated by Numba with
+the trained weights (``sol_numba``).
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
     one, zero = np.float32(1), np.float32(0)
     chunk = x.shape[1]
     n, total = 0, 0
+    lo0, lo1, lo2, hi0, hi1, hi2 = nx, ny, nz, 0, 0, 0  # box of the corrected voxels
     for i in range(1, nx - 1):
         for j in range(1, ny - 1):
             for k in range(1, nz - 1):
@@ -154,6 +155,9 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
                 for c in range(nc):
                     x[5 + c, n] = consts[c]
                 ijk[n, 0], ijk[n, 1], ijk[n, 2] = i, j, k
+                lo0, hi0 = min(lo0, i), max(hi0, i)
+                lo1, hi1 = min(lo1, j), max(hi1, j)
+                lo2, hi2 = min(lo2, k), max(hi2, k)
                 n += 1
                 if n == chunk:
                     _gated_update(a, scratch, 0, n, x, w1, b1, w2, b2, w3, b3, h1, h2, y, ijk, scale)
@@ -162,9 +166,9 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
     if n:
         _gated_update(a, scratch, 0, n, x, w1, b1, w2, b2, w3, b3, h1, h2, y, ijk, scale)
         total += n
-    for i in range(1, nx - 1):
-        for j in range(1, ny - 1):
-            for k in range(1, nz - 1):
+    for i in range(lo0, hi0 + 1):
+        for j in range(lo1, hi1 + 1):
+            for k in range(lo2, hi2 + 1):
                 if scratch[i, j, k] >= zero:
                     a[i, j, k] = scratch[i, j, k]
     return total
