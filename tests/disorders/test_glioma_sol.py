@@ -157,6 +157,7 @@ def test_bench_quick_returns_the_schema():
         assert case["case"].startswith("solbench1")  # held-out subjects, not the training ones
     for key in ("fine_s", "sol_s", "coarse_error", "sol_error", "speedup_vs_fine", "speedup_equal_accuracy"):
         assert key in out["summary"]
+    assert set(out["grids"]) == {"4mm"} and set(out["bar"]["4mm"]) == {"speedup_vs_fine", "all_cases_meet_dice", "meets_bar"}
 
 
 def _random_checkpoint(family, std=0.3):
