@@ -19,7 +19,7 @@ SHAPE = (18, 18, 18)
 VOX = 2.0
 DAYS = (0.0, 25.0, 50.0)
 FAST = {"sloppy": True, "seed": 0, "device": "cpu",
-        "glioma": {"epochs": 3, "time_limit_s": 300.0, "restarts": 2, "fit_iterations": 25, "sol_box_vox": 12, "sol_train_steps": 3,
+        "glioma": {"epochs": 3, "time_limit_s": 300.0, "restarts": 2, "fit_iterations": 25, "sol_train_steps": 3,
                    "sol_step_days": 10.0, "hidden": 4}}
 
 
@@ -191,9 +191,11 @@ def test_family_trains_and_forecasts(cohort, family):
     assert (fc.outputs["t1gd"] <= fc.outputs["flair"]).all()  # the enhancing core lies inside FLAIR
     assert fc.outputs["flair"].any()
     if family in ("sol", "sol_precomputed"):
-        for key in ("sol_error", "sol_cost_seconds", "fine_cost_seconds", "coarse_error"):
+        for key in ("sol_error_vs_fine", "coarse_error_vs_fine", "sol_cost_seconds", "coarse_cost_seconds", "fine_cost_seconds"):
             assert np.isfinite(fc.extra[key])
-        assert fc.extra["sol_error"] < 0.5
+        assert isinstance(fc.extra["use_correction"], bool) and fc.extra["sol_error_metric"]
+        assert "sol_error" not in fc.extra and "coarse_error" not in fc.extra
+        assert fc.extra["sol_error_vs_fine"] < 0.5
 
 
 @pytest.fixture(scope="module")

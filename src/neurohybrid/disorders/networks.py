@@ -1,12 +1,15 @@
 """Tiny 3D networks for the voxel-wise disorders (glioma, stroke), sized for a 2-core demo.
 
 All are fully convolutional (3x3x3 kernels, no pooling), so the same weights run on a small training
-box around a lesion and on the whole cropped brain at forecast time.
+box around a lesion and on the whole cropped brain at forecast time. ``GridCorrection`` (the
+solver-in-the-loop correction) is a pointwise MLP of a 7-point stencil's features, evaluated on the
+tumour front only.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,21 +40,66 @@ class TinyCNN(nn.Module):
         return self.net(x)
 
 
-class GridCorrection(nn.Module):
-    """A correction g(u, covariates, lap) -> du in the (B, N) interface of ``neurohybrid.hybrid``
-    (voxels as the N state variables) computed by a 3D CNN on the grid.
+def stencil_features(u: torch.Tensor, members=None, voxels=None) -> torch.Tensor:
+    """The local shape of a density field in voxel units (no spacing, so the same on any grid):
+    u, 4 (mean of the 6 neighbours - u) (a discrete Laplacian, the curvature of the front) and
+    2 |central-difference gradient| (its steepness); zero beyond the grid's edge.
 
-    covariates: (B, N, C) voxel covariates (tissue maps first: channel `tissue_channels` sum > 0
-    marks tissue); the output is zero outside tissue so the hybrid never creates density there.
-    Call ``set_shape`` with the grid shape before use.
+    u: (B, X, Y, Z). Returns (B, X, Y, Z, 3), or (V, 3) at the voxels ``voxels`` (flat indices)
+    of members ``members`` (gathered, so the cost is that of the V voxels)."""
+    b, nx, ny, nz = u.shape
+    p = F.pad(u[:, None], (1, 1, 1, 1, 1, 1))[:, 0].reshape(b, -1)
+    sx, sy = (ny + 2) * (nz + 2), nz + 2
+    if voxels is None:
+        members = torch.arange(b, device=u.device).repeat_interleave(nx * ny * nz)
+        voxels = torch.arange(nx * ny * nz, device=u.device).repeat(b)
+        shape = (b, nx, ny, nz, 3)
+    else:
+        shape = (-1, 3)
+    x, y, z = voxels // (ny * nz), (voxels // nz) % ny, voxels % nz
+    c = (x + 1) * sx + (y + 1) * sy + z + 1
+    uc = p[members, c]
+    xp, xm, yp, ym, zp, zm = (p[members, c + o] for o in (sx, -sx, sy, -sy, 1, -1))
+    lap = (xp + xm + yp + ym + zp + zm) / 6.0 - uc
+    grad = torch.sqrt((xp - xm) ** 2 + (yp - ym) ** 2 + (zp - zm) ** 2 + 1e-12)  # = 2 |grad u|
+    return torch.stack([uc, 4.0 * lap, grad], -1).reshape(shape)
+
+
+N_STENCIL = 3
+
+
+class GridCorrection(nn.Module):
+    """A correction h(u, covariates) -> du on a grid in the (B, N) interface of ``neurohybrid.hybrid``
+    (voxels as the N state variables): a pointwise MLP of the state's local shape
+    (``stencil_features``: u, its discrete Laplacian and gradient magnitude in voxel units) and the
+    voxel's covariates, which the caller normalises (tissue fractions in [0, 1], parameters by
+    their prior ranges, the step size by the training step).
+
+    Evaluated only where the state is "active", eps < u < 1 - eps (``active_eps``): a correction
+    gated by u (1 - u) (``hybrid.solver_in_loop.CorrectedSolver``) is below 4 eps elsewhere, and a
+    tumour front is a thin shell of the grid, which keeps a correction far cheaper than a CNN over
+    the whole brain. Zero outside tissue (``tissue_channels`` of the covariates sum to 0), and the
+    last layer starts at 0 (an untrained correction is no correction).
+
+    u: (B, N) (call ``set_shape`` with the grid first) or (B, X, Y, Z); covariates (B or 1, N, C).
     """
 
-    def __init__(self, n_covariates: int, width: int = 8, depth: int = 3, tissue_channels=(0, 1), scale: float = 1.0):
+    def __init__(self, n_covariates: int, hidden: int = 16, depth: int = 2, tissue_channels=(0, 1), scale: float = 1.0,
+                 active_eps: float = 1e-4):
         super().__init__()
-        self.cnn = TinyCNN(1 + n_covariates, 1, width, depth, zero_init=True)
+        layers: list[nn.Module] = []
+        c = N_STENCIL + n_covariates
+        for _ in range(depth):
+            layers += [nn.Linear(c, hidden), nn.ReLU()]  # ReLU: a tanh cost 10x more at forecast time
+            c = hidden
+        last = nn.Linear(c, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(*layers, last)
         self.shape = None
         self.tissue_channels = tuple(tissue_channels)
         self.scale = float(scale)
+        self.active_eps = float(active_eps)
 
     def set_shape(self, shape):
         self.shape = tuple(int(s) for s in shape)
@@ -61,14 +109,18 @@ class GridCorrection(nn.Module):
         b = u.shape[0]
         if u.ndim > 2:
             self.shape = tuple(u.shape[1:])
-        x = u.reshape(b, 1, *self.shape)
+        flat = u.reshape(b, -1)
+        active = (flat > self.active_eps) & (flat < 1.0 - self.active_eps)
         if covariates is not None:
             cov = covariates.expand(b, *covariates.shape[-2:])
-            x = torch.cat([x, cov.transpose(1, 2).reshape(b, -1, *self.shape)], dim=1)
-            tissue = (cov[..., list(self.tissue_channels)].sum(-1) > 0).to(u.dtype)
-        else:
-            tissue = torch.ones(b, x[0, 0].numel(), dtype=u.dtype, device=u.device)
-        out = self.scale * self.cnn(x).reshape(b, -1) * tissue
+            active = active & (cov[..., list(self.tissue_channels)].sum(-1) > 0)
+        members, voxels = active.nonzero(as_tuple=True)
+        out = torch.zeros_like(flat)
+        if len(voxels):
+            x = stencil_features(flat.reshape(b, *self.shape), members, voxels)
+            if covariates is not None:
+                x = torch.cat([x, cov[members, voxels]], -1)
+            out = out.index_put((members, voxels), self.scale * self.mlp(x)[:, 0])
         return out.reshape(u.shape)
 
 

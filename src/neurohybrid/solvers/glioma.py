@@ -84,6 +84,8 @@ __all__ = [
     "glioma_coefficients_torch",
     "glioma_step_torch",
     "simulate_glioma_torch",
+    "GliomaStepper",
+    "strang_advance_torch",
 ]
 
 
@@ -458,6 +460,62 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
     return result
 
 
+class GliomaStepper:
+    """The Numba solver prepared once for many short advances of one state (isotropic, no
+    radiotherapy): ``advance(days)`` is exactly one ``simulate_glioma(..., days=days)`` call from the
+    current state (same ``stable_dt``, equal sub-steps, Strang half reaction steps at both ends),
+    without the per-call validation, cropping and allocation. Solver-in-the-loop forecasts alternate
+    it with a learned correction of ``state`` (a float32 view of the padded buffer, edited in place).
+    """
+
+    def __init__(self, wm, gm, u0, *, spacing, dw, rho, dg_ratio=0.1, safety=0.9, max_rho_dt=0.05, threads=1):
+        wm, gm, u0 = _check_maps(wm, gm, u0)
+        self.spacing = _check_spacing(spacing)
+        self.dw = _check_scalar("dw", dw, positive=True)
+        self.rho = _check_scalar("rho", rho)
+        d = diffusivity_field(np.asarray(wm, np.float32), np.asarray(gm, np.float32), self.dw, float(dg_ratio))
+        tissue = d > 0
+        if not tissue.any():
+            raise InputError("empty brain: no voxel has white or grey matter (D > 0 nowhere)")
+        self.tissue = tissue
+        self.dt = stable_dt(float(d.max()), self.spacing, self.rho, safety=safety, max_rho_dt=max_rho_dt)
+        self.dm = _pad1(np.where(tissue, d, np.float32(_k.OUTSIDE)).astype(np.float32), _k.OUTSIDE)
+        self._a = np.zeros(self.dm.shape, np.float32)
+        self._b = np.zeros_like(self._a)
+        self.threads = threads
+        self.steps = 0
+        self.load(u0)
+
+    @property
+    def state(self) -> np.ndarray:
+        """The current u on the maps' grid (a view: edits change the state)."""
+        return self._a[1:-1, 1:-1, 1:-1]
+
+    def load(self, u) -> None:
+        u = np.asarray(u, np.float32)
+        inner = self.state
+        inner[...] = np.where(self.tissue & (u >= _k.TINY["float32"]), u, np.float32(0))
+
+    def advance(self, days: float) -> None:
+        days = float(days)
+        if days <= 0:
+            return
+        n = max(1, math.ceil(days / self.dt - 1e-9))
+        h = days / n
+        f = np.float32
+        wx, wy, wz = (f(0.5 / s**2) for s in self.spacing)
+        e_half, e_full = math.exp(self.rho * h / 2), math.exp(self.rho * h)
+        one, zero, tiny = f(1), f(0), f(_k.TINY["float32"])
+        with _numba_threads(self.threads):
+            if self.rho > 0:
+                _k.logistic_inplace(self._a, f(e_half), f(e_half - 1.0), one)
+            for s in range(n):
+                e = e_full if s < n - 1 else e_half
+                _k.fk_step_iso(self._a, self._b, self.dm, wx, wy, wz, f(h), f(e), f(e - 1.0), zero, one, tiny)
+                self._a, self._b = self._b, self._a
+        self.steps += n
+
+
 # ----------------------------------------------------------------------------------------------
 # Torch twin (same discretisation: arithmetic face mean, explicit Euler, same schedule)
 # ----------------------------------------------------------------------------------------------
@@ -517,6 +575,28 @@ def glioma_step_torch(u, coeffs, dt, rho, reaction_dt=None):
     """
     t_r = dt if reaction_dt is None else reaction_dt
     return _logistic_torch(_diffusion_torch(u, coeffs, dt), rho, t_r)
+
+
+def strang_advance_torch(u, coeffs, days, rho, dt):
+    """Advance u by ``days`` as ``simulate_glioma`` does over one interval: n = ceil(days / dt)
+    equal steps h, Strang (half reaction step, n fused diffusion + reaction steps, the last with a
+    half reaction step). Batched per member: days, rho and dt may be tensors broadcasting with u
+    (e.g. (M, 1, 1, 1)); members with fewer steps stand still (zero steps) while others finish.
+    Differentiable w.r.t. u, coeffs and rho."""
+    import torch
+
+    def t(x):
+        return torch.as_tensor(x, dtype=u.dtype, device=u.device)
+
+    days, dt, rho = t(days), t(dt), t(rho)
+    n = torch.clamp(torch.ceil(days / dt - 1e-9), min=1.0)
+    h = days / n
+    u = _logistic_torch(u, rho, h / 2)
+    for s in range(int(n.max())):
+        live = (s < n).to(u.dtype)
+        t_r = torch.where(s < n - 1, h, torch.where(s == n - 1, h / 2, torch.zeros_like(h)))
+        u = _logistic_torch(_diffusion_torch(u, coeffs, h * live), rho, t_r)
+    return u
 
 
 def _lo(x, dim):

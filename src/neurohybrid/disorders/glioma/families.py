@@ -9,9 +9,13 @@ reproduces the observed sessions) and differ in how they advance it to the forec
   lambda * mean ||g||^2 (``hybrid.residual``).
 * ude: the same equation with a pointwise MLP g(u, c) gated by u (1 - u) (``hybrid.neural_ode``),
   no penalty, torchdiffeq.
-* sol / sol_precomputed (series): a 2x coarser grid stepping `sol_step_days` at a time, its state
-  corrected after each step by a CNN; SOL-n unrolls n steps against the fine (Numba) solver, the
-  pre-computed variant learns one-step targets (``hybrid.solver_in_loop``). Same network class.
+* sol / sol_precomputed (series): a 2x coarser grid (8 mm at the demo's 4 mm) advanced in macro steps
+  of at most `sol_step_days`, each followed by a gated ``GridCorrection`` (a pointwise MLP of the
+  state's stencil features, tissue, D_w and rho on their prior scale and the step, on the tumour
+  front only); the last coarse state goes back onto the model grid by trilinear interpolation plus a
+  learned gated correction. SOL-n unrolls n steps against the fine (Numba) solver's trajectories
+  pooled onto the coarse grid, the pre-computed variant learns one-step targets
+  (``hybrid.solver_in_loop``). Same network class, same data (``sol_trajectories``).
 * amortised (series): a CNN maps the first session's masks + tissue to (D_w, rho); only t0 is fitted.
 * amortised_residual (parallel-series): amortised parameters + the residual correction.
 * data_driven: a CNN from the last masks, the covariates c and the time gap to the follow-up masks.
@@ -30,6 +34,7 @@ keep their own epoch budgets (``sol_epochs``, ``amortised_epochs``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -614,152 +619,495 @@ class AmortisedResidual(_ParallelHybrid):
 # ---------------------------------------------------------------------------------------------
 # solver in the loop (series): coarse grid + learned correction
 # ---------------------------------------------------------------------------------------------
+#
+# Set-up (measured on the demo's 4 mm crops, see sol_bench): the fine solver is the Numba solver on
+# the model grid over the whole crop; the coarse solver is the same scheme on a 2x coarser grid
+# (8 mm, 2x2x2 means of the tissue maps and the state) with its own stable step (4x longer where
+# diffusion bounds it). It is advanced in macro steps of h <= sol_step_days, each followed by the
+# learned correction (SOL); the final coarse state is brought back onto the model grid by trilinear
+# interpolation masked by tissue plus a second, learned correction (the "upsampler"): a 2x coarser
+# grid loses the sharp tumour front, and trilinear interpolation alone misses the fine solver's
+# T1Gd mask by a Dice of 0.1-0.4 even from the exact coarse state. Both corrections are
+# ``GridCorrection``s (pointwise MLPs of the state's stencil features and normalised covariates),
+# gated by u (1 - u) and clamped to [0, 1], evaluated on the tumour front only.
+
+SOL_SCALE = 0.1  # a unit network output changes u by 0.1 u (1 - u) * 4
+N_SOL_COV = 5  # wm, gm, D_w and rho on the prior unit scale, h / sol_step_days
+N_UP_COV = 4  # wm, gm (model grid), D_w and rho on the prior unit scale
+
+
+def _pool(a: np.ndarray) -> np.ndarray:
+    """2x2x2 means after padding to even sizes (edge values repeated): the coarse grid's values."""
+    a = np.asarray(a, np.float32)
+    if any(n % 2 for n in a.shape):
+        a = np.pad(a, [(0, n % 2) for n in a.shape], mode="edge")
+    return 0.125 * (a[0::2, 0::2, 0::2] + a[1::2, 0::2, 0::2] + a[0::2, 1::2, 0::2] + a[1::2, 1::2, 0::2]
+                    + a[0::2, 0::2, 1::2] + a[1::2, 0::2, 1::2] + a[0::2, 1::2, 1::2] + a[1::2, 1::2, 1::2])
+
+
+def _params_unit(dw, rho) -> tuple[float, float]:
+    return float(mech.prior_unit(dw, mech.PRIOR_DW_RANGE)), float(mech.prior_unit(rho, mech.PRIOR_RHO_RANGE))
+
+
+def _sol_covariates(wm_c, gm_c, dw, rho, h, s) -> np.ndarray:
+    """(1, N, 5) covariates of the coarse step and its correction: wm, gm, D_w and rho on the prior
+    unit scale (``mech.prior_unit``), the macro step over ``sol_step_days``."""
+    n = wm_c.size
+    zd, zr = _params_unit(dw, rho)
+    const = np.array([zd, zr, h / float(s["sol_step_days"])], np.float32)
+    return np.concatenate([wm_c.reshape(n, 1), gm_c.reshape(n, 1), np.broadcast_to(const, (n, 3))], 1).astype(np.float32)[None]
+
+
+def _up_covariates(wm, gm, dw, rho) -> np.ndarray:
+    n = wm.size
+    zd, zr = _params_unit(dw, rho)
+    const = np.array([zd, zr], np.float32)
+    return np.concatenate([wm.reshape(n, 1), gm.reshape(n, 1), np.broadcast_to(const, (n, 2))], 1).astype(np.float32)[None]
+
 
 class CoarseGliomaStep:
-    """Advance the coarse grid (2x the voxel size) by `delta` days with its own stable Euler steps.
+    """Advance the coarse grid (2x the voxel size) by each member's macro step h with the torch twin
+    of the Numba solver (``strang_advance_torch``: the same Strang steps ``simulate_glioma`` takes
+    over h, at the coarse grid's own ``stable_dt``), so the Numba ``GliomaStepper`` reproduces it at
+    forecast time.
 
-    u: (M, X, Y, Z); covariates (M, N, 4): wm, gm, D_w, rho per voxel (per-member parameters ride
-    in the covariates so that ``hybrid.solver_in_loop`` keeps them aligned with repeated members).
+    u: (M, X, Y, Z); covariates (M or 1, N, 5) from ``_sol_covariates`` (per-member D_w, rho and h
+    ride in them so that ``hybrid.solver_in_loop`` keeps them aligned with repeated members).
     """
 
-    def __init__(self, spacing, delta, s):
+    def __init__(self, spacing, s):
         self.spacing = tuple(2.0 * h for h in spacing)
-        self.delta = float(delta)
         self.s = s
 
+    def member_parameters(self, covariates, m):
+        cov = covariates.expand(m, *covariates.shape[-2:])[:, 0]
+        dw = mech.from_prior_unit(cov[:, 2].double(), mech.PRIOR_DW_RANGE)
+        rho = mech.from_prior_unit(cov[:, 3].double(), mech.PRIOR_RHO_RANGE)
+        h = cov[:, 4].double() * float(self.s["sol_step_days"])
+        return dw, rho, h
+
     def __call__(self, u, covariates):
-        from neurohybrid.solvers.glioma import glioma_coefficients_torch, glioma_step_torch, stable_dt
+        from neurohybrid.solvers.glioma import glioma_coefficients_torch, stable_dt, strang_advance_torch
 
         m, shape = u.shape[0], tuple(u.shape[1:])
         cov = covariates.expand(m, *covariates.shape[-2:])
         wm, gm = cov[..., 0].reshape(m, *shape), cov[..., 1].reshape(m, *shape)
-        dw = cov[:, 0, 2].reshape(m, 1, 1, 1)
-        rho = cov[:, 0, 3].reshape(m, 1, 1, 1)
+        dw, rho, h = self.member_parameters(covariates, m)
         dg = float(self.s["dg_ratio"])
-        dmax = float((dw * (wm + dg * gm)).max())
-        dt = stable_dt(dmax, self.spacing, float(rho.max()), max_rho_dt=float(self.s["max_rho_dt"]))
-        n = max(1, math.ceil(self.delta / dt - 1e-9))
-        coeffs = glioma_coefficients_torch(wm, gm, self.spacing, dw, dg)
-        for _ in range(n):
-            u = glioma_step_torch(u, coeffs, self.delta / n, rho)
-        return u
+        dmax = (wm + dg * gm).reshape(m, -1).amax(1).double() * dw
+        dt = [stable_dt(float(d), self.spacing, float(r), max_rho_dt=float(self.s["sol_coarse_max_rho_dt"])) for d, r in zip(dmax, rho)]
+        per = (m, 1, 1, 1)
+        coeffs = glioma_coefficients_torch(wm, gm, self.spacing, dw.to(u.dtype).reshape(per), dg)
+        return strang_advance_torch(u, coeffs, h.to(u.dtype).reshape(per), rho.to(u.dtype).reshape(per),
+                                    torch.tensor(dt, dtype=u.dtype, device=u.device).reshape(per))
 
 
-def _pool(a: np.ndarray) -> np.ndarray:
-    """2x2x2 average pooling after padding to even sizes (edge values repeated)."""
-    pad = [(0, s % 2) for s in a.shape]
-    a = np.pad(a, pad, mode="edge")
-    x, y, z = a.shape
-    return a.reshape(x // 2, 2, y // 2, 2, z // 2, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+def _upsample_torch(uc: torch.Tensor, shape, tissue: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of a coarse state (X, Y, Z) onto the model grid ``shape``, times tissue."""
+    up = F.interpolate(uc[None, None], scale_factor=2, mode="trilinear", align_corners=False)[0, 0]
+    return up[:shape[0], :shape[1], :shape[2]] * tissue
 
 
-def _sol_covariates(wm_c, gm_c, dw, rho):
-    n = wm_c.size
-    return np.stack([wm_c.ravel(), gm_c.ravel(), np.full(n, dw, np.float32), np.full(n, rho, np.float32)], -1)[None]
+def _sol_draws(inputs, fit, s, seed) -> list[tuple[float, float, float]]:
+    """(D_w, rho, h) of a training subject's trajectories: its calibrated (D_w, rho) (clipped to the
+    prior ranges) first, then draws from the prior (``mech.draw_prior``); macro steps h uniform in
+    [sol_step_days / 2, sol_step_days] (forecasts split their gap into such steps)."""
+    import zlib
+
+    rng = np.random.default_rng([int(seed), zlib.crc32(inputs.subject.encode())])
+    h0 = float(s["sol_step_days"])
+    out = []
+    for k in range(int(s["sol_draws"])):
+        if k == 0:
+            dw, rho = float(np.clip(fit.dw, *mech.PRIOR_DW_RANGE)), float(np.clip(fit.rho, *mech.PRIOR_RHO_RANGE))
+        else:
+            dw, rho = mech.draw_prior(rng)
+        out.append((dw, rho, float(rng.uniform(0.5 * h0, h0))))
+    return out
+
+
+def sol_trajectories(inputs, fit, s, seed: int = 0) -> dict:
+    """A training subject's fine trajectories (done once per subject's inputs, ``inputs.shared``):
+    for each (D_w, rho, h) of ``_sol_draws`` the Numba solver on the model grid over the whole crop,
+    from the calibrated state at the last session, saved every h for ``sol_train_steps`` macro steps
+    (the whole forecast horizon and beyond: 4-8 x sol_step_days)."""
+    a = inputs.arrays
+
+    def compute():
+        d_last, _ = mech.forecast_days(inputs)
+        u_last = mech.state_at(inputs, fit, [d_last], s)[0]
+        k = int(s["sol_train_steps"])
+        draws = _sol_draws(inputs, fit, s, seed)
+        fine = []
+        for dw, rho, h in draws:
+            states = mech.simulate(a["wm"], a["gm"], u_last, _spacing(inputs), dw, rho, [h * (j + 1) for j in range(k)], s)
+            fine.append(np.stack([u_last.astype(np.float32)] + [np.asarray(x, np.float32) for x in states]))
+        return {"draws": draws, "fine": np.stack(fine)}  # (D, K+1, X, Y, Z) on the model grid
+
+    return inputs.shared.get("glioma.sol_trajectories", (s, dataclasses.asdict(fit), int(seed)), compute)
+
+
+def _common_shape(shapes):
+    return tuple(max(sh[i] for sh in shapes) for i in range(3))
+
+
+def _pad_to(a: np.ndarray, shape) -> np.ndarray:
+    return np.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, n - m) for n, m in zip(shape, a.shape[-3:])])
 
 
 class SolverInLoop(GliomaFamily):
+    """Solver in the loop (series): a 2x coarser grid advanced in macro steps, each corrected by a
+    ``GridCorrection`` (SOL-n, ``sol_steps`` unrolled differentiable coarse steps against the fine
+    trajectory pooled onto the coarse grid; ``sol_precomputed``: the same network on one-step
+    targets), then brought back onto the model grid by trilinear interpolation plus a learned,
+    gated correction (trained on the fine states themselves, shared by sol and sol_precomputed).
+    Training data: ``sol_trajectories`` (several parameter draws per training subject over the
+    whole crop and horizon), mini-batches, held-out draws for validation and the fall-back to the
+    plain coarse solver (``use_correction`` in the checkpoint and the forecast's extra)."""
+
     name = "sol"
     trains_across_subjects = True
     precomputed = False
 
-    def model(self, spacing, delta):
+    def model(self, spacing):
         from neurohybrid.hybrid.solver_in_loop import CorrectedSolver
 
-        corr = GridCorrection(4, int(self.s["hidden"]), scale=0.01).to(self.device)
-        return CorrectedSolver(CoarseGliomaStep(spacing, delta, self.s), corr)
+        corr = GridCorrection(N_SOL_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE,
+                              active_eps=float(self.s["sol_active_eps"])).to(self.device)
+        return CorrectedSolver(CoarseGliomaStep(spacing, self.s), corr)
+
+    def upsampler(self):
+        return GridCorrection(N_UP_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE,
+                             active_eps=float(self.s["sol_active_eps"])).to(self.device)
 
     def training_data(self, pairs):
-        """Fine (Numba) trajectories from each training subject's calibrated state at its last
-        session, sampled every `sol_step_days`, pooled onto the coarse grid, in a fixed-size box
-        around the tumour (one shape for the whole batch)."""
+        """Fine trajectories (B, K+1, coarse grid) pooled onto the coarse grid, the coarse step's
+        covariates (B, N, 5), the model-grid trajectories with their tissue maps and draws (for the
+        upsampler), and the voxel size."""
         s = self.s
-        half = int(s["sol_box_vox"]) // 2
-        fines, covs, spacings = [], [], []
+        subjects = []
         for inputs, _ in pairs:
-            a = inputs.arrays
             fit = mech.calibrate_inputs(inputs, s, seed=self.seed)
-            d_last, _ = mech.forecast_days(inputs)
-            u_last = mech.state_at(inputs, fit, [d_last], s)[0]
-            center = np.argwhere(a["flair"][-1] | a["t1gd"][-1]).mean(axis=0) if (a["flair"][-1].any() or a["t1gd"][-1].any()) else np.array(fit.center)
-            box = []
-            for c, n in zip(center, a["wm"].shape):
-                size = min(2 * half, n - n % 2)
-                lo = int(np.clip(round(c) - half, 0, n - size))
-                box.append(slice(lo, lo + size))
-            box = tuple(box)
-            wm, gm, u0 = a["wm"][box], a["gm"][box], u_last[box]
-            delta = float(s["sol_step_days"])
-            steps = int(s["sol_train_steps"])
-            states = mech.simulate(np.ascontiguousarray(wm), np.ascontiguousarray(gm), np.ascontiguousarray(u0),
-                                   _spacing(inputs), fit.dw, fit.rho, [delta * k for k in range(1, steps + 1)], s)
-            fines.append(np.stack([_pool(u0)] + [_pool(u) for u in states]))
-            covs.append(_sol_covariates(_pool(wm), _pool(gm), fit.dw, fit.rho)[0])
-            spacings.append(_spacing(inputs))
+            subjects.append((inputs, sol_trajectories(inputs, fit, s, self.seed)))
+        spacings = [_spacing(inputs) for inputs, _ in subjects]
         if any(np.abs(np.subtract(sp, spacings[0])).max() > 1e-6 for sp in spacings):
             raise InputError("training subjects have different voxel sizes: SOL needs one grid")
-        return self.tensor(np.stack(fines)), self.tensor(np.stack(covs)), spacings[0]
+        # each subject's training grid: the box its trajectories reach (coarse state > 1e-7 at any
+        # saved step, padded by 2 coarse voxels; outside it u stays ~0, so the crop's no-flux edge
+        # changes nothing), which keeps training cost proportional to the tumour, not the brain
+        crops = []
+        for inputs, traj in subjects:
+            a = inputs.arrays
+            pooled = np.stack([np.stack([_pool(u) for u in states]) for states in traj["fine"]])
+            box = _active_box(pooled.max(axis=(0, 1)), SolForecaster.EPS, 2, upper=False)
+            if box is None:
+                box = (slice(None),) * 3
+            cbox = tuple(slice(b.start or 0, b.stop if b.stop is not None else n) for b, n in zip(box, pooled.shape[2:]))
+            fbox = tuple(slice(2 * b.start, min(2 * b.stop, n)) for b, n in zip(cbox, a["wm"].shape))
+            crops.append((pooled[(slice(None), slice(None)) + cbox], _pool(a["wm"])[cbox], _pool(a["gm"])[cbox], fbox, traj))
+        coarse_shape = _common_shape([c[1].shape for c in crops])
+        fines, covs, fine_grid = [], [], []
+        for (inputs, _), (pooled, wm_c, gm_c, fbox, traj) in zip(subjects, crops):
+            a = inputs.arrays
+            wm_c, gm_c = _pad_to(wm_c, coarse_shape), _pad_to(gm_c, coarse_shape)
+            for (dw, rho, h), states in zip(traj["draws"], pooled):
+                fines.append(_pad_to(states, coarse_shape))
+                covs.append(_sol_covariates(wm_c, gm_c, dw, rho, h, s)[0])
+            sl = (slice(None), slice(None)) + fbox
+            fine_grid.append((a["wm"][fbox], a["gm"][fbox], dict(traj, fine=traj["fine"][sl])))
+        return self.tensor(np.stack(fines)), self.tensor(np.stack(covs)), fine_grid, spacings[0]
 
     def train(self, pairs):
-        fine, cov, spacing = self.training_data(pairs)
-        model = self.model(spacing, float(self.s["sol_step_days"]))
+        fine, cov, fine_grid, spacing = self.training_data(pairs)
+        model = self.model(spacing)
         model.correction.set_shape(fine.shape[2:])
-        kw = dict(self.train_kw(), epochs=int(self.s["sol_epochs"]),
-                  batch_size=None if self.s["sol_batch_size"] is None else int(self.s["sol_batch_size"]))
-        return train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
+        kw = dict(self.train_kw(), epochs=int(self.s["sol_epochs"]), batch_size=int(self.s["sol_batch_size"]), patience=None)
+        out = train_corrected_solver(model, fine, cov, self.s, kw, precomputed=self.precomputed)
+        up = shared_work(pairs).get("glioma.sol_upsampler", (self.s, self.train_kw(), str(self.device)),
+                                    lambda: train_upsampler(self, fine_grid), seed=self.seed)
+        return dict(out, upsampler=up)
 
     def forecast(self, inputs, trained):
-        from neurohybrid.hybrid.solver_in_loop import time_call
-
         check_trained(trained, self.name)
         s = self.s
         fit = mech.calibrate_inputs(inputs, s, seed=self.seed)
         d_last, d_target = mech.forecast_days(inputs)
-        gap = d_target - d_last
-        a = inputs.arrays
         u_last = mech.state_at(inputs, fit, [d_last], s)[0]
-        n_macro = max(1, math.ceil(gap / float(s["sol_step_days"]) - 1e-9))
-        model = self.model(_spacing(inputs), gap / n_macro)
-        model.correction.load_state_dict(trained["state_dict"])
-        wm_c, gm_c = _pool(a["wm"]), _pool(a["gm"])
-        model.correction.set_shape(wm_c.shape)
-        model.set_context(self.tensor(_sol_covariates(wm_c, gm_c, fit.dw, fit.rho)))
-        u0_c = self.tensor(_pool(u_last))[None]
-        tissue = (a["wm"] + a["gm"]) > 0
-
-        def upsample(uc):
-            up = F.interpolate(uc[None], scale_factor=2, mode="trilinear", align_corners=False)[0, 0]
-            x, y, z = a["wm"].shape
-            return np.clip(up[:x, :y, :z].cpu().numpy(), 0, 1) * tissue
-
-        def run_sol():
-            return model.rollout(u0_c, n_macro)[:, -1]
-
-        def run_coarse():
-            u = u0_c
-            for _ in range(n_macro):
-                u = model.coarse_step(u, model.covariates)
-            return u
-
-        def run_fine():
-            return mech.simulate(a["wm"], a["gm"], u_last, _spacing(inputs), fit.dw, fit.rho, [gap], s)[-1]
-
+        runner = SolForecaster(self, inputs.arrays, _spacing(inputs), fit.dw, fit.rho, d_target - d_last, trained)
         t = time.perf_counter()
-        with torch.no_grad():
-            u = upsample(run_sol())
-            u_coarse = upsample(run_coarse())
+        u = runner.sol(u_last)
         inference = time.perf_counter() - t
-        u_fine = run_fine()
-        sol_cost = time_call(run_sol, repeats=2)
-        fine_cost = time_call(run_fine, repeats=2)
-
-        def rel(x):
-            return float(np.linalg.norm(x - u_fine) / max(np.linalg.norm(u_fine), 1e-12))
-
-        extra = dict(sol_error=rel(u), coarse_error=rel(u_coarse), sol_cost_seconds=sol_cost, fine_cost_seconds=fine_cost,
-                     sol_macro_steps=n_macro, sol_error_metric="relative L2 error of the density vs the fine Numba solver",
+        u_coarse = runner.coarse(u_last)
+        u_fine = runner.fine(u_last)
+        costs = runner.costs(u_last, repeats=2)
+        thr = (fit.theta_t1gd, min(fit.theta_flair, fit.theta_t1gd))
+        extra = dict(sol_error_vs_fine=relative_error(u, u_fine), coarse_error_vs_fine=relative_error(u_coarse, u_fine),
+                     fine_cost_seconds=costs["fine"], coarse_cost_seconds=costs["coarse"], sol_cost_seconds=costs["sol"],
+                     use_correction=bool(trained.get("use_correction", True)),
+                     upsampler_learned=bool(trained["upsampler"].get("use_learned", True)),
+                     sol_error_metric=SOL_ERROR_METRIC, sol_macro_steps=runner.n_macro,
+                     **mask_dice(u, u_fine, *thr, prefix="sol"), **mask_dice(u_coarse, u_fine, *thr, prefix="coarse"),
                      training_target=trained.get("training_target"))
         return Forecast(dict(celldensity=u.astype(np.float32), **_observe(u, fit)), fit.parameters(), fit.seconds, inference, extra)
+
+
+SOL_ERROR_METRIC = ("relative L2 error ||u - u_fine|| / ||u_fine|| of the tumour density on the model grid over the whole "
+                    "crop at the forecast day, u_fine from the fine (Numba, model-grid) solver with the same parameters "
+                    "and start state; dice_* compare the T1Gd/FLAIR threshold masks")
+
+
+def relative_error(u, u_fine) -> float:
+    return float(np.linalg.norm(np.asarray(u, np.float64) - u_fine) / max(float(np.linalg.norm(u_fine)), 1e-12))
+
+
+def mask_dice(u, u_fine, theta_t1gd, theta_flair, prefix) -> dict:
+    from neurohybrid.evaluation.metrics import dice
+
+    return {f"{prefix}_dice_t1gd": float(dice(u >= theta_t1gd, u_fine >= theta_t1gd)),
+            f"{prefix}_dice_flair": float(dice(u >= theta_flair, u_fine >= theta_flair))}
+
+
+def _upsampler_data(family, fine_grid, max_states: int = 4):
+    """Per model-grid state (a few per trajectory, spread over the horizon): the stencil features and
+    covariates of the trilinear upsampling of its pooled state on its active voxels, that state,
+    and the fine target there."""
+    from neurohybrid.disorders.networks import stencil_features
+
+    items = []
+    for wm, gm, traj in fine_grid:
+        tissue = family.tensor((wm + gm) > 0)
+        for (dw, rho, _), states in zip(traj["draws"], traj["fine"]):
+            cov = family.tensor(_up_covariates(wm, gm, dw, rho))[0]
+            ks = np.unique(np.linspace(1, len(states) - 1, min(max_states, len(states) - 1)).round().astype(int))
+            for k in ks:
+                up = _upsample_torch(family.tensor(_pool(states[k])), wm.shape, tissue)
+                eps = family.upsampler().active_eps
+                act = ((up > eps) & (up < 1 - eps) & (tissue > 0)).reshape(-1)
+                x = torch.cat([stencil_features(up[None]).reshape(-1, 3), cov], 1)[act]
+                items.append((x, up.reshape(-1)[act], family.tensor(states[k]).reshape(-1)[act]))
+    return items
+
+
+def train_upsampler(family, fine_grid) -> dict:
+    """Train the learned part of the coarse-to-fine upsampling: u = clamp(up + 4 up (1 - up) g, 0, 1)
+    with up the trilinear interpolation of the pooled fine state, g a ``GridCorrection``, against the
+    fine state (mean squared error over the active voxels, mini-batches of states, a quarter of
+    the states held out). Switched off (``use_learned`` False) when it does not lower the held-out
+    error. Same for sol and sol_precomputed (a fold's shared work)."""
+    from neurohybrid.hybrid.solver_in_loop import logistic_gate
+    from neurohybrid.hybrid.training import train_loop
+
+    net = family.upsampler()
+    items = _upsampler_data(family, fine_grid)
+
+    def pred(i):
+        x, up, _ = items[i]
+        return torch.clamp(up + logistic_gate(up) * net.scale * net.mlp(x)[:, 0], 0.0, 1.0)
+
+    def loss_fn(idx):
+        return sum(((pred(i) - items[i][2]) ** 2).mean() for i in idx) / len(idx)
+
+    n_steps = int(family.s["sol_upsample_steps"])
+    batch = 4
+    per_epoch = max(1, math.ceil(len(items) * 0.75 / batch))
+    kw = dict(family.train_kw(), epochs=max(1, n_steps // per_epoch), batch_size=batch, val_fraction=0.25, patience=None, lr=3e-3)
+    result = train_loop(net, loss_fn, len(items), **kw)
+    idx = result.val_indices or result.train_indices
+    with torch.no_grad():
+        learned = sum(float(((pred(i) - items[i][2]) ** 2).sum()) for i in idx)
+        plain = sum(float(((items[i][1] - items[i][2]) ** 2).sum()) for i in idx)
+    return {"state_dict": net.state_dict(), "use_learned": learned < plain, "history": result.history,
+            "val_history": result.val_history, "train_seconds": result.seconds,
+            "validation": {"learned_sq_error": learned, "trilinear_sq_error": plain, "states": len(idx)}}
+
+
+class SolForecaster:
+    """One subject's forecast by the fine solver, the plain coarse set-up and the corrected one,
+    prepared once per subject (maps, steppers, buffers, weights: not timed), then run per call.
+
+    fine: the Numba ``GliomaStepper`` on the model grid cropped to the tissue's bounding box, one
+    advance over the gap (step for step ``simulate_glioma``; ``fine_simulate`` is that call itself,
+    with its own per-call set-up). coarse: the Numba stepper on the 2x coarser grid (cropped to its
+    tissue box) in n macro steps (h = gap / n <= sol_step_days), trilinear interpolation back,
+    masked by tissue. sol: the same, each macro step followed by the trained correction and the
+    interpolation followed by the learned upsampling, both evaluated by Numba loops with the
+    trained weights (``sol_numba``). ``sol_torch`` / ``coarse_torch`` are the same forecast with the
+    torch modules (the reference the Numba path is tested against). The interpolation covers the
+    box where the coarse state exceeds 1e-7 (elsewhere the model-grid state is set to 0; the fine
+    solver's values there are below the same order)."""
+
+    EPS = 1e-7
+
+    def __init__(self, family, arrays, spacing, dw, rho, gap, trained):
+        from neurohybrid.disorders.glioma import sol_numba
+        from neurohybrid.solvers.glioma import GliomaStepper, _bbox, _pad1
+
+        self.f, self.s = family, family.s
+        self.a, self.spacing, self.dw, self.rho, self.gap = arrays, spacing, float(dw), float(rho), float(gap)
+        self.n_macro = max(1, math.ceil(self.gap / float(self.s["sol_step_days"]) - 1e-9))
+        self.h = self.gap / self.n_macro
+        self.trained = trained
+        self.model = family.model(spacing)
+        self.model.correction.load_state_dict(trained["state_dict"])
+        self.model.use_correction = bool(trained.get("use_correction", True))
+        self.up = family.upsampler()
+        self.up.load_state_dict(trained["upsampler"]["state_dict"])
+        self.up_learned = bool(trained["upsampler"].get("use_learned", True))
+        s, threads, dg = self.s, int(self.s["threads"]), float(self.s["dg_ratio"])
+        # the coarse grid's tissue maps (made once per subject like the model grid's)
+        self.wm_c, self.gm_c = _pool(arrays["wm"]), _pool(arrays["gm"])
+        # Numba path: the coarse stepper on the coarse tissue box, its padded maps and scratch
+        tissue_c = (self.wm_c + self.gm_c) > 0
+        # (padded by one coarse voxel: the interpolation box may reach one voxel beyond tissue, as on the full grid)
+        cbox = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(_bbox(tissue_c), tissue_c.shape))
+        self.c_off = tuple(int(b.start) for b in cbox)
+        self.tissue_cb = np.ascontiguousarray(tissue_c[cbox])
+        wm_cb, gm_cb = np.ascontiguousarray(self.wm_c[cbox]), np.ascontiguousarray(self.gm_c[cbox])
+        self.stepper = GliomaStepper(wm_cb, gm_cb, np.zeros_like(wm_cb), spacing=tuple(2 * h for h in spacing), dw=self.dw,
+                                     rho=self.rho, dg_ratio=dg, max_rho_dt=float(s["sol_coarse_max_rho_dt"]), threads=threads)
+        self.wm_cp, self.gm_cp = _pad1(wm_cb), _pad1(gm_cb)
+        self.scratch_c = np.zeros_like(self.wm_cp)
+        self.wm_f = np.ascontiguousarray(arrays["wm"], np.float32)
+        self.gm_f = np.ascontiguousarray(arrays["gm"], np.float32)
+        self.scratch_f = np.zeros(tuple(n + 2 for n in self.wm_f.shape), np.float32)
+        self.w_sol = sol_numba.mlp_weights(self.model.correction)
+        self.w_up = sol_numba.mlp_weights(self.up)
+        self.work = sol_numba.Scratch(self.w_sol[0].shape[0], int(s["sol_hidden"]))
+        self.work_up = sol_numba.Scratch(self.w_up[0].shape[0], int(s["sol_hidden"]))
+        zd, zr = _params_unit(self.dw, self.rho)
+        self.consts_sol = np.array([zd, zr, self.h / float(s["sol_step_days"])], np.float32)
+        self.consts_up = np.array([zd, zr], np.float32)
+        # the fine solver prepared the same way: Numba stepper on the model grid's tissue box
+        self.fbox = _bbox((self.wm_f + self.gm_f) > 0)
+        self.fine_stepper = GliomaStepper(self.wm_f[self.fbox], self.gm_f[self.fbox], np.zeros_like(self.wm_f[self.fbox]),
+                                          spacing=spacing, dw=self.dw, rho=self.rho, dg_ratio=dg,
+                                          max_rho_dt=float(s["max_rho_dt"]), threads=threads)
+
+    # -- fine (reference) -----------------------------------------------------------------------
+    def fine(self, u_last):
+        st = self.fine_stepper
+        st.load(u_last[self.fbox])
+        st.advance(self.gap)
+        out = np.zeros(self.wm_f.shape, np.float32)
+        out[self.fbox] = st.state
+        return out
+
+    def fine_simulate(self, u_last):
+        return mech.simulate(self.a["wm"], self.a["gm"], u_last, self.spacing, self.dw, self.rho, [self.gap], self.s)[-1]
+
+    # -- coarse and corrected coarse (Numba) ----------------------------------------------------
+    def _run(self, u_last, corrected: bool) -> np.ndarray:
+        from neurohybrid.disorders.glioma import sol_numba
+
+        st = self.stepper
+        u_last = np.ascontiguousarray(u_last, np.float32)
+        sol_numba.pool_into(u_last, st._a, self.tissue_cb, *self.c_off)
+        correct = corrected and self.model.use_correction
+        scale = np.float32(self.model.correction.scale)
+        eps = np.float32(self.model.correction.active_eps)
+        for _ in range(self.n_macro):
+            st.advance(self.h)
+            if correct:
+                sol_numba.correct_front(st._a, self.scratch_c, self.wm_cp, self.gm_cp, self.consts_sol, *self.w_sol, scale, eps, *self.work.args())
+        out = np.zeros(self.wm_f.shape, np.float32)
+        sol_numba.upsample_front(st._a, *self.c_off, self.wm_f, self.gm_f, self.scratch_f, out, bool(corrected and self.up_learned),
+                                 self.consts_up, *self.w_up, np.float32(self.up.scale), np.float32(self.up.active_eps),
+                                 np.float32(self.EPS), *self.work_up.args())
+        return out
+
+    def sol(self, u_last):
+        return self._run(u_last, True)
+
+    def coarse(self, u_last):
+        return self._run(u_last, False)
+
+    # -- the same with the torch modules (reference of the Numba path) --------------------------
+    def _run_torch(self, u_last, corrected: bool) -> np.ndarray:
+        from neurohybrid.hybrid.solver_in_loop import logistic_gate
+        from neurohybrid.solvers.glioma import GliomaStepper
+
+        wm_c, gm_c = self.wm_c, self.gm_c
+        stepper = GliomaStepper(wm_c, gm_c, np.zeros_like(wm_c), spacing=tuple(2 * h for h in self.spacing), dw=self.dw,
+                                rho=self.rho, dg_ratio=float(self.s["dg_ratio"]),
+                                max_rho_dt=float(self.s["sol_coarse_max_rho_dt"]), threads=int(self.s["threads"]))
+        stepper.load(_pool_state(u_last, wm_c.shape, self.EPS))
+        correct = corrected and self.model.use_correction
+        if correct:
+            cov_grid = _sol_covariates(wm_c, gm_c, self.dw, self.rho, self.h, self.s)[0].reshape(*wm_c.shape, N_SOL_COV)
+        with torch.no_grad():
+            for _ in range(self.n_macro):
+                stepper.advance(self.h)
+                if correct:
+                    u = stepper.state
+                    box = _active_box(u, self.EPS, 1)
+                    if box is None:
+                        continue
+                    ub = self.f.tensor(u[box])
+                    cov = self.f.tensor(cov_grid[box]).reshape(1, -1, N_SOL_COV)
+                    self.model.correction.set_shape(ub.shape)
+                    u[box] = self.model.correct(ub[None], cov)[0].cpu().numpy()
+            uc = stepper.state
+            shape = self.a["wm"].shape
+            out = np.zeros(shape, np.float32)
+            cbox = _active_box(uc, self.EPS, 1, upper=False)
+            if cbox is None:
+                return out
+            fbox = tuple(slice(2 * b.start, min(2 * b.stop, n)) for b, n in zip(cbox, shape))
+            wm, gm = self.a["wm"][fbox], self.a["gm"][fbox]
+            tissue = self.f.tensor((wm + gm) > 0)
+            up = _upsample_torch(self.f.tensor(uc[cbox]), tissue.shape, tissue)
+            if corrected and self.up_learned:
+                cov = self.f.tensor(_up_covariates(wm, gm, self.dw, self.rho))
+                self.up.set_shape(up.shape)
+                g = self.up(up[None], cov)[0]
+                up = torch.clamp(up + logistic_gate(up) * g, 0.0, 1.0) * tissue
+            out[fbox] = up.cpu().numpy()
+        return out
+
+    def sol_torch(self, u_last):
+        return self._run_torch(u_last, True)
+
+    def coarse_torch(self, u_last):
+        return self._run_torch(u_last, False)
+
+    def costs(self, u_last, repeats: int = 5) -> dict:
+        """Best-of-``repeats`` wall times (seconds) from u_last, same threads, compilation excluded (one
+        warm-up call each): the prepared fine stepper (``fine``), the fine solver call with its own
+        set-up (``fine_simulate``), coarse and sol (prepared the same way as ``fine``)."""
+        from neurohybrid.hybrid.solver_in_loop import time_call
+
+        calls = {"fine": self.fine, "fine_simulate": self.fine_simulate, "coarse": self.coarse, "sol": self.sol}
+        for fn in calls.values():
+            fn(u_last)
+        return {k: time_call(lambda fn=fn: fn(u_last), repeats) for k, fn in calls.items()}
+
+
+def _pool_state(u: np.ndarray, coarse_shape, eps: float) -> np.ndarray:
+    """``_pool`` of a state, computed on the (even-aligned) bounding box of u > eps only; the coarse
+    state is 0 elsewhere (there the exact means are below eps)."""
+    out = np.zeros(coarse_shape, np.float32)
+    box = _active_box(u, eps, 0, upper=False)
+    if box is None:
+        return out
+    fine = tuple(slice(b.start - b.start % 2, b.stop + b.stop % 2) for b in box)
+    coarse = tuple(slice(f.start // 2, (f.start + 1) // 2 + (min(f.stop, n) - f.start + 1) // 2) for f, n in zip(fine, u.shape))
+    out[coarse] = _pool(u[fine])
+    return out
+
+
+def _active_box(u: np.ndarray, eps: float, pad: int, upper: bool = True):
+    """Bounding box (slices) of the voxels with eps < u (< 1 - eps when ``upper``), padded by ``pad``."""
+    mask = u > eps
+    if upper:
+        mask &= u < 1.0 - eps
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(3):
+        other = tuple(i for i in range(3) if i != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, u.shape[axis])))
+    return tuple(out)
 
 
 class SolverPrecomputed(SolverInLoop):

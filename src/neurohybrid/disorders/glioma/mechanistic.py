@@ -33,21 +33,66 @@ DEFAULTS = dict(
     # (training subjects, or their patches when there are fewer than 3), a validation subset of
     # `val_fraction` of the items with early stopping after `patience` epochs without improvement
     epochs=4, learning_rate=0.01, hidden=8, residual_penalty=0.1, train_margin=4,
-    sol_step_days=10.0, sol_steps=3, sol_train_steps=6, sol_box_vox=24, time_limit_s=None, batch_size=1, val_fraction=0.25,
-    patience=2, threads=1, torch_threads=1,
-    # the solver-in-the-loop and amortised parameter networks keep their own (earlier) budgets:
-    # full-batch epochs over the training subjects (train_param_net runs 4 x amortised_epochs steps)
-    sol_epochs=12, sol_batch_size=None, amortised_epochs=12,
+    time_limit_s=None, batch_size=1, val_fraction=0.25, patience=2, threads=1, torch_threads=1,
+    # solver in the loop (sol, sol_precomputed; families.SolverInLoop): a 2x coarser grid advanced in
+    # macro steps of at most `sol_step_days` (the step is an input of the correction), SOL-`sol_steps`;
+    # training data: `sol_draws` parameter draws per training subject, each a fine trajectory of
+    # `sol_train_steps` macro steps from the subject's calibrated state at its last session;
+    # `sol_epochs` epochs of mini-batches of `sol_batch_size` trajectories; the learned part of the
+    # coarse-to-fine upsampling takes `sol_upsample_steps` Adam steps. The coarse grid's own step bound
+    # caps rho dt at `sol_coarse_max_rho_dt` (the reaction is integrated exactly: the cap only bounds the
+    # splitting error, which the correction learns; measured: no change of the plain coarse error
+    # between 0.2 and 1.0 on the 4 mm demo grid)
+    sol_step_days=40.0, sol_steps=3, sol_train_steps=5, sol_draws=6, sol_epochs=30, sol_batch_size=4, sol_hidden=16,
+    sol_upsample_steps=300, sol_coarse_max_rho_dt=1.0,
+    # both corrections act where sol_active_eps < u < 1 - sol_active_eps (their gate 4 u (1 - u) is below
+    # 4 sol_active_eps elsewhere); the forecast's cost grows with that shell's size (measured at 2 mm:
+    # 1e-2 instead of 1e-4 halves the shell, same errors and Dice)
+    sol_active_eps=1e-2,
+    # the amortised parameter network keeps its own budget: full-batch epochs over the training subjects
+    # (train_param_net runs 4 x amortised_epochs steps)
+    amortised_epochs=12,
 )
-SLOPPY = dict(restarts=1, fit_iterations=25, epochs=2, sol_epochs=6, amortised_epochs=6, sol_train_steps=4, sol_box_vox=16)
+SLOPPY = dict(restarts=1, fit_iterations=25, epochs=2, sol_epochs=4, amortised_epochs=6, sol_train_steps=3, sol_draws=2,
+              sol_upsample_steps=40)
 
 DW_BOUNDS = (0.01, 1.0)
+# the prior (literature) ranges of the parameters, DATA.md: D_w 0.035-0.3 mm^2/day, rho 0.01-0.2 /day
+# with a Fisher front speed 2 sqrt(D_w rho) of 0.04-0.2 mm/day (the virtual cohort draws from the
+# same ranges). The solver-in-the-loop draws its training parameters from them and feeds its
+# network log(D_w), log(rho) scaled to [0, 1] over them (``prior_unit``).
+PRIOR_DW_RANGE = (0.035, 0.3)
+PRIOR_RHO_RANGE = (0.01, 0.2)
+PRIOR_SPEED_RANGE = (0.04, 0.2)
 RHO_BOUNDS = (0.005, 0.5)
 T0_BOUNDS = (1.0, 1500.0)
 
 
 def settings(config: dict) -> dict:
     return resolve(config, "glioma")
+
+
+def prior_unit(value, prior_range):
+    """log(value) mapped linearly onto [0, 1] over the prior range (values outside extrapolate)."""
+    lo, hi = np.log(prior_range[0]), np.log(prior_range[1])
+    log = np.log(value) if not hasattr(value, "log") else value.log()
+    return (log - lo) / (hi - lo)
+
+
+def from_prior_unit(z, prior_range):
+    """Inverse of ``prior_unit``."""
+    lo, hi = np.log(prior_range[0]), np.log(prior_range[1])
+    x = lo + z * (hi - lo)
+    return np.exp(x) if not hasattr(x, "exp") else x.exp()
+
+
+def draw_prior(rng) -> tuple[float, float]:
+    """(D_w, rho) log-uniform over the prior ranges, redrawn until the front speed is in range."""
+    while True:
+        dw = float(np.exp(rng.uniform(*np.log(PRIOR_DW_RANGE))))
+        rho = float(np.exp(rng.uniform(*np.log(PRIOR_RHO_RANGE))))
+        if PRIOR_SPEED_RANGE[0] <= 2.0 * np.sqrt(dw * rho) <= PRIOR_SPEED_RANGE[1]:
+            return dw, rho
 
 
 @dataclasses.dataclass
