@@ -15,7 +15,6 @@ the trained weights (``sol_numba``).
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -85,7 +84,6 @@ def run_grid(quick: bool = False, seed: int = 0, n_train: int | None = None, n_t
     from neurohybrid.disorders.glioma import mechanistic as mech
     from neurohybrid.disorders.glioma.families import SolForecaster, mask_dice, relative_error
 
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     torch.set_num_threads(1)
     n_train = n_train or (2 if quick else 3)
     n_test = n_test or (1 if quick else 4)
