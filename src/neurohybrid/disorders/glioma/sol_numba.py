@@ -10,10 +10,12 @@ tested there; tests/disorders/test_glioma_sol.py checks that both paths agree to
   ``families._pool``) written into a coarse stepper's padded buffer (0 outside tissue, below TINY);
 * ``correct_front``: u <- clamp(u + 4 u (1 - u) * scale * mlp(u, 4 lap, 2 |grad|, wm, gm, consts),
   0, 1) on the voxels with eps < u < 1 - eps in tissue (``CorrectedSolver.correct`` with a
-  ``GridCorrection``);
+  ``GridCorrection``) gathered only in the bounding box of those voxels (a read-only
+  pass finds it), so a sweep costs the front, not the grid;
 * ``upsample_front``: the trilinear 2x interpolation (``F.interpolate``, align_corners=False) of
   the coarse state's active box (u > box_eps, padded by one coarse voxel, the interpolation clamped
-  at the box's edges as the torch path does on that box) times tissue, then optionally the same
+  at the box's edges as the torch path does on that box) times tissue, computed separably (z, y, x: bit for bit the
+  direct formula's products and sums), then optionally the same
   gated MLP correction on the fine grid (the learned upsampler).
 
 All arrays are float32 and C-ordered; scratch buffers are allocated once per subject by the caller.
@@ -141,10 +143,23 @@ def correct_front(a, scratch, wm, gm, consts, w1, b1, w2, b2, w3, b3, scale, eps
     one, zero = np.float32(1), np.float32(0)
     chunk = x.shape[1]
     n, total = 0, 0
-    lo0, lo1, lo2, hi0, hi1, hi2 = nx, ny, nz, 0, 0, 0  # box of the corrected voxels
+    # the box of the front voxels (a read-only pass); only there is anything gathered or written
+    s0, s1, s2, t0, t1, t2 = nx, ny, nz, 0, 0, 0
     for i in range(1, nx - 1):
         for j in range(1, ny - 1):
+            hit = False
             for k in range(1, nz - 1):
+                u = a[i, j, k]
+                if u > eps and u < one - eps:
+                    hit = True
+                    s2, t2 = min(s2, k), max(t2, k)
+            if hit:
+                s0, t0 = min(s0, i), max(t0, i)
+                s1, t1 = min(s1, j), max(t1, j)
+    lo0, lo1, lo2, hi0, hi1, hi2 = nx, ny, nz, 0, 0, 0  # box of the corrected voxels
+    for i in range(s0, t0 + 1):
+        for j in range(s1, t1 + 1):
+            for k in range(s2, t2 + 1):
                 u = a[i, j, k]
                 scratch[i, j, k] = -one
                 if u <= eps or u >= one - eps or wm[i, j, k] + gm[i, j, k] <= zero:
@@ -249,26 +264,39 @@ def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b
         f0[d] = 2 * (c0[d] + off[d])
         f1[d] = min(2 * (c1 + off[d]), full[d])
     one, zero = np.float32(1), np.float32(0)
-    for i in range(f0[0], f1[0]):
-        ia, ib, wi = _lin(c0[0], cn[0], i - f0[0])
-        for j in range(f0[1], f1[1]):
-            ja, jb, wj = _lin(c0[1], cn[1], j - f0[1])
-            for k in range(f0[2], f1[2]):
-                if wm[i, j, k] + gm[i, j, k] <= zero:
+    # separable: along z (on the coarse x-y box), then y, then x, the same products and sums per
+    # fine voxel as the direct trilinear formula (bit for bit); x last, only on tissue voxels
+    mx, my, mz = f1[0] - f0[0], f1[1] - f0[1], f1[2] - f0[2]
+    ka = np.empty(mz, np.int64)
+    kb = np.empty(mz, np.int64)
+    wk = np.empty(mz, np.float32)
+    for k in range(mz):
+        ka[k], kb[k], wk[k] = _lin(c0[2], cn[2], k)
+    zb = np.empty((cn[0], cn[1], mz), np.float32)
+    for ci in range(cn[0]):
+        for cj in range(cn[1]):
+            row = a[c0[0] + ci + 1, c0[1] + cj + 1]
+            for k in range(mz):
+                w = wk[k]
+                zb[ci, cj, k] = (one - w) * row[ka[k] + 1] + w * row[kb[k] + 1]
+    yb = np.empty((cn[0], my, mz), np.float32)
+    for ci in range(cn[0]):
+        for j in range(my):
+            ja, jb, wj = _lin(0, cn[1], j)
+            za, zbb = zb[ci, ja], zb[ci, jb]
+            for k in range(mz):
+                yb[ci, j, k] = (one - wj) * za[k] + wj * zbb[k]
+    for i in range(mx):
+        ia, ib, wi = _lin(0, cn[0], i)
+        for j in range(my):
+            ya, ybb = yb[ia, j], yb[ib, j]
+            for k in range(mz):
+                x0, x1, x2 = f0[0] + i, f0[1] + j, f0[2] + k
+                if wm[x0, x1, x2] + gm[x0, x1, x2] <= zero:
                     continue
-                ka, kb, wk = _lin(c0[2], cn[2], k - f0[2])
-                # trilinear: along z, then y, then x (a holds the coarse interior at +1)
-                v00 = (one - wk) * a[ia + 1, ja + 1, ka + 1] + wk * a[ia + 1, ja + 1, kb + 1]
-                v01 = (one - wk) * a[ia + 1, jb + 1, ka + 1] + wk * a[ia + 1, jb + 1, kb + 1]
-                v10 = (one - wk) * a[ib + 1, ja + 1, ka + 1] + wk * a[ib + 1, ja + 1, kb + 1]
-                v11 = (one - wk) * a[ib + 1, jb + 1, ka + 1] + wk * a[ib + 1, jb + 1, kb + 1]
-                v0 = (one - wj) * v00 + wj * v01
-                v1 = (one - wj) * v10 + wj * v11
-                p[i + 1, j + 1, k + 1] = (one - wi) * v0 + wi * v1
-    for i in range(f0[0], f1[0]):
-        for j in range(f0[1], f1[1]):
-            for k in range(f0[2], f1[2]):
-                out[i, j, k] = p[i + 1, j + 1, k + 1]
+                v = (one - wi) * ya[k] + wi * ybb[k]
+                p[x0 + 1, x1 + 1, x2 + 1] = v
+                out[x0, x1, x2] = v
     total = 0
     if learned:
         nc = consts.shape[0]
