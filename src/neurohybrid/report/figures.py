@@ -272,6 +272,7 @@ def sol_accuracy_cost(frame, path: Path) -> bool:
         for model, grp in sub.groupby("model"):
             ax.plot(grp["sol_cost_seconds"], grp["sol_error_vs_fine"], "o", ms=4, label=f"coarse + correction, {model}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow decade labels every minor tick
         ax.set_xlabel("wall time (s)", fontsize=7)
         ax.set_title(disorder, fontsize=8)
         ax.legend(fontsize=6)
