@@ -15,9 +15,9 @@ from scipy import ndimage
 
 from neurohybrid.disorders.base import SubjectData, get_disorder
 from neurohybrid.disorders.stroke import mechanistic as mech
+from neurohybrid.disorders.stroke.sol_bench import SHAPE, phantom
 from neurohybrid.solvers.stroke import CORE_THRESHOLD, hypoxic_fraction, normal_cbf
 
-SHAPE = (18, 18, 18)
 VOX = 2.0
 HYBRID_CFG = {"seed": 0, "device": "cpu",
               "stroke": {"epochs": 50, "hidden": 8, "learning_rate": 0.003, "val_fraction": 0.25, "patience": 20,
@@ -25,11 +25,7 @@ HYBRID_CFG = {"seed": 0, "device": "cpu",
 
 
 def _anatomy():
-    x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
-    brain = (x / 8.0) ** 2 + (y / 8.0) ** 2 + (z / 7.5) ** 2 <= 1.0
-    wm = np.where(brain, 0.25 + 0.45 * (np.abs(x) < 3), 0.0).astype(np.float32)
-    gm = np.where(brain, 1.0 - wm, 0.0).astype(np.float32)
-    return x, y, z, brain, wm, gm
+    return phantom()
 
 
 def make_subject(name, rng, *, hidden=True, sigma=1.0, t_img=None, rep="draw"):

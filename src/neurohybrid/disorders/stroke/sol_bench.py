@@ -30,7 +30,8 @@ VOX_MM = 2.0
 TOLERANCE = 5e-3
 
 
-def _phantom():
+def phantom():
+    """A small ellipsoidal brain (x, y, z, brain mask, WM, GM) on SHAPE: the stroke tests' anatomy too."""
     x, y, z = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
     brain = (x / 8.0) ** 2 + (y / 8.0) ** 2 + (z / 7.5) ** 2 <= 1.0
     wm = np.where(brain, 0.25 + 0.45 * (np.abs(x) < 3), 0.0).astype(np.float32)
@@ -45,7 +46,7 @@ def virtual_patient(name: str, rng) -> tuple[SubjectData, dict]:
     from neurohybrid.synth.stroke import draw_parameters
 
     params = draw_parameters(rng)
-    x, y, z, brain, wm, gm = _phantom()
+    x, y, z, brain, wm, gm = phantom()
     c = rng.uniform(-2.0, 2.0, 3)
     territory = brain & ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= rng.uniform(5.0, 6.5) ** 2)
     normal = np.where(brain, normal_cbf(wm), 0.0)
