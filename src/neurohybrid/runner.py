@@ -27,12 +27,28 @@ REPO_PROFILE = "workflow/profiles/default"
 
 def _workdir(args: list[str]) -> Path:
     """The folder snakemake runs in (its --directory / -d option, else the current one)."""
+    folder = _option(args, "--directory", "-d")
+    return Path(folder) if folder else Path.cwd()
+
+
+def _option(args: list[str], *names: str) -> str | None:
     for i, arg in enumerate(args):
-        if arg in ("--directory", "-d") and i + 1 < len(args):
-            return Path(args[i + 1])
-        if arg.startswith("--directory="):
-            return Path(arg.split("=", 1)[1])
-    return Path.cwd()
+        if arg in names and i + 1 < len(args):
+            return args[i + 1]
+        for name in names:
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _profile(args: list[str]) -> list[str]:
+    """The repository's workflow profile, beside the Snakefile (--snakefile, else the current
+    folder), unless the options name a profile themselves."""
+    if any(a.startswith(("--workflow-profile", "--profile")) for a in args):
+        return []
+    snakefile = _option(args, "--snakefile", "-s")
+    root = Path(snakefile).resolve().parent if snakefile else Path.cwd()
+    return ["--workflow-profile", str(root / REPO_PROFILE)]
 
 
 def _acquire(lock_path: Path) -> int:
@@ -54,8 +70,7 @@ def run(snakemake_args: list[str]) -> int:
     workdir = _workdir(snakemake_args)
     fd = _acquire(workdir / ".snakemake" / "neurohybrid-run.lock")
     base = [sys.executable, "-m", "snakemake"]
-    profile = [] if any(a.startswith(("--workflow-profile", "--profile")) for a in snakemake_args) else \
-        ["--workflow-profile", REPO_PROFILE]
+    profile = _profile(snakemake_args)
     locks = workdir / ".snakemake" / "locks"
     if locks.is_dir() and any(locks.iterdir()):
         # we hold the run lock, so no live run owns these: a killed run left them
