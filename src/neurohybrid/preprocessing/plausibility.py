@@ -18,9 +18,8 @@ MIN_CONTRAST = 0.02  # coefficient of variation of the intensity inside the brai
 GM_SHARE = (0.25, 0.80)  # GM / (GM + WM)
 
 
-def check_tissue_volumes(probs: dict, voxel_ml: float, *, file, subject) -> dict:
-    """Raise InputError naming the T1w when GM + WM volume or the GM share is outside the human
-    range; return the volumes (ml) otherwise."""
+def check_tissue_volumes(probs: dict, voxel_ml: float, *, file, subject) -> None:
+    """Raise InputError naming the T1w when GM + WM volume or the GM share is outside the human range."""
     gm = float(np.sum(probs["GM"])) * voxel_ml
     wm = float(np.sum(probs["WM"])) * voxel_ml
     total = gm + wm
@@ -32,7 +31,6 @@ def check_tissue_volumes(probs: dict, voxel_ml: float, *, file, subject) -> dict
     if not GM_SHARE[0] <= share <= GM_SHARE[1]:
         raise InputError(f"implausible segmentation: grey matter is {share:.0%} of GM + WM, outside "
                          f"{GM_SHARE[0]:.0%}-{GM_SHARE[1]:.0%} (is this a T1-weighted image?)", file=file, subject=subject)
-    return {"gm_ml": gm, "wm_ml": wm}
 
 
 def check_contrast(values: np.ndarray, *, file, subject) -> None:
