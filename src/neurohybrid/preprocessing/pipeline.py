@@ -117,8 +117,9 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
     priors = {k: ab.apply(ab.to_ants(load_template(k.lower(), reg_mm)), t1n, inv, invert=ab.INVERSE_INVERT) for k in ("CSF", "GM", "WM")}
     probs = atropos_segment(t1n, mask, priors, iterations=5 if fast else 15)
     times["segmentation"] = time.perf_counter() - t
+    vox_vol = float(abs(np.linalg.det(t1_img.affine[:3, :3])))  # mm^3
     try:
-        check_tissue_volumes(probs, float(abs(np.linalg.det(t1_img.affine[:3, :3]))) / 1000.0, file=t1_path, subject=sub)
+        check_tissue_volumes(probs, vox_vol / 1000.0, file=t1_path, subject=sub)
     except InputError:
         for path in (*fwd, *inv, Path(f"{d.xfm_forward_stem}.json"), Path(f"{d.xfm_inverse_stem}.json")):
             path.unlink(missing_ok=True)  # written after registration: a failed run leaves nothing
@@ -132,7 +133,6 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
     cereb = ab.apply(ab.to_ants(nib.Nifti1Image(cereb_t, tpl_t1.affine)), t1n, inv, interpolator="genericLabel",
                      invert=ab.INVERSE_INVERT).numpy()
     cereb = (cereb > 0.5) & mask_np & (dseg == 0)
-    vox_vol = float(abs(np.linalg.det(t1_img.affine[:3, :3])))
     volumes = regional_volumes(dseg, vox_vol, regions)
     times["parcellation"] = time.perf_counter() - t
 
