@@ -22,7 +22,7 @@ run: install
 	snakemake --report results/report.html
 
 test: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --hypothesis-seed=0
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
