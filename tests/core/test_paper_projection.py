@@ -1,0 +1,58 @@
+"""The runtime projection of benchmarks/paper_projection.py: its list schedule and cost fit."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "paper_projection", Path(__file__).parents[2] / "benchmarks" / "paper_projection.py")
+projection = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(projection)
+
+
+def _jobs(threads):
+    return {j: {"rule": f"r{j}", "wildcards": {}, "threads": t} for j, t in threads.items()}
+
+
+def test_schedule_of_a_fan_out_and_join():
+    # 0 -> {1, 2, 3} -> 4: on 3 cores the middle jobs run side by side, on 1 core one after another
+    jobs = _jobs({0: 1, 1: 1, 2: 1, 3: 1, 4: 1})
+    edges = [(0, 1), (0, 2), (0, 3), (1, 4), (2, 4), (3, 4)]
+    dur = {0: 1.0, 1: 5.0, 2: 3.0, 3: 2.0, 4: 1.0}
+    assert projection.schedule(jobs, edges, dur, cores=3) == pytest.approx(7.0)
+    assert projection.schedule(jobs, edges, dur, cores=1) == pytest.approx(12.0)
+    # two cores: the longest job first (5), the others (3 then 2) beside it
+    assert projection.schedule(jobs, edges, dur, cores=2) == pytest.approx(7.0)
+    # a per-job latency adds up along the critical path
+    assert projection.schedule(jobs, edges, dur, cores=3, latency=10.0) == pytest.approx(37.0)
+
+
+def test_schedule_respects_threads_and_nodes():
+    jobs = _jobs({0: 2, 1: 2, 2: 2})
+    dur = {0: 4.0, 1: 4.0, 2: 4.0}
+    assert projection.schedule(jobs, [], dur, cores=4) == pytest.approx(8.0)
+    assert projection.schedule(jobs, [], dur, cores=6) == pytest.approx(4.0)
+    # two nodes of 3 cores: one 2-thread job per node at a time
+    assert projection.schedule(jobs, [], dur, cores=6, cores_per_node=3) == pytest.approx(8.0)
+
+
+def test_train_cost_model_recovers_its_coefficients(tmp_path):
+    a, b, c = 20.0, 3.0, 0.5
+    files = {}
+    for epochs in (2, 4):
+        rows = []
+        for fold, subjects in enumerate(["s1", "s1,s2,s3"]):
+            n = len(subjects.split(","))
+            # two families whose costs add up to the job's
+            total = a + n * (b + c * epochs)
+            rows += [dict(disorder="glioma", family=f, stage="train", fold=fold, subjects=subjects,
+                          cpu_s=total * share, wall_s=0.0) for f, share in (("x", 0.25), ("y", 0.75))]
+        rows.append(dict(disorder="glioma", family="x", stage="forecast", fold=0, subjects="s9",
+                         cpu_s=float(epochs), wall_s=0.0))
+        files[epochs] = tmp_path / f"e{epochs}.json"
+        files[epochs].write_text(json.dumps(rows))
+    coef, forecast = projection.model_costs(files)
+    assert coef["glioma"] == pytest.approx([a, b, c])
+    assert forecast["glioma"] == pytest.approx(3.0)
