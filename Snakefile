@@ -44,4 +44,5 @@ rule all:
         rules.cohort_stats.output,
         rules.cohort_figures.output,
         expand(rules.preprocess_anat.output.qc, subject=SUBJECTS),
+        expand(rules.preprocess_align.output.qc, subject=SUBJECTS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),

@@ -135,6 +135,12 @@ def test_pet_suvr_recovers_known_ratio(processed):
     petdir.mkdir(parents=True, exist_ok=True)
     aff = nib.load(d.dseg).affine
     nib.save(nib.Nifti1Image(pet.astype(np.float32), aff), petdir / "sub-01_ses-1_trc-AV1451_pet.nii.gz")
+    # this PET is a label image, no anatomy to register: its alignment is given as the identity
+    # (what `preprocess align` finds, within a voxel, for a PET on the T1w; test_alignment.py)
+    from neurohybrid.preprocessing import align
+
+    image = align.session_images(root, "01", "1")["petAV1451"]
+    align.write_matrix(np.eye(4), align.transform_path(out, "01", "1", image))
     assert main(["preprocess", "pet", "--bids", str(root), "--subject", "01", "--out", str(out)]) == 0
     tab = pd.read_csv(d.suvr("1"), sep="\t").set_index("region")
     assert tab.loc[regions["name"].iloc[5], "suvr"] == pytest.approx(2.0)

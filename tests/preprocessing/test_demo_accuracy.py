@@ -30,7 +30,10 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     generate_cohort(root / "bids", root / "truth", glioma=1, alzheimer=1, dwi_subjects=1, voxel_mm=2.0, seed=4)
     subjects = sorted(p.name[4:] for p in (root / "bids").glob("sub-*") if p.is_dir())
+    from neurohybrid.preprocessing.align import run_align
+
     for s in subjects:
+        run_align(root / "bids", s, root / "out", fast=False, threads=2)
         run_anat(root / "bids", s, root / "out", model_voxel_mm=2.0, fast=False, threads=2)
     return root, subjects
 

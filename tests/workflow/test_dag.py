@@ -54,6 +54,7 @@ def test_default_config_dag(tmp_path):
     folds = config["models"]["n_folds"]
     assert counts == {
         "synth": 1,
+        "preprocess align": len(subjects),
         "preprocess anat": len(subjects),
         "preprocess lesions": len(subjects) - n_ad,
         "preprocess pet": n_ad,
@@ -166,7 +167,8 @@ def test_user_bids_dag(tmp_path):
     commands = shell_commands(result.stdout)
     counts = Counter(step(c) for c in commands)
     assert "synth" not in counts
-    assert counts["preprocess anat"] == 6 and counts["preprocess lesions"] == 4 and counts["preprocess pet"] == 2
+    assert counts["preprocess align"] == 6 and counts["preprocess anat"] == 6
+    assert counts["preprocess lesions"] == 4 and counts["preprocess pet"] == 2
     assert counts["train"] == 3 * 2 and counts["forecast"] == 6 and counts["evaluate"] == 6
     for c in commands:
         if "--bids" in c:

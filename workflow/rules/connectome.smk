@@ -6,6 +6,7 @@ rule preprocess_connectome:
     input:
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.probseg,
+        rules.preprocess_align.output.done,
         raw=raw_files("sub-{subject}/ses-*/dwi/sub-{subject}_ses-*_dwi.*"),
     output:
         tsv=f"{PREPROC}/sub-{{subject}}/dwi/sub-{{subject}}_atlas-DK_connectivity.tsv",

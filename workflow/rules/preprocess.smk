@@ -5,8 +5,49 @@ ANAT = f"{PREPROC}/sub-{{subject}}/anat/sub-{{subject}}"
 TEMPLATE = "MNI152NLin2009cSym"
 
 
+# Rigid within-subject alignment of every session's images to the first session's T1w (any grid,
+# orientation, datatype); the later steps read its transforms. Its per-session QC figures (a set
+# that varies between subjects) go to one folder, reported image by image.
+rule preprocess_align:
+    input:
+        raw=raw_files(
+            "sub-{subject}/ses-*/*/sub-{subject}_ses-*.nii.gz",
+            "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
+        ),
+    output:
+        done=touch(f"{OUT}/flags/preprocess_align/sub-{{subject}}.done"),
+        qc=report(
+            directory(f"{PREPROC}/sub-{{subject}}/figures/align"),
+            patterns=["{name}.png"],
+            caption="../report/qc_align.rst",
+            category="Quality control",
+            labels={"subject": "{subject}", "figure": "{name}"},
+        ),
+    log:
+        f"{LOGS}/preprocess_align/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/preprocess_align/sub-{{subject}}.tsv"
+    group:
+        "subject"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
+        fast=fast_flag(),
+        backend=config["preprocessing"]["backend"],
+    shell:
+        "neurohybrid preprocess align --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        " --backend {params.backend} --threads {threads} {params.fast} > {log} 2>&1"
+
+
 rule preprocess_anat:
     input:
+        rules.preprocess_align.output.done,
         raw=raw_files(
             "sub-{subject}/ses-*/anat/sub-{subject}_ses-*_T1w.nii.gz",
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
@@ -71,6 +112,7 @@ rule preprocess_anat:
 rule preprocess_lesions:
     input:
         rules.preprocess_anat.output.to_template,
+        rules.preprocess_align.output.done,
         raw=raw_files(
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
             "sub-{subject}/ses-*/perf/sub-{subject}_ses-*_cbf.nii.gz",
@@ -100,6 +142,7 @@ rule preprocess_lesions:
 
 rule preprocess_pet:
     input:
+        rules.preprocess_align.output.done,
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.reference,
         raw=raw_files("sub-{subject}/ses-*/pet/sub-{subject}_ses-*_pet.nii.gz"),

@@ -6,15 +6,33 @@ All commands share ``--bids B`` (raw BIDS root), ``--subject S`` (label without 
 Bad input (missing modality/file, 4D where 3D is expected, NaN/singular affine, empty brain mask)
 raises InputError naming subject and file: the CLI prints one line and exits 2, and writes nothing.
 
-1. Structural (run first; every subject)::
+0. Within-subject alignment (run first; every subject)::
+
+     neurohybrid preprocess align --bids B --subject S --out O [--fast] [--backend ants|fsl] [--threads N]
+
+   reads   every image of every session: ses-*/anat/*_T1w, *_FLAIR, *_ce-*_T1w, ses-*/pet/*_pet,
+           ses-*/perf/*_cbf, ses-*/dwi/*_dwi (mean b0), on any grid, orientation, voxel size, datatype
+           and scale factor
+   writes  O/sub-S/ses-SES/<datatype>/<entities>_from-<suffix>_to-T1w_mode-image_xfm.mat (+ .json)
+           rigid (Mattes MI, antspyx): image -> its session's T1w -> the first session's T1w, composed
+           into one ANTs affine mapping reference-T1w points to image points (see align.py);
+           the first session's T1w (the reference) has none
+           O/sub-S/figures/align/sub-S_ses-SES_desc-align_qc.png   every image over its session's
+           T1w after alignment, lesion masks outlined
+   ``--backend fsl``: the FSL steps resample with FSL matrices from the T1w only, so every image
+   must already be on the first session's T1w grid and within a voxel of it: anything else stops
+   with an InputError naming the file (use the ants backend for unaligned data).
+
+1. Structural (after ``align``; every subject)::
 
      neurohybrid preprocess anat --bids B --subject S --out O [--model-voxel-mm 2] [--fast]
                                  [--backend ants|fsl] [--threads N] [--session SES]
 
    reads   B/sub-S/ses-<first>/anat/sub-S_ses-<first>_T1w.nii.gz   (first session of
            sub-S_sessions.tsv, else the first ses-* folder in sorted order; --session overrides)
-           B/derivatives/lesions/sub-S/ses-<first>/anat/sub-S_ses-<first>_space-T1w_desc-*_mask.nii.gz
-           (optional; their union is excluded from the registration metric: cost-function masking)
+           B/derivatives/lesions/sub-S/ses-<first>/anat/sub-S_ses-<first>_[space-<x>_]desc-*_mask.nii.gz
+           (optional, on the grid of any image of that session: through its ``align`` transform;
+           their union is excluded from the registration metric: cost-function masking)
    writes  O/sub-S/anat/sub-S_desc-preproc_T1w.nii.gz                 N4-corrected T1w
            O/sub-S/anat/sub-S_desc-brain_mask.nii.gz
            O/sub-S/anat/sub-S_label-{GM,WM,CSF}_probseg.nii.gz          Atropos / FAST
@@ -31,13 +49,17 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
    ``from-T1w_to-MNI`` as [xfm.nii.gz, xfm.mat] and ``from-MNI_to-T1w`` as [xfm.mat, xfm.nii.gz]
    (see ``neurohybrid.preprocessing.transforms``).
 
-2. Lesion masks and perfusion to the model grid (glioma, stroke; after ``anat``)::
+2. Lesion masks and perfusion to the model grid (glioma, stroke; after ``align`` and ``anat``)::
 
      neurohybrid preprocess lesions --bids B --subject S --out O [--model-voxel-mm 2]
 
-   reads   O/sub-S/anat/* transforms from step 1, and for every session SES:
-           B/derivatives/lesions/sub-S/ses-SES/anat/sub-S_ses-SES_space-T1w_desc-{T1Gd,FLAIR,infarct}_mask.nii.gz
+   reads   O/sub-S/anat/* transforms from step 1, the step-0 transforms, and for every session SES:
+           B/derivatives/lesions/sub-S/ses-SES/anat/sub-S_ses-SES_[space-<x>_]desc-{T1Gd,FLAIR,infarct}_mask.nii.gz
            B/sub-S/ses-SES/perf/sub-S_ses-SES_cbf.nii.gz   (when present)
+           A mask is on the grid of the image it was drawn on (its affine says which; the space-
+           entity breaks ties or names the image when the grid is its own) and goes to the model
+           grid through [T1w -> template, that image's from-<x>_to-T1w] in one linear
+           interpolation, thresholded at 0.5.
    writes  O/sub-S/ses-SES/anat/sub-S_ses-SES_space-MNI152NLin2009cSym_res-model_desc-<lesion>_mask.nii.gz
            O/sub-S/ses-SES/perf/sub-S_ses-SES_space-MNI152NLin2009cSym_res-model_cbf.nii.gz
    Errors if the subject has neither lesion masks nor CBF.
@@ -47,7 +69,8 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
      neurohybrid preprocess pet --bids B --subject S --out O
 
    reads   O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz, sub-S_label-cerebellumGM_mask.nii.gz, and every
-           B/sub-S/ses-SES/pet/sub-S_ses-SES_trc-<tracer>_pet.nii.gz (on the T1w grid)
+           B/sub-S/ses-SES/pet/sub-S_ses-SES_trc-<tracer>_pet.nii.gz (any grid: resampled onto the
+           T1w through its step-0 transform, linear)
    writes  O/sub-S/ses-SES/pet/sub-S_ses-SES_atlas-DK_desc-suvr_pet.tsv   (region, suvr), one row
            per DK region (canonical names), mean uptake / mean uptake in cerebellar GM.
 
@@ -57,7 +80,8 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
                                        [--normative-csv FILE] [--fast] [--threads N]
 
    reads   O/sub-S/anat/sub-S_atlas-DK_dseg.nii.gz, sub-S_label-WM_probseg.nii.gz,
-           B/sub-S/ses-*/dwi/sub-S_ses-*_dwi.{nii.gz,bval,bvec} (first session that has DWI)
+           B/sub-S/ses-*/dwi/sub-S_ses-*_dwi.{nii.gz,bval,bvec} (first session that has DWI; any grid:
+           the T1w labels go to the DWI grid through the inverse of its step-0 transform)
    writes  O/sub-S/dwi/sub-S_atlas-DK_connectivity.tsv  (square, header = canonical region names,
            streamline counts; normative: tvb-data DK-68 weights, zero rows for subcortical regions)
            O/sub-S/dwi/sub-S_atlas-DK_connectivity.json (Source: dwi-dipy | dwi-mrtrix | normative,
@@ -107,6 +131,13 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("preprocess", help="registration, segmentation, parcellation, PET, connectome")
     sub = parser.add_subparsers(dest="preprocess_command", required=True, metavar="STEP")
 
+    p = sub.add_parser("align", help="rigid within-subject alignment of every session's images to the first T1w, QC")
+    _common(p)
+    p.add_argument("--fast", action="store_true", help="coarse registration levels only (tests, demo)")
+    p.add_argument("--backend", choices=["ants", "fsl"], default="ants")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_run_align)
+
     p = sub.add_parser("anat", help="N4, brain extraction, registration to MNI, segmentation, parcellation, QC")
     _common(p)
     p.add_argument("--model-voxel-mm", type=float, default=2.0)
@@ -132,6 +163,15 @@ def register(subparsers) -> None:
     p.add_argument("--fast", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_run_connectome)
+
+
+def _run_align(args) -> int:
+    _check(args)
+    from neurohybrid.preprocessing.align import run_align
+
+    with _scratch(args, "align"):
+        run_align(args.bids, args.subject, args.out, fast=args.fast, backend=args.backend, threads=args.threads)
+    return 0
 
 
 def _run_anat(args) -> int:

@@ -40,7 +40,19 @@ def _index_labels(dseg: np.ndarray, regions: pd.DataFrame) -> np.ndarray:
     return lut[dseg.astype(np.int64)]
 
 
-def _on_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, interpolation: str) -> np.ndarray:
+def _on_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, interpolation: str, to_dwi=None) -> np.ndarray:
+    """A T1w-grid image on the DWI grid: through the inverse of the DWI's rigid transform
+    (`preprocess align`, which maps T1w points to DWI points) when given, else by world coordinates."""
+    if to_dwi is not None:
+        import ants
+
+        from neurohybrid.preprocessing import ants_backend as ab
+
+        interp = {"nearest": "genericLabel", "linear": "linear"}[interpolation]
+        ref3 = nib.Nifti1Image(np.zeros(ref.shape[:3], np.float32), ref.affine)
+        moving = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+        return ants.apply_transforms(ab.to_ants(ref3), ab.to_ants(moving), [str(to_dwi)], interpolator=interp,
+                                     whichtoinvert=[True]).numpy()
     if img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-3):
         return np.asarray(img.dataobj)
     from nilearn.image import resample_to_img
@@ -146,11 +158,11 @@ def count_connectivity(streamlines, labels_idx: np.ndarray, affine, n: int, min_
 
 
 def dwi_connectome(nii, bval, bvec, dseg_img, wm_img, mask_img, regions, *, method="dipy", fast=False,
-                   threads=None, subject=None) -> dict:
+                   threads=None, subject=None, to_dwi=None) -> dict:
     dwi_img, gtab = _load_dwi(nii, bval, bvec, subject)
-    dseg = _on_grid(dseg_img, dwi_img, "nearest").astype(np.int64)
-    wm = _on_grid(wm_img, dwi_img, "linear") > 0.5
-    mask = _on_grid(mask_img, dwi_img, "nearest") > 0
+    dseg = np.rint(_on_grid(dseg_img, dwi_img, "nearest", to_dwi)).astype(np.int64)
+    wm = _on_grid(wm_img, dwi_img, "linear", to_dwi) > 0.5
+    mask = _on_grid(mask_img, dwi_img, "nearest", to_dwi) > 0
     if not mask.any():
         raise InputError("brain mask is empty on the DWI grid", file=nii, subject=subject)
     labels_idx = grow_labels(_index_labels(dseg, regions))

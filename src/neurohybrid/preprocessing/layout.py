@@ -51,7 +51,18 @@ def raw_lesion(bids: Path, sub: str, ses: str, kind: str) -> Path:
 
 
 def raw_lesions(bids: Path, sub: str, ses: str) -> dict[str, Path]:
-    return {kind: p for kind in LESION_KINDS if (p := raw_lesion(bids, sub, ses, kind)).exists()}
+    """The session's lesion masks by kind, whatever their ``space-`` entity (``space-T1w``,
+    ``space-FLAIR``, none): the mask's grid says which image it was drawn on (align.mask_transform)."""
+    folder = raw_lesion(bids, sub, ses, "x").parent
+    found = {}
+    for kind in LESION_KINDS:
+        paths = sorted(folder.glob(f"sub-{sub}_ses-{ses}_*desc-{kind}_mask.nii.gz"))
+        if len(paths) > 1:
+            raise InputError(f"{len(paths)} {kind} masks for one session ({', '.join(p.name for p in paths)}): "
+                             "keep one", file=folder, subject=sub)
+        if paths:
+            found[kind] = paths[0]
+    return found
 
 
 def check_sessions_on_disk(bids: Path, sub: str, listed: list[str], table: Path, *, need_folders: bool = True) -> None:

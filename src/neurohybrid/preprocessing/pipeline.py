@@ -24,7 +24,12 @@ from neurohybrid.preprocessing.layout import Derivatives
 log = logging.getLogger(__name__)
 
 
-def _lesion_union(bids, sub, ses, ref_img, ref_path) -> np.ndarray | None:
+def _lesion_union(bids, sub, ses, ref_img, ref_path, out, backend) -> np.ndarray | None:
+    """The session's lesion masks on the T1w grid (cost-function masking). A mask drawn on another
+    image (e.g. FLAIR's grid) comes through that image's rigid transform (`preprocess align`),
+    linear + 0.5 like every mask (see run_lesions)."""
+    from neurohybrid.preprocessing import align
+
     found = layout.raw_lesions(bids, sub, ses)
     if not found:
         return None
@@ -33,9 +38,28 @@ def _lesion_union(bids, sub, ses, ref_img, ref_path) -> np.ndarray | None:
     for path in found.values():
         img = load_image(path, subject=sub)
         data = np.asarray(img.dataobj)
-        check_same_grid(ref, (str(path), data, img.affine), subject=sub)
-        union |= data > 0.5
+        xfm = None if backend == "fsl" else align.mask_transform(bids, out, sub, ses, path)
+        if xfm is None:
+            check_same_grid(ref, (str(path), data, img.affine), subject=sub)
+            union |= data > 0.5
+        else:
+            union |= _resample(nib.Nifti1Image((data > 0.5).astype(np.float32), img.affine), ref_img, [xfm]) >= 0.5
     return union
+
+
+def _resample(img: nib.Nifti1Image, ref_img: nib.Nifti1Image, transforms, *, interpolator="linear") -> np.ndarray:
+    """img onto ref_img's grid through ANTs transforms (ants.apply_transforms order), one interpolation."""
+    import ants
+
+    from neurohybrid.preprocessing import ants_backend as ab
+
+    return ants.apply_transforms(ab.to_ants(nib.Nifti1Image(np.zeros(ref_img.shape[:3], np.float32), ref_img.affine)),
+                                 ab.to_ants(img), [str(p) for p in transforms], interpolator=interpolator).numpy()
+
+
+def _fsl_transforms(d: Derivatives) -> bool:
+    sidecar = Path(f"{d.xfm_forward_stem}.json")
+    return sidecar.exists() and "FSL" in sidecar.read_text()
 
 
 def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ants", threads=None,
@@ -51,7 +75,7 @@ def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ant
     if not np.nanmax(np.asarray(t1_img.dataobj, dtype=np.float32)) > 0:
         raise InputError("brain mask is empty: the image has no positive intensities (blank T1w)",
                          file=t1_path, subject=sub)
-    lesion = _lesion_union(bids, sub, ses, t1_img, t1_path)
+    lesion = _lesion_union(bids, sub, ses, t1_img, t1_path, out, backend)
     layout.write_dataset_description(out)
     if backend == "fsl":
         from neurohybrid.preprocessing.fsl_backend import run_anat_fsl
@@ -169,52 +193,62 @@ def _require(path: Path, sub: str, what: str) -> Path:
     return Path(path)
 
 
-def to_model_grid(img: nib.Nifti1Image, d: Derivatives, model_voxel_mm: float, *, binary: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a subject-grid image onto the template grid at model_voxel_mm with the saved transforms.
+def to_model_grid(img: nib.Nifti1Image, d: Derivatives, model_voxel_mm: float, *, binary: bool,
+                  rigid: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an image onto the template grid at model_voxel_mm with the saved transforms.
 
-    Masks are interpolated linearly and thresholded at 0.5: with downsampling this keeps the
-    partial-volume-weighted extent, where nearest neighbour would alias thin structures.
+    ``rigid``: the image's ``from-<suffix>_to-T1w`` transform (`preprocess align`), chained after
+    T1w -> template so the image is interpolated once, whatever its grid; None for an image on the
+    subject's T1w. Masks are interpolated linearly and thresholded at 0.5: with downsampling (and
+    with a mask on a coarser or anisotropic grid, e.g. 1x1x3 mm FLAIR) this keeps the
+    partial-volume-weighted extent, where nearest neighbour would alias thin structures and shift
+    edges by up to half a source voxel.
     """
-    import ants
-
-    from neurohybrid.preprocessing import ants_backend as ab
-
     for p in d.forward_transforms:
         _require(p, d.sub, "forward transform")
     ref_img = load_template("t1", model_voxel_mm)
-    sidecar = Path(f"{d.xfm_forward_stem}.json")
-    if sidecar.exists() and "FSL" in sidecar.read_text():
+    if _fsl_transforms(d):
         from neurohybrid.preprocessing.fsl_backend import apply_forward_fsl
 
+        if rigid is not None:
+            raise InputError("the FSL backend takes images on the subject's T1w grid only (use backend ants)",
+                             file=rigid, subject=d.sub)
         out = apply_forward_fsl(img, d.forward_transforms[0], ref_img)
         return ((out >= 0.5) if binary else out), ref_img.affine
-    out = ants.apply_transforms(ab.to_ants(ref_img), ab.to_ants(img), [str(p) for p in d.forward_transforms],
-                                interpolator="linear").numpy()
+    out = _resample(img, ref_img, [*d.forward_transforms, *([rigid] if rigid is not None else [])])
     return ((out >= 0.5) if binary else out), ref_img.affine
 
 
 def run_lesions(bids, subject, out, *, model_voxel_mm=2.0) -> list[Path]:
+    from neurohybrid.preprocessing import align
+
     bids, out = Path(bids), Path(out)
     sub = layout.subject_label(subject)
     d = Derivatives(out, sub)
     t1 = load_image(_require(d.preproc_t1w, sub, "preprocessed T1w"), subject=sub)
     ref = (str(d.preproc_t1w), np.empty(t1.shape), t1.affine)
+    fsl = _fsl_transforms(d)
     written = []
     for ses in layout.sessions(bids, sub):
         for kind, path in layout.raw_lesions(bids, sub, ses).items():
             img = load_image(path, subject=sub)
-            check_same_grid(ref, (str(path), np.empty(img.shape), img.affine), subject=sub)
+            if fsl:
+                check_same_grid(ref, (str(path), np.empty(img.shape), img.affine), subject=sub)
+            # the mask goes through the transform of the image it was drawn on, chained to the template
+            xfm = None if fsl else align.mask_transform(bids, out, sub, ses, path)
             data, aff = to_model_grid(nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.float32), img.affine),
-                                      d, model_voxel_mm, binary=True)
+                                      d, model_voxel_mm, binary=True, rigid=xfm)
             save_volume(d.model_lesion(ses, kind), data, aff, dtype=np.uint8)
             written.append(d.model_lesion(ses, kind))
         cbf_path = layout.raw_cbf(bids, sub, ses)
         if cbf_path.exists():
             img = load_image(cbf_path, subject=sub)
-            check_same_grid(ref, (str(cbf_path), np.empty(img.shape), img.affine), subject=sub)
+            if fsl:
+                check_same_grid(ref, (str(cbf_path), np.empty(img.shape), img.affine), subject=sub)
             if np.asarray(img.dataobj).min() < 0:
                 raise InputError("CBF has negative values (expected ml/100 ml/min)", file=cbf_path, subject=sub)
-            data, aff = to_model_grid(img, d, model_voxel_mm, binary=False)
+            xfm = None if fsl else align.image_transform(bids, out, sub, ses, cbf_path)
+            data, aff = to_model_grid(img, d, model_voxel_mm, binary=False, rigid=xfm)
             save_volume(d.model_cbf(ses), data.clip(0, None), aff)
             written.append(d.model_cbf(ses))
     if not written:
@@ -225,6 +259,7 @@ def run_lesions(bids, subject, out, *, model_voxel_mm=2.0) -> list[Path]:
 
 
 def run_pet(bids, subject, out) -> list[Path]:
+    from neurohybrid.preprocessing import align
     from neurohybrid.preprocessing.parcellation import regional_suvr
 
     bids, out = Path(bids), Path(out)
@@ -235,12 +270,20 @@ def run_pet(bids, subject, out) -> list[Path]:
     dseg = np.asarray(dseg_img.dataobj).astype(np.int64)
     cereb = np.asarray(cereb_img.dataobj) > 0
     regions = region_table()  # names only: no need to resample the atlas image
+    fsl = _fsl_transforms(d)
     written = []
     for ses in layout.sessions(bids, sub):
         for path in layout.raw_pet(bids, sub, ses):
             img = load_image(path, subject=sub, ndim=3)
-            data = img.get_fdata()
-            check_same_grid((str(d.dseg), dseg, dseg_img.affine), (str(path), data, img.affine), subject=sub)
+            if fsl:
+                data = img.get_fdata()
+                check_same_grid((str(d.dseg), dseg, dseg_img.affine), (str(path), data, img.affine), subject=sub)
+            else:
+                # PET onto the parcellation's (T1w) grid through its rigid transform, linear: the
+                # regional mean then averages over the atlas region at T1w resolution (the usual
+                # PET-to-T1w direction; labels stay exact, no nearest-neighbour label resampling)
+                xfm = align.image_transform(bids, out, sub, ses, path)
+                data = _resample(nib.Nifti1Image(img.get_fdata(dtype=np.float32), img.affine), dseg_img, [xfm])
             table = regional_suvr(data, dseg, cereb, regions, subject=sub, file=path)
             write_tsv(d.suvr(ses), table)
             written.append(d.suvr(ses))
@@ -259,21 +302,24 @@ def run_connectome(bids, subject, out, *, method="auto", normative_csv=None, fas
     d = Derivatives(out, sub)
     dseg_img = load_image(_require(d.dseg, sub, "DK parcellation"), subject=sub)
     regions = region_table()  # names only: no need to resample the atlas image
-    dwi = None
-    for ses in layout.sessions(bids, sub):
-        dwi = layout.raw_dwi(bids, sub, ses)
+    dwi = dwi_ses = None
+    for dwi_ses in layout.sessions(bids, sub):
+        dwi = layout.raw_dwi(bids, sub, dwi_ses)
         if dwi:
             break
     if method == "auto":
         method = "dipy" if dwi else "normative"
     if method in ("dipy", "mrtrix"):
+        from neurohybrid.preprocessing import align
+
         if dwi is None:
             raise InputError(f"missing modality: connectome method {method!r} needs DWI, none found",
                              file=bids / f"sub-{sub}", subject=sub)
         wm_img = load_image(_require(d.probseg("WM"), sub, "WM probability map"), subject=sub)
         mask_img = load_image(_require(d.brain_mask, sub, "brain mask"), subject=sub)
+        to_dwi = align.image_transform(bids, out, sub, dwi_ses, dwi[0])
         result = cx.dwi_connectome(*dwi, dseg_img, wm_img, mask_img, regions, method=method, fast=fast,
-                                   threads=threads, subject=sub)
+                                   threads=threads, subject=sub, to_dwi=to_dwi)
     else:
         result = cx.normative_for_subject(dseg_img, regions, csv=normative_csv, subject=sub)
     cx.write_connectome(d.connectivity, result)

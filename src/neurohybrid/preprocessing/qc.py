@@ -53,3 +53,70 @@ def qc_figure(path: Path, *, t1: np.ndarray, brain_mask: np.ndarray, template_gm
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def align_qc_figure(path: Path, a_ref, images: dict, transforms: dict, *, sub: str, ses: str,
+                    lesions: dict, resolve) -> Path:
+    """One session after within-subject alignment, on the reference T1w grid: a row per image
+    (sagittal/coronal/axial mid-slices). Row 1: the session's T1w with the reference T1w's outline
+    (green; a misregistered visit shows as an offset); other rows: the modality (hot, 50 % opacity)
+    over the session's T1w, both brought onto the reference grid by their saved transforms.
+    Lesion masks are outlined in cyan on every row (through the transform of the image they were
+    drawn on): a mask off its lesion shows a wrong mask grid or transform.
+    """
+    import ants
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neurohybrid.preprocessing import ants_backend as ab
+    from neurohybrid.preprocessing.align import _load_3d
+
+    def on_ref(img, xfm, interpolator="linear"):
+        moving = ab.to_ants(img)
+        if xfm is None:
+            return ants.resample_image_to_target(moving, a_ref, interp_type=interpolator).numpy()
+        return ants.apply_transforms(a_ref, moving, [str(xfm)], interpolator=interpolator).numpy()
+
+    ref = a_ref.numpy()
+    t1 = on_ref(_load_3d(images["T1w"], sub), transforms.get("T1w")) if "T1w" in images else ref
+    outline = ref > 0.3 * np.percentile(ref[ref > 0], 98) if (ref > 0).any() else ref > 0
+    masks = []
+    for mpath in lesions.values():
+        masks.append(on_ref(nib_image(mpath), resolve(mpath), "nearestNeighbor") > 0.5)
+    lesion = np.any(masks, axis=0) if masks else None
+    rows = [("T1w", None)] + [(label, on_ref(_load_3d(im, sub), transforms[label]))
+                              for label, im in images.items() if label != "T1w"]
+    vmax = np.percentile(t1[t1 > 0], 99) if (t1 > 0).any() else 1.0
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), dpi=70, squeeze=False)
+    for r, (label, over) in enumerate(rows):
+        for c, (bg, ol) in enumerate(zip(_slices(t1), _slices(outline))):
+            ax = axes[r, c]
+            ax.imshow(bg, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+            if over is None:
+                ax.contour(ol, levels=[0.5], colors="lime", linewidths=0.6)
+            else:
+                sl = _slices(over)[c]
+                top = np.percentile(over[over > 0], 99) if (over > 0).any() else 1.0
+                ax.imshow(np.ma.masked_less_equal(sl, 0.05 * top), cmap="hot", vmin=0, vmax=top, alpha=0.5,
+                          interpolation="nearest")
+            if lesion is not None:
+                ax.contour(_slices(lesion)[c], levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.axis("off")
+        axes[r, 0].set_title(f"{label}" + (" (green: reference T1w outline)" if over is None else " over T1w"),
+                             loc="left", fontsize=8)
+    fig.suptitle(f"sub-{sub} ses-{ses}: within-subject alignment (reference T1w grid)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def nib_image(path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
