@@ -28,6 +28,7 @@ wildcard_constraints:
     fold=r"\d+",
 
 
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/connectome.smk"

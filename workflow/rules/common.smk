@@ -86,6 +86,46 @@ SLOPPY = bool(config["sloppy"])
 
 
 # ---------------------------------------------------------------------------------------------
+# template, atlas, normative connectome: resources/ (extracted on the first run) or the user's
+
+
+def user_resources(section):
+    """{key: path} of the user's files in config `resources:`; pairs and existence checked now,
+    before any job (their content is checked by the resolve_resources job)."""
+    from neurohybrid.anatomy.resources import GROUPS, KEYS
+
+    given = {k: str(section[k]) for k in KEYS if section.get(k)}
+    for group, keys in GROUPS.items():
+        missing = [k for k in keys if k not in given]
+        if len(missing) not in (0, len(keys)):
+            raise WorkflowError(
+                f"invalid config: key 'resources.{missing[0]}': a user {group} needs "
+                f"{', '.join(f'resources.{k}' for k in keys)} together"
+            )
+    for key, path in given.items():
+        if not os.path.isfile(path):
+            raise WorkflowError(
+                f"invalid config: key 'resources.{key}': file {path} not found"
+            )
+    return given
+
+
+RESOURCES_SECTION = config.get("resources") or {}
+RESOURCES_DIR = str(RESOURCES_SECTION.get("dir") or "resources").rstrip("/")
+USER_RESOURCES = user_resources(RESOURCES_SECTION)
+RESOURCES_MANIFEST = f"{OUT}/resources.json"
+
+
+def _resource_files():
+    from neurohybrid.anatomy.resources import FILES
+
+    return dict(FILES)
+
+
+RESOURCE_FILES = _resource_files()
+
+
+# ---------------------------------------------------------------------------------------------
 # participants: validated row by row so an error names the row, before any job is scheduled
 
 

@@ -1,11 +1,12 @@
 # Structural connectome per subject: dipy tractography when the subject has DWI, else the
-# normative DK-68 connectome (preprocessing.connectome_method).
+# normative connectome of resources/ or config resources.connectome (preprocessing.connectome_method).
 
 
 rule preprocess_connectome:
     input:
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.probseg,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files("sub-{subject}/ses-*/dwi/sub-{subject}_ses-*_dwi.*"),
     output:
         tsv=f"{PREPROC}/sub-{{subject}}/dwi/sub-{{subject}}_atlas-DK_connectivity.tsv",
@@ -26,12 +27,7 @@ rule preprocess_connectome:
         bids=lambda wildcards: BIDS,
         out=lambda wildcards: PREPROC,
         method=config["preprocessing"].get("connectome_method", "auto"),
-        normative=(
-            f"--normative-csv {config['preprocessing']['normative_csv']}"
-            if config["preprocessing"].get("normative_csv")
-            else ""
-        ),
         fast=fast_flag(),
     shell:
-        "neurohybrid preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
-        " --method {params.method} {params.normative} --threads {threads} {params.fast} > {log} 2>&1"
+        "neurohybrid --resources {input.resources} preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        " --method {params.method} --threads {threads} {params.fast} > {log} 2>&1"

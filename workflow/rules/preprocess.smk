@@ -7,6 +7,7 @@ TEMPLATE = "MNI152NLin2009cSym"
 
 rule preprocess_anat:
     input:
+        resources=RESOURCES_MANIFEST,
         raw=raw_files(
             "sub-{subject}/ses-*/anat/sub-{subject}_ses-*_T1w.nii.gz",
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
@@ -61,7 +62,7 @@ rule preprocess_anat:
         fast=fast_flag(),
         backend=config["preprocessing"]["backend"],
     shell:
-        "neurohybrid preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        "neurohybrid --resources {input.resources} preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} --backend {params.backend} --threads {threads} {params.fast} > {log} 2>&1"
 
 
@@ -71,6 +72,7 @@ rule preprocess_anat:
 rule preprocess_lesions:
     input:
         rules.preprocess_anat.output.to_template,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files(
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
             "sub-{subject}/ses-*/perf/sub-{subject}_ses-*_cbf.nii.gz",
@@ -94,7 +96,7 @@ rule preprocess_lesions:
         out=lambda wildcards: PREPROC,
         voxel=model_voxel_mm,
     shell:
-        "neurohybrid preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        "neurohybrid --resources {input.resources} preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} > {log} 2>&1"
 
 
@@ -102,6 +104,7 @@ rule preprocess_pet:
     input:
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.reference,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files("sub-{subject}/ses-*/pet/sub-{subject}_ses-*_pet.nii.gz"),
     output:
         touch(f"{OUT}/flags/preprocess_pet/sub-{{subject}}.done"),
@@ -121,4 +124,4 @@ rule preprocess_pet:
         bids=lambda wildcards: BIDS,
         out=lambda wildcards: PREPROC,
     shell:
-        "neurohybrid preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"
+        "neurohybrid --resources {input.resources} preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"
