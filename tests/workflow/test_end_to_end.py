@@ -122,6 +122,39 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_resources_folder_and_manifest(demo_run):
+    """The first run extracts the shipped template, atlas and connectome into resources/ and every
+    anatomy-reading job used the checked manifest."""
+    work, _, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    from neurohybrid.anatomy.resources import FILES
+
+    assert all((work / "resources" / name).is_file() for name in FILES.values())
+    manifest = json.loads((work / "results" / "resources.json").read_text())
+    assert set(manifest["sources"].values()) == {"shipped"}
+    assert all(path.startswith(str(work / "resources")) for path in manifest["files"].values())
+
+
+def test_derivatives_index_with_pybids(demo_run):
+    """pybids indexes the raw demo BIDS with the preprocessing and lesion derivatives, without errors."""
+    bids_lib = pytest.importorskip("bids", reason="pybids not installed (pinned in envs/requirements.lock)")
+    work, _, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    out = work / "results"
+    raw = out / "sourcedata" / "bids"
+    layout = bids_lib.BIDSLayout(raw, derivatives=[out / "preproc", raw / "derivatives" / "lesions"])
+    assert sorted(layout.get_subjects()) == sorted(s for s, _ in SUBJECTS)
+    assert len(layout.derivatives) == 2
+    for subject, disorder in SUBJECTS:
+        dseg = layout.get(scope="derivatives", subject=subject, atlas="DK", suffix="dseg", extension=".nii.gz")
+        assert len(dseg) == 1, (subject, dseg)
+        if disorder == "alzheimer":
+            pet = layout.get(scope="derivatives", subject=subject, suffix="pet", extension=".tsv")
+            assert len(pet) >= 2 and {f.entities["session"] for f in pet}, pet
+
+
 def test_report_html(demo_run):
     work, cfg, result = demo_run
     if result.returncode != 0:
