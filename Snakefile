@@ -44,5 +44,5 @@ rule all:
         rules.cohort_table.output,
         rules.cohort_stats.output,
         rules.cohort_figures.output,
-        expand(rules.preprocess_anat.output.qc, subject=SUBJECTS),
+        expand(rules.preprocess_anat.output.qc, subject=IMAGE_SUBJECTS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),

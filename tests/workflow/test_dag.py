@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from collections import Counter
 
 import pandas as pd
@@ -235,6 +236,39 @@ def test_bad_resources_config_stops_before_any_job(tmp_path, resources, expected
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_regional_table_subjects_skip_image_preprocessing(tmp_path):
+    """An Alzheimer's subject with regional SUVR tables (derivatives/regional) and no images gets
+    no image step: its tables go to `preprocess regional`, then to the model inputs."""
+    bids = tmp_path / "mybids"
+    layout = [("tau1", "alzheimer", ["y0", "y1", "y2"]), ("tau2", "alzheimer", ["y0", "y1", "y2"])]
+    write_bids(bids, layout)
+    shutil.rmtree(bids / "sub-tau2" / "ses-y0")  # no images at all for tau2, only its tables
+    shutil.rmtree(bids / "sub-tau2" / "ses-y1")
+    shutil.rmtree(bids / "sub-tau2" / "ses-y2")
+    tables = bids / "derivatives" / "regional" / "sub-tau2"
+    tables.mkdir(parents=True)
+    (tables / "sub-tau2_desc-suvr_pet.tsv").write_text("session_id\tregion\tsuvr\ny0\tCTX_LH_PRECUNEUS\t1.2\n")
+    mapping = tmp_path / "adni.tsv"
+    mapping.write_text("source\tregion\nCTX_LH_PRECUNEUS\tL_precuneus\n")
+    participants = write_participants(tmp_path / "participants.tsv", [(s, d) for s, d, _ in layout])
+    cfg = write_config(tmp_path / "config.yaml", bids_dir=str(bids), participants=str(participants), output_dir="out",
+                       preprocessing={"regional_mapping": str(mapping)}, models={"families": ["persistence"], "n_folds": 2})
+    result = snakemake(tmp_path, cfg, "--dry-run", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = shell_commands(result.stdout)
+    by_subject = {}
+    for c in commands:
+        if "--subject" in c:
+            by_subject.setdefault(option(c, "--subject"), []).append(step(c))
+    assert sorted(by_subject["tau1"]) == ["evaluate", "forecast", "inputs", "preprocess anat", "preprocess connectome",
+                                          "preprocess pet"]
+    assert sorted(by_subject["tau2"]) == ["evaluate", "forecast", "inputs", "preprocess regional"]
+    regional = next(c for c in commands if step(c) == "preprocess regional")
+    assert option(regional, "--mapping") == str(mapping) and option(regional, "--resources") == "out/resources.json"
+    job = re.search(r"rule model_inputs:\n\s*input: ([^\n]*)\n(?:.*\n){0,8}?\s*wildcards: subject=tau2", result.stdout)
+    assert job and "flags/preprocess_regional/sub-tau2.done" in job.group(1) and "preprocess_anat" not in job.group(1)
 
 
 def model_job_resources(stdout):

@@ -305,10 +305,29 @@ def fast_flag():
     return "--fast" if (SLOPPY or config["preprocessing"].get("fast", False)) else ""
 
 
+def _table_subjects():
+    """Alzheimer's subjects of a user's BIDS who bring regional SUVR tables instead of PET images
+    (<bids>/derivatives/regional/sub-<id>/): they skip image preprocessing."""
+    if DEMO:
+        return set()
+    from neurohybrid.preprocessing.regional import has_tables
+
+    return {s for s in SUBJECTS_OF["alzheimer"] if has_tables(BIDS, s)}
+
+
+TABLE_SUBJECTS = _table_subjects()
+IMAGE_SUBJECTS = [s for s in SUBJECTS if s not in TABLE_SUBJECTS]
+REGIONAL_MAPPING = config["preprocessing"].get("regional_mapping") or ""
+if TABLE_SUBJECTS and REGIONAL_MAPPING and not os.path.isfile(REGIONAL_MAPPING):
+    raise WorkflowError(
+        f"invalid config: key 'preprocessing.regional_mapping': file {REGIONAL_MAPPING} not found"
+    )
+
+
 def connectome_subjects():
     if config["preprocessing"].get("connectome_all_subjects", False):
-        return SUBJECTS
-    return SUBJECTS_OF["alzheimer"]
+        return IMAGE_SUBJECTS
+    return [s for s in SUBJECTS_OF["alzheimer"] if s not in TABLE_SUBJECTS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,12 +335,24 @@ def connectome_subjects():
 def disorder_preprocessing(wildcards):
     """What `neurohybrid inputs` reads beyond the structural outputs, by disorder."""
     subject = wildcards.subject
+    if subject in TABLE_SUBJECTS:
+        return [rules.preprocess_regional.output[0].format(subject=subject)]
     if DISORDER_OF[subject] == "alzheimer":
         return [
             rules.preprocess_pet.output[0].format(subject=subject),
             rules.preprocess_connectome.output.tsv.format(subject=subject),
         ]
     return [rules.preprocess_lesions.output[0].format(subject=subject)]
+
+
+def model_grid_outputs(wildcards):
+    """The structural outputs on the model grid (none for a subject with regional tables only)."""
+    if wildcards.subject in TABLE_SUBJECTS:
+        return []
+    return [
+        path.format(subject=wildcards.subject)
+        for path in rules.preprocess_anat.output.model_grid
+    ]
 
 
 def training_data(wildcards):

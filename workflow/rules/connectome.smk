@@ -31,3 +31,36 @@ rule preprocess_connectome:
     shell:
         "neurohybrid --resources {input.resources} preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --method {params.method} --threads {threads} {params.fast} > {log} 2>&1"
+
+
+# Alzheimer's subjects with regional SUVR tables instead of PET images: their tables become the
+# regional SUVR, volumes and (normative) connectome the model inputs read; no image step runs.
+rule preprocess_regional:
+    input:
+        resources=RESOURCES_MANIFEST,
+        raw=raw_files(
+            "sub-{subject}/sub-{subject}_sessions.tsv",
+            "derivatives/regional/sub-{subject}/**/*_desc-suvr_pet.tsv",
+        ),
+        mapping=[REGIONAL_MAPPING] if REGIONAL_MAPPING else [],
+    output:
+        touch(f"{OUT}/flags/preprocess_regional/sub-{{subject}}.done"),
+    log:
+        f"{LOGS}/preprocess_regional/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/preprocess_regional/sub-{{subject}}.tsv"
+    group:
+        "subject"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
+        mapping=f"--mapping {REGIONAL_MAPPING}" if REGIONAL_MAPPING else "",
+    shell:
+        "neurohybrid --resources {input.resources} preprocess regional --bids {params.bids} --subject {wildcards.subject}"
+        " --out {params.out} {params.mapping} > {log} 2>&1"

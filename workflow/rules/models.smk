@@ -6,7 +6,7 @@
 
 rule model_inputs:
     input:
-        rules.preprocess_anat.output.model_grid,
+        model_grid_outputs,
         disorder_preprocessing,
         raw=raw_files("sub-{subject}/sub-{subject}_sessions.tsv", "participants.tsv"),
         config=RESOLVED_CONFIG,
