@@ -26,7 +26,7 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
            O/sub-S/anat/sub-S_space-MNI152NLin2009cSym_res-model_label-{GM,WM,CSF}_probseg.nii.gz
            O/sub-S/figures/sub-S_desc-qc.png
    ``--fast`` uses the short registration schedule (tests / sloppy mode); ``--backend fsl`` uses
-   BET/FAST/FLIRT/FNIRT through nipype and needs FSLDIR (clear error otherwise).
+   BET/FAST/FLIRT/FNIRT through fslpy's fsl.wrappers and needs FSLDIR (clear error otherwise).
    ANTs transforms: the ``.mat`` is the affine, the ``.nii.gz`` the SyN displacement field; apply
    ``from-T1w_to-MNI`` as [xfm.nii.gz, xfm.mat] and ``from-MNI_to-T1w`` as [xfm.mat, xfm.nii.gz]
    (see ``neurohybrid.preprocessing.transforms``).
