@@ -28,6 +28,7 @@ wildcard_constraints:
     fold=r"\d+",
 
 
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/connectome.smk"
@@ -43,6 +44,6 @@ rule all:
         rules.cohort_table.output,
         rules.cohort_stats.output,
         rules.cohort_figures.output,
-        expand(rules.preprocess_anat.output.qc, subject=SUBJECTS),
-        expand(rules.preprocess_align.output.qc, subject=SUBJECTS),
+        expand(rules.preprocess_anat.output.qc, subject=IMAGE_SUBJECTS),
+        expand(rules.preprocess_align.output.qc, subject=IMAGE_SUBJECTS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),

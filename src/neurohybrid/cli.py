@@ -17,6 +17,7 @@ from neurohybrid.errors import InputError
 
 # modules that define register(subparsers); a module not yet present is skipped
 COMMAND_MODULES = [
+    "neurohybrid.anatomy.cli",
     "neurohybrid.solvers.cli",
     "neurohybrid.synth.cli",
     "neurohybrid.preprocessing.cli",
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"neurohybrid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument(
+        "--resources", default=None, metavar="MANIFEST",
+        help="resources manifest (`neurohybrid resources resolve`): read the template, atlas and normative "
+             "connectome from its files instead of the installed packages",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -63,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
     try:
-        result = args.func(args)
+        if args.resources:
+            from neurohybrid.anatomy.resources import using
+
+            # scoped, so a caller running several commands in one process gets no leftover state
+            with using(args.resources):
+                result = args.func(args)
+        else:
+            result = args.func(args)
     except InputError as exc:
         print(f"neurohybrid {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -60,8 +60,8 @@ def main():
         if "m" in o:
             save(nii(pos[1]).replace(".nii.gz", "_mask.nii.gz"), m, img.affine)
     elif tool == "fast":
-        base = o["o"]
-        img = nib.load(nii(pos[-1]))
+        base = o.get("out") or o["o"]  # fslpy writes --out=BASE, nipype -o BASE
+        img = nib.load(nii(sys.argv[-1]))  # the input comes last (a flag before it may look like an option)
         d = img.get_fdata()
         q = np.percentile(d[d > 0], [33, 66]) if (d > 0).any() else [1, 2]
         cls = np.digitize(d, q) * (d > 0)

@@ -1,9 +1,10 @@
-"""FSL backend: exact nipype command lines, clear error without FSL, end-to-end run on stub tools.
+"""FSL backend: exact fslpy (fsl.wrappers) command lines, clear error without FSL, end-to-end run on
+stub tools.
 
-FSL cannot be installed here, so the end-to-end test replaces each FSL executable by a stub
-(fsl_stub.py) that writes the files FSL would write with identity transforms. This exercises
-FSL detection, every nipype interface, file naming and our pipeline around them; it does not
-check FSL's numerical results.
+FSL cannot be installed here, so the tests replace each FSL executable by a stub (fsl_stub.py) in
+a fake $FSLDIR/bin, which writes the files FSL would write with identity transforms. This
+exercises FSL detection, every wrapper call, file naming and our pipeline around them; it does
+not check FSL's numerical results.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+pytest.importorskip("fsl.wrappers", reason="fslpy not installed (pinned in envs/requirements.lock)")
+
 from neurohybrid.errors import InputError
 from neurohybrid.preprocessing import fsl_backend as fb
 from neurohybrid.preprocessing.pipeline import run_anat, run_lesions
@@ -29,27 +32,33 @@ def _img(path):
     return path
 
 
-def test_command_lines(tmp_path, monkeypatch):
+def test_command_lines(tmp_path, monkeypatch, stub_fsl):
+    """The exact FSL calls fslpy's wrappers build from our settings (cmdonly: nothing runs)."""
     monkeypatch.chdir(tmp_path)
     t = {n: _img(tmp_path / f"{n}.nii.gz") for n in ("t1", "tpl", "w", "coef", "dk")}
     (tmp_path / "a.mat").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
     p = str(tmp_path)
-    assert fb.bet_interface(t["t1"], tmp_path / "brain.nii.gz").cmdline == \
-        f"bet t1.nii.gz {p}/brain.nii.gz -f 0.50 -m -R"
-    assert fb.fast_interface(t["t1"], tmp_path / "fast").cmdline == f"fast -t 1 -n 3 -o {p}/fast -B -S 1 {p}/t1.nii.gz"
-    assert fb.flirt_interface(t["t1"], t["tpl"], tmp_path / "fl.nii.gz", tmp_path / "o.mat", in_weight=t["w"]).cmdline == (
-        f"flirt -in {p}/t1.nii.gz -ref {p}/tpl.nii.gz -out {p}/fl.nii.gz -omat {p}/o.mat -cost corratio -dof 12 "
-        f"-inweight {p}/w.nii.gz -interp trilinear -searchrx -30 30 -searchry -30 30 -searchrz -30 30")
-    assert fb.fnirt_interface(t["t1"], t["tpl"], tmp_path / "a.mat", tmp_path / "c.nii.gz", tmp_path / "wf.nii.gz",
-                              inmask_file=t["w"], refmask_file=t["w"]).cmdline == (
-        f"fnirt --aff={p}/a.mat --cout={p}/c.nii.gz --in={p}/t1.nii.gz --inmask={p}/w.nii.gz "
-        f"--intmod=global_non_linear_with_bias --logout={p}/fnirt_log.txt --miter=5,5,5,5 --ref={p}/tpl.nii.gz "
-        f"--refmask={p}/w.nii.gz --lambda=300.0,75.0,30.0,30.0 --subsamp=4,2,1,1 --iout={p}/wf.nii.gz")
-    assert fb.invwarp_interface(t["coef"], t["t1"], tmp_path / "inv.nii.gz").cmdline == \
-        f"invwarp --out={p}/inv.nii.gz --ref={p}/t1.nii.gz --warp={p}/coef.nii.gz"
-    assert fb.applywarp_interface(t["dk"], t["t1"], t["coef"], tmp_path / "o.nii.gz", interp="nn").cmdline == \
+    b = os.environ["FSLDIR"] + "/bin"
+
+    def line(cmd):
+        return " ".join(cmd).replace(b + "/", "")
+
+    assert line(fb.bet(t["t1"], tmp_path / "brain.nii.gz", cmdonly=True)) == \
+        f"bet {p}/t1.nii.gz {p}/brain.nii.gz -m -R -f 0.5"
+    assert line(fb.fast(t["t1"], tmp_path / "fast", cmdonly=True)) == f"fast --out={p}/fast --class=3 -t 1 -B {p}/t1.nii.gz"
+    assert line(fb.flirt(t["t1"], t["tpl"], tmp_path / "fl.nii.gz", tmp_path / "o.mat", in_weight=t["w"], cmdonly=True)) == (
+        f"flirt -in {p}/t1.nii.gz -ref {p}/tpl.nii.gz -out {p}/fl.nii.gz -omat {p}/o.mat -dof 12 -cost corratio "
+        f"-searchrx -30 30 -searchry -30 30 -searchrz -30 30 -interp trilinear -inweight {p}/w.nii.gz")
+    assert line(fb.fnirt(t["t1"], t["tpl"], tmp_path / "a.mat", tmp_path / "c.nii.gz", tmp_path / "wf.nii.gz",
+                         inmask_file=t["w"], refmask_file=t["w"], cmdonly=True)) == (
+        f"fnirt --in={p}/t1.nii.gz --ref={p}/tpl.nii.gz --aff={p}/a.mat --cout={p}/c.nii.gz --iout={p}/wf.nii.gz "
+        f"--subsamp=4,2,1,1 --miter=5,5,5,5 --intmod=global_non_linear_with_bias --logout={p}/fnirt_log.txt "
+        f"--inmask={p}/w.nii.gz --refmask={p}/w.nii.gz --lambda=300,75,30,30")
+    assert line(fb.invwarp(t["coef"], t["t1"], tmp_path / "inv.nii.gz", cmdonly=True)) == \
+        f"invwarp --warp={p}/coef.nii.gz --ref={p}/t1.nii.gz --out={p}/inv.nii.gz"
+    assert line(fb.applywarp(t["dk"], t["t1"], t["coef"], tmp_path / "o.nii.gz", interp="nn", cmdonly=True)) == \
         f"applywarp --in={p}/dk.nii.gz --ref={p}/t1.nii.gz --out={p}/o.nii.gz --warp={p}/coef.nii.gz --interp=nn"
-    assert fb.invert_matrix_interface(tmp_path / "a.mat", tmp_path / "i.mat").cmdline == \
+    assert line(fb.invert_matrix(tmp_path / "a.mat", tmp_path / "i.mat", cmdonly=True)) == \
         f"convert_xfm -omat {p}/i.mat -inverse {p}/a.mat"
 
 

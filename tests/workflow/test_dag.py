@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from collections import Counter
 
 import pandas as pd
@@ -23,6 +24,8 @@ def shell_commands(stdout: str) -> list[list[str]]:
         if line.startswith("Shell command: "):
             command = shlex.split(line.removeprefix("Shell command: ").split(" > ")[0])
             if command[0] == "neurohybrid":  # run: rules print "None"
+                if command[1] == "--resources":  # the global option, moved last so c[1] is the command
+                    command = [command[0], *command[3:], *command[1:3]]
                 commands.append(command)
     return commands
 
@@ -53,6 +56,7 @@ def test_default_config_dag(tmp_path):
     n_ad = sum(d == "alzheimer" for d in subjects.values())
     folds = config["models"]["n_folds"]
     assert counts == {
+        "resources": 2,  # extract (into resources/) and resolve (the run's manifest)
         "synth": 1,
         "preprocess align": len(subjects),
         "preprocess anat": len(subjects),
@@ -86,6 +90,17 @@ def test_default_config_dag(tmp_path):
             subject = option(c, "--subject")
             assert option(c, "--bids") == "results/sourcedata/bids"
             assert float(option(c, "--model-voxel-mm")) == config[subjects[subject]]["model_voxel_mm"]
+
+    # every command reading the template, atlas or normative connectome reads the run's manifest,
+    # and the shipped ones are extracted into the working directory's resources/
+    for c in commands:
+        reads_anatomy = step(c).startswith("preprocess") or c[1] == "inputs"
+        assert (option(c, "--resources") == "results/resources.json") == reads_anatomy, c
+    extract = next(c for c in commands if c[1:3] == ["resources", "extract"])
+    resolve = next(c for c in commands if c[1:3] == ["resources", "resolve"])
+    assert option(extract, "--out") == option(resolve, "--resources-dir") == "resources"
+    assert option(resolve, "--out") == "results/resources.json"
+    assert "--connectome" not in resolve and "--atlas" not in resolve
 
     # split guarantee: a forecast uses the fold models trained on its disorder's other subjects only
     trained_on = {option(c, "--out-dir"): set(option(c, "--subjects").split(",")) for c in commands if c[1] == "train"}
@@ -183,6 +198,79 @@ def test_user_bids_dag(tmp_path):
     assert anat_job, result.stdout[:2000]
     for s in ("a", "b", "c"):
         assert f"sub-gbm2_ses-{s}_T1w.nii.gz" in anat_job.group(1)
+
+
+def test_user_resources_reach_the_resolve_job(tmp_path):
+    """A user's atlas and connectome are inputs of the job that checks them and are passed to it."""
+    files = {name: tmp_path / name for name in ("atlas.nii.gz", "atlas.tsv", "conn.tsv")}
+    for path in files.values():
+        path.write_bytes(b"")
+    participants = write_participants(tmp_path / "p.tsv", [("ad01", "alzheimer"), ("ad02", "alzheimer")])
+    cfg = write_config(tmp_path / "config.yaml", participants=str(participants),
+                       resources={"atlas": str(files["atlas.nii.gz"]), "atlas_table": str(files["atlas.tsv"]),
+                                  "connectome": str(files["conn.tsv"])})
+    result = snakemake(tmp_path, cfg, "--dry-run", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolve = next(c for c in shell_commands(result.stdout) if c[1:3] == ["resources", "resolve"])
+    assert option(resolve, "--atlas") == str(files["atlas.nii.gz"])
+    assert option(resolve, "--atlas-table") == str(files["atlas.tsv"])
+    assert option(resolve, "--connectome") == str(files["conn.tsv"])
+    assert "--template-t1" not in resolve
+    job = re.search(r"rule resolve_resources:\n\s*input: ([^\n]*)", result.stdout)
+    assert job and str(files["conn.tsv"]) in job.group(1)
+
+
+@pytest.mark.parametrize(
+    "resources, expected",
+    [
+        ({"atlas": "ATLAS"}, "key 'resources.atlas_table': a user atlas needs resources.atlas, resources.atlas_table together"),
+        ({"connectome": "no/such/conn.tsv"}, "key 'resources.connectome': file no/such/conn.tsv not found"),
+        ({"atlas_path": "x"}, "key 'resources.atlas_path': unknown key"),
+    ],
+)
+def test_bad_resources_config_stops_before_any_job(tmp_path, resources, expected):
+    atlas = tmp_path / "atlas.nii.gz"
+    atlas.write_bytes(b"")
+    resources = {k: str(atlas) if v == "ATLAS" else v for k, v in resources.items()}
+    cfg = write_config(tmp_path / "config.yaml", participants=str(REPO / "config" / "participants.tsv"),
+                       output_dir="out", resources=resources)
+    result = snakemake(tmp_path, cfg, "--cores", "1")
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_regional_table_subjects_skip_image_preprocessing(tmp_path):
+    """An Alzheimer's subject with regional SUVR tables (derivatives/regional) and no images gets
+    no image step: its tables go to `preprocess regional`, then to the model inputs."""
+    bids = tmp_path / "mybids"
+    layout = [("tau1", "alzheimer", ["y0", "y1", "y2"]), ("tau2", "alzheimer", ["y0", "y1", "y2"])]
+    write_bids(bids, layout)
+    shutil.rmtree(bids / "sub-tau2" / "ses-y0")  # no images at all for tau2, only its tables
+    shutil.rmtree(bids / "sub-tau2" / "ses-y1")
+    shutil.rmtree(bids / "sub-tau2" / "ses-y2")
+    tables = bids / "derivatives" / "regional" / "sub-tau2"
+    tables.mkdir(parents=True)
+    (tables / "sub-tau2_desc-suvr_pet.tsv").write_text("session_id\tregion\tsuvr\ny0\tCTX_LH_PRECUNEUS\t1.2\n")
+    mapping = tmp_path / "adni.tsv"
+    mapping.write_text("source\tregion\nCTX_LH_PRECUNEUS\tL_precuneus\n")
+    participants = write_participants(tmp_path / "participants.tsv", [(s, d) for s, d, _ in layout])
+    cfg = write_config(tmp_path / "config.yaml", bids_dir=str(bids), participants=str(participants), output_dir="out",
+                       preprocessing={"regional_mapping": str(mapping)}, models={"families": ["persistence"], "n_folds": 2})
+    result = snakemake(tmp_path, cfg, "--dry-run", "--printshellcmds", "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = shell_commands(result.stdout)
+    by_subject = {}
+    for c in commands:
+        if "--subject" in c:
+            by_subject.setdefault(option(c, "--subject"), []).append(step(c))
+    assert sorted(by_subject["tau1"]) == ["evaluate", "forecast", "inputs", "preprocess anat", "preprocess connectome",
+                                          "preprocess pet"]
+    assert sorted(by_subject["tau2"]) == ["evaluate", "forecast", "inputs", "preprocess regional"]
+    regional = next(c for c in commands if step(c) == "preprocess regional")
+    assert option(regional, "--mapping") == str(mapping) and option(regional, "--resources") == "out/resources.json"
+    job = re.search(r"rule model_inputs:\n\s*input: ([^\n]*)\n(?:.*\n){0,8}?\s*wildcards: subject=tau2", result.stdout)
+    assert job and "flags/preprocess_regional/sub-tau2.done" in job.group(1) and "preprocess_anat" not in job.group(1)
 
 
 def model_job_resources(stdout):

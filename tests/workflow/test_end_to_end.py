@@ -122,6 +122,82 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_resources_folder_and_manifest(demo_run):
+    """The first run extracts the shipped template, atlas and connectome into resources/ and every
+    anatomy-reading job used the checked manifest."""
+    work, _, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    from neurohybrid.anatomy.resources import FILES
+
+    assert all((work / "resources" / name).is_file() for name in FILES.values())
+    manifest = json.loads((work / "results" / "resources.json").read_text())
+    assert set(manifest["sources"].values()) == {"shipped"}
+    assert all(path.startswith(str(work / "resources")) for path in manifest["files"].values())
+
+
+def test_derivatives_index_with_pybids(demo_run):
+    """pybids indexes the raw demo BIDS with the preprocessing and lesion derivatives, without errors."""
+    bids_lib = pytest.importorskip("bids", reason="pybids not installed (pinned in envs/requirements.lock)")
+    work, _, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    out = work / "results"
+    raw = out / "sourcedata" / "bids"
+    layout = bids_lib.BIDSLayout(raw, derivatives=[out / "preproc", raw / "derivatives" / "lesions"])
+    assert sorted(layout.get_subjects()) == sorted(s for s, _ in SUBJECTS)
+    assert len(layout.derivatives) == 2
+    for subject, disorder in SUBJECTS:
+        dseg = layout.get(scope="derivatives", subject=subject, atlas="DK", suffix="dseg", extension=".nii.gz")
+        assert len(dseg) == 1, (subject, dseg)
+        if disorder == "alzheimer":
+            pet = layout.get(scope="derivatives", subject=subject, suffix="pet", extension=".tsv")
+            assert len(pet) >= 2 and {f.entities["session"] for f in pet}, pet
+
+
+def test_regional_tables_of_a_demo_subject_give_its_model_inputs(demo_run, tmp_path):
+    """ad02's own regional SUVR and volumes, exported as an ADNI-style long table with a name mapping,
+    go straight to model inputs equal to those the workflow built from its PET images."""
+    work, _, result = demo_run
+    if result.returncode != 0:
+        pytest.skip("the demo run failed (reported by the test above)")
+    from neurohybrid.cli import main
+
+    out, subject = work / "results", "ad02"
+    preproc = out / "preproc" / f"sub-{subject}"
+    bids = tmp_path / "bids"
+    (bids / f"sub-{subject}").mkdir(parents=True)
+    shutil.copy(out / "sourcedata" / "bids" / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", bids / f"sub-{subject}")
+    volumes = pd.read_csv(preproc / "anat" / f"sub-{subject}_atlas-DK_desc-volumes.tsv", sep="\t")
+    adni = {r: f"CTX_{r.upper()}" for r in volumes["region"]}
+    rows = []
+    for path in sorted(preproc.glob("ses-*/pet/*_desc-suvr_pet.tsv")):
+        suvr = pd.read_csv(path, sep="\t", dtype={"suvr": str})  # as written: no float round trip
+        table = suvr.merge(volumes, on="region")
+        rows.append(pd.DataFrame({"visit": path.parent.parent.name, "region": table["region"].map(adni),
+                                  "suvr": table["suvr"], "volume_mm3": table["volume_mm3"]}))
+    folder = bids / "derivatives" / "regional" / f"sub-{subject}"
+    folder.mkdir(parents=True)
+    pd.concat(rows).to_csv(folder / f"sub-{subject}_desc-suvr_pet.tsv", sep="\t", index=False)
+    mapping = tmp_path / "adni_to_dk.tsv"
+    pd.DataFrame({"source": list(adni.values()), "region": list(adni)}).to_csv(mapping, sep="\t", index=False)
+
+    common = ["--resources", str(out / "resources.json")]
+    assert main([*common, "preprocess", "regional", "--bids", str(bids), "--subject", subject,
+                 "--out", str(tmp_path / "preproc"), "--mapping", str(mapping)]) == 0
+    assert main([*common, "inputs", "--disorder", "alzheimer", "--subject", subject, "--bids", str(bids),
+                 "--preproc", str(tmp_path / "preproc"), "--config", str(out / "config.yaml"),
+                 "--inputs-out", str(tmp_path / "inputs"), "--targets-out", str(tmp_path / "targets")]) == 0
+    for kind, stem in (("inputs", "desc-modelinputs"), ("targets", "desc-target")):
+        images = out / kind / f"sub-{subject}" / f"sub-{subject}_{stem}"
+        tables = tmp_path / kind / f"sub-{subject}" / f"sub-{subject}_{stem}"
+        assert json.loads(open(f"{tables}.json").read()) == json.loads(open(f"{images}.json").read())
+        with np.load(f"{images}.npz") as a, np.load(f"{tables}.npz") as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
 def test_report_html(demo_run):
     work, cfg, result = demo_run
     if result.returncode != 0:

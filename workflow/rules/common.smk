@@ -86,6 +86,46 @@ SLOPPY = bool(config["sloppy"])
 
 
 # ---------------------------------------------------------------------------------------------
+# template, atlas, normative connectome: resources/ (extracted on the first run) or the user's
+
+
+def user_resources(section):
+    """{key: path} of the user's files in config `resources:`; pairs and existence checked now,
+    before any job (their content is checked by the resolve_resources job)."""
+    from neurohybrid.anatomy.resources import GROUPS, KEYS
+
+    given = {k: str(section[k]) for k in KEYS if section.get(k)}
+    for group, keys in GROUPS.items():
+        missing = [k for k in keys if k not in given]
+        if len(missing) not in (0, len(keys)):
+            raise WorkflowError(
+                f"invalid config: key 'resources.{missing[0]}': a user {group} needs "
+                f"{', '.join(f'resources.{k}' for k in keys)} together"
+            )
+    for key, path in given.items():
+        if not os.path.isfile(path):
+            raise WorkflowError(
+                f"invalid config: key 'resources.{key}': file {path} not found"
+            )
+    return given
+
+
+RESOURCES_SECTION = config.get("resources") or {}
+RESOURCES_DIR = str(RESOURCES_SECTION.get("dir") or "resources").rstrip("/")
+USER_RESOURCES = user_resources(RESOURCES_SECTION)
+RESOURCES_MANIFEST = f"{OUT}/resources.json"
+
+
+def _resource_files():
+    from neurohybrid.anatomy.resources import FILES
+
+    return dict(FILES)
+
+
+RESOURCE_FILES = _resource_files()
+
+
+# ---------------------------------------------------------------------------------------------
 # participants: validated row by row so an error names the row, before any job is scheduled
 
 
@@ -265,10 +305,29 @@ def fast_flag():
     return "--fast" if (SLOPPY or config["preprocessing"].get("fast", False)) else ""
 
 
+def _table_subjects():
+    """Alzheimer's subjects of a user's BIDS who bring regional SUVR tables instead of PET images
+    (<bids>/derivatives/regional/sub-<id>/): they skip image preprocessing."""
+    if DEMO:
+        return set()
+    from neurohybrid.preprocessing.regional import has_tables
+
+    return {s for s in SUBJECTS_OF["alzheimer"] if has_tables(BIDS, s)}
+
+
+TABLE_SUBJECTS = _table_subjects()
+IMAGE_SUBJECTS = [s for s in SUBJECTS if s not in TABLE_SUBJECTS]
+REGIONAL_MAPPING = config["preprocessing"].get("regional_mapping") or ""
+if TABLE_SUBJECTS and REGIONAL_MAPPING and not os.path.isfile(REGIONAL_MAPPING):
+    raise WorkflowError(
+        f"invalid config: key 'preprocessing.regional_mapping': file {REGIONAL_MAPPING} not found"
+    )
+
+
 def connectome_subjects():
     if config["preprocessing"].get("connectome_all_subjects", False):
-        return SUBJECTS
-    return SUBJECTS_OF["alzheimer"]
+        return IMAGE_SUBJECTS
+    return [s for s in SUBJECTS_OF["alzheimer"] if s not in TABLE_SUBJECTS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +335,24 @@ def connectome_subjects():
 def disorder_preprocessing(wildcards):
     """What `neurohybrid inputs` reads beyond the structural outputs, by disorder."""
     subject = wildcards.subject
+    if subject in TABLE_SUBJECTS:
+        return [rules.preprocess_regional.output[0].format(subject=subject)]
     if DISORDER_OF[subject] == "alzheimer":
         return [
             rules.preprocess_pet.output[0].format(subject=subject),
             rules.preprocess_connectome.output.tsv.format(subject=subject),
         ]
     return [rules.preprocess_lesions.output[0].format(subject=subject)]
+
+
+def model_grid_outputs(wildcards):
+    """The structural outputs on the model grid (none for a subject with regional tables only)."""
+    if wildcards.subject in TABLE_SUBJECTS:
+        return []
+    return [
+        path.format(subject=wildcards.subject)
+        for path in rules.preprocess_anat.output.model_grid
+    ]
 
 
 def training_data(wildcards):

@@ -1,5 +1,5 @@
 # Structural connectome per subject: dipy tractography when the subject has DWI, else the
-# normative DK-68 connectome (preprocessing.connectome_method).
+# normative connectome of resources/ or config resources.connectome (preprocessing.connectome_method).
 
 
 rule preprocess_connectome:
@@ -7,6 +7,7 @@ rule preprocess_connectome:
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.probseg,
         rules.preprocess_align.output.done,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files("sub-{subject}/ses-*/dwi/sub-{subject}_ses-*_dwi.*"),
     output:
         tsv=f"{PREPROC}/sub-{{subject}}/dwi/sub-{{subject}}_atlas-DK_connectivity.tsv",
@@ -27,12 +28,40 @@ rule preprocess_connectome:
         bids=lambda wildcards: BIDS,
         out=lambda wildcards: PREPROC,
         method=config["preprocessing"].get("connectome_method", "auto"),
-        normative=(
-            f"--normative-csv {config['preprocessing']['normative_csv']}"
-            if config["preprocessing"].get("normative_csv")
-            else ""
-        ),
         fast=fast_flag(),
     shell:
-        "neurohybrid preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
-        " --method {params.method} {params.normative} --threads {threads} {params.fast} > {log} 2>&1"
+        "neurohybrid --resources {input.resources} preprocess connectome --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        " --method {params.method} --threads {threads} {params.fast} > {log} 2>&1"
+
+
+# Alzheimer's subjects with regional SUVR tables instead of PET images: their tables become the
+# regional SUVR, volumes and (normative) connectome the model inputs read; no image step runs.
+rule preprocess_regional:
+    input:
+        resources=RESOURCES_MANIFEST,
+        raw=raw_files(
+            "sub-{subject}/sub-{subject}_sessions.tsv",
+            "derivatives/regional/sub-{subject}/**/*_desc-suvr_pet.tsv",
+        ),
+        mapping=[REGIONAL_MAPPING] if REGIONAL_MAPPING else [],
+    output:
+        touch(f"{OUT}/flags/preprocess_regional/sub-{{subject}}.done"),
+    log:
+        f"{LOGS}/preprocess_regional/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/preprocess_regional/sub-{{subject}}.tsv"
+    group:
+        "subject"
+    conda:
+        "../../envs/environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        bids=lambda wildcards: BIDS,
+        out=lambda wildcards: PREPROC,
+        mapping=f"--mapping {REGIONAL_MAPPING}" if REGIONAL_MAPPING else "",
+    shell:
+        "neurohybrid --resources {input.resources} preprocess regional --bids {params.bids} --subject {wildcards.subject}"
+        " --out {params.out} {params.mapping} > {log} 2>&1"

@@ -6,10 +6,11 @@
 
 rule model_inputs:
     input:
-        rules.preprocess_anat.output.model_grid,
+        model_grid_outputs,
         disorder_preprocessing,
         raw=raw_files("sub-{subject}/sub-{subject}_sessions.tsv", "participants.tsv"),
         config=RESOLVED_CONFIG,
+        resources=RESOURCES_MANIFEST,
     output:
         inputs=multiext(SUBJECT_INPUTS, ".npz", ".json"),
         target=multiext(SUBJECT_TARGET, ".npz", ".json"),
@@ -32,7 +33,7 @@ rule model_inputs:
         inputs=lambda wildcards: INPUTS,
         targets=lambda wildcards: TARGETS,
     shell:
-        "neurohybrid inputs --disorder {params.disorder} --subject {wildcards.subject} --bids {params.bids}"
+        "neurohybrid --resources {input.resources} inputs --disorder {params.disorder} --subject {wildcards.subject} --bids {params.bids}"
         " --preproc {params.preproc} --config {input.config}"
         " --inputs-out {params.inputs} --targets-out {params.targets} > {log} 2>&1"
 

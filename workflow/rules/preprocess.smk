@@ -48,6 +48,7 @@ rule preprocess_align:
 rule preprocess_anat:
     input:
         rules.preprocess_align.output.done,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files(
             "sub-{subject}/ses-*/anat/sub-{subject}_ses-*_T1w.nii.gz",
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
@@ -102,7 +103,7 @@ rule preprocess_anat:
         fast=fast_flag(),
         backend=config["preprocessing"]["backend"],
     shell:
-        "neurohybrid preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        "neurohybrid --resources {input.resources} preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} --backend {params.backend} --threads {threads} {params.fast} > {log} 2>&1"
 
 
@@ -113,6 +114,7 @@ rule preprocess_lesions:
     input:
         rules.preprocess_anat.output.to_template,
         rules.preprocess_align.output.done,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files(
             "derivatives/lesions/sub-{subject}/ses-*/anat/sub-{subject}_ses-*_mask.nii.gz",
             "sub-{subject}/ses-*/perf/sub-{subject}_ses-*_cbf.nii.gz",
@@ -136,7 +138,7 @@ rule preprocess_lesions:
         out=lambda wildcards: PREPROC,
         voxel=model_voxel_mm,
     shell:
-        "neurohybrid preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
+        "neurohybrid --resources {input.resources} preprocess lesions --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} > {log} 2>&1"
 
 
@@ -145,6 +147,7 @@ rule preprocess_pet:
         rules.preprocess_align.output.done,
         rules.preprocess_anat.output.dseg,
         rules.preprocess_anat.output.reference,
+        resources=RESOURCES_MANIFEST,
         raw=raw_files("sub-{subject}/ses-*/pet/sub-{subject}_ses-*_pet.nii.gz"),
     output:
         touch(f"{OUT}/flags/preprocess_pet/sub-{{subject}}.done"),
@@ -164,4 +167,4 @@ rule preprocess_pet:
         bids=lambda wildcards: BIDS,
         out=lambda wildcards: PREPROC,
     shell:
-        "neurohybrid preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"
+        "neurohybrid --resources {input.resources} preprocess pet --bids {params.bids} --subject {wildcards.subject} --out {params.out} > {log} 2>&1"

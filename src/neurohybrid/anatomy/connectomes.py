@@ -60,14 +60,36 @@ def _load_tvb68():
     return weights, lengths, names
 
 
-def normative_connectome(names=None, *, lengths: bool = False):
-    """(weights (N, N), names) of the normative DK-68 connectome, non-negative and symmetric.
+@functools.lru_cache(maxsize=4)
+def _load_user(path: str):
+    from neurohybrid.io.tsv import read_connectome
 
-    ``names``: a list of canonical region names to pick and order rows/columns by (e.g. the
-    cortical regions of the DK atlas table); an unknown name raises InputError. With
-    ``lengths=True`` returns (weights, tract_lengths_mm, names).
+    weights, names = read_connectome(path)
+    weights = 0.5 * (weights + weights.T)
+    np.fill_diagonal(weights, 0.0)  # region-to-region, as for the shipped one
+    return weights, None, names
+
+
+def connectome_file() -> Path | None:
+    """The run's connectome TSV (active resources manifest), or None: tvb-data's archive."""
+    from neurohybrid.anatomy.active import active_path
+
+    return active_path("connectome")
+
+
+def normative_connectome(names=None, *, lengths: bool = False):
+    """(weights (N, N), names) of the run's normative connectome, non-negative and symmetric.
+
+    The active resources manifest's connectome (neurohybrid.anatomy.resources: ``resources/`` or
+    the user's), else tvb-data's DK-68. ``names``: a list of canonical region names to pick and
+    order rows/columns by (e.g. the cortical regions of the DK atlas table); an unknown name
+    raises InputError. With ``lengths=True`` returns (weights, tract_lengths_mm, names); a
+    connectome given as a TSV has no tract lengths.
     """
-    weights, tract_lengths, all_names = _load_tvb68()
+    chosen = connectome_file()
+    weights, tract_lengths, all_names = _load_tvb68() if chosen is None else _load_user(str(chosen))
+    if lengths and tract_lengths is None:
+        raise InputError("the connectome has no tract lengths (only tvb-data's archive ships them)", file=chosen)
     if names is None:
         picked = list(all_names)
         index = np.arange(len(all_names))
@@ -76,7 +98,7 @@ def normative_connectome(names=None, *, lengths: bool = False):
         lookup = {n: i for i, n in enumerate(all_names)}
         missing = [n for n in picked if n not in lookup]
         if missing:
-            raise InputError(f"region(s) not in the normative DK-68 connectome: {', '.join(missing[:5])}")
+            raise InputError(f"region(s) not in the normative connectome: {', '.join(missing[:5])}", file=chosen)
         index = np.array([lookup[n] for n in picked], dtype=int)
     w = weights[np.ix_(index, index)].copy()
     if lengths:

@@ -22,11 +22,16 @@ _FILES = {
 
 
 def template_path(kind: str):
-    """Path of the shipped 1 mm template file: kind is 't1', 'gm' or 'wm'."""
+    """Path of the run's 1 mm template file (kind 't1', 'gm' or 'wm'): the active resources
+    manifest's (neurohybrid.anatomy.resources), else the file shipped in nilearn's wheel."""
+    from neurohybrid.anatomy.active import active_path
+
+    chosen = active_path(f"template_{kind}")
+    if chosen is not None:
+        return chosen
     return resources.files("nilearn.datasets") / "data" / _FILES[kind]
 
 
-@functools.lru_cache(maxsize=16)
 def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
     """The template image at an isotropic voxel size (linear interpolation, same field of view).
 
@@ -34,9 +39,16 @@ def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
     GM + WM > 0.5 dilated by one voxel, and 'csf' the remaining probability inside that mask
     (nilearn ships no CSF map).
     """
+    # cached by the files read, so activating another resources manifest is never served stale
+    paths = tuple(str(template_path(k)) for k in ("t1", "gm", "wm"))
+    return _load_template(paths, kind, float(voxel_mm))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_template(paths: tuple[str, str, str], kind: str, voxel_mm: float) -> nib.Nifti1Image:
     if kind in ("brain", "csf"):
-        gm = load_template("gm", voxel_mm)
-        wm = load_template("wm", voxel_mm)
+        gm = _load_template(paths, "gm", voxel_mm)
+        wm = _load_template(paths, "wm", voxel_mm)
         gmd, wmd = gm.get_fdata(), wm.get_fdata()
         from scipy import ndimage
 
@@ -45,10 +57,14 @@ def load_template(kind: str, voxel_mm: float = 1.0) -> nib.Nifti1Image:
             return nib.Nifti1Image(brain.astype(np.uint8), gm.affine)
         csf = np.where(brain, np.clip(1.0 - gmd - wmd, 0.0, 1.0), 0.0)
         return nib.Nifti1Image(csf.astype(np.float32), gm.affine)
-    img = nib.load(str(template_path(kind)))
-    data = np.asarray(img.get_fdata(), dtype=np.float32)
+    img = nib.load(paths[("t1", "gm", "wm").index(kind)])
     if kind in ("gm", "wm"):
-        data /= 255.0  # nilearn ships the probability maps as uint8 0..255 (no scl_slope)
+        from neurohybrid.anatomy.tables import template_probability
+
+        # nilearn ships the probability maps as uint8 0..255 (no scl_slope); a user's may be float
+        data = template_probability(img, file=img.get_filename())
+    else:
+        data = np.asarray(img.get_fdata(), dtype=np.float32)
     img = nib.Nifti1Image(data, img.affine)
     if abs(voxel_mm - 1.0) < 1e-9:
         return img

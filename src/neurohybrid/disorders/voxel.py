@@ -65,13 +65,16 @@ def template_box(shape, affine, margin: int = 2) -> tuple[tuple[int, int, int], 
 
             import nibabel as nib
 
+            from neurohybrid.anatomy.active import active_path
             from neurohybrid.anatomy.templates import _FILES, load_template
 
-            # the res-model grid has ceil(1 mm shape / voxel) voxels: check that from the shipped
-            # file's header (found without importing nilearn, which takes seconds) before paying
-            # for a resampled template
-            spec = importlib.util.find_spec("nilearn")
-            path = Path(spec.origin).parent / "datasets" / "data" / _FILES["gm"]
+            # the res-model grid has ceil(1 mm shape / voxel) voxels: check that from the run's
+            # template header (resources manifest, else the shipped file, found without importing
+            # nilearn, which takes seconds) before paying for a resampled template
+            path = active_path("template_gm")
+            if path is None:
+                spec = importlib.util.find_spec("nilearn")
+                path = Path(spec.origin).parent / "datasets" / "data" / _FILES["gm"]
             full = np.array(nib.load(str(path)).shape)
             if tuple(int(v) for v in np.ceil(full / vox[0])) == shape:
                 brain = load_template("brain", round(vox[0], 4))

@@ -90,6 +90,11 @@ def check_same_grid(reference: tuple[str, np.ndarray, np.ndarray], other: tuple[
         raise InputError(f"affine differs from that of {Path(ref_path).name}", file=path, subject=subject)
 
 
+def set_units(img) -> None:
+    """Spatial units mm and time units s in the header (BIDS validators warn, NIFTI_UNIT, when unset)."""
+    img.header.set_xyzt_units(xyz="mm", t="sec")
+
+
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtype=None, header=None) -> None:
     """Write a 3D array as NIfTI atomically (temporary file, then rename)."""
     data = np.asarray(data)
@@ -102,5 +107,6 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, dtype
     img = nib.Nifti1Image(data, affine, header)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    set_units(img)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))

@@ -3,6 +3,6 @@ tissue segmentation, DK parcellation, regional PET, lesion/CBF resampling, conne
 
 Entry points (one subject each; the CLI in ``cli.py`` documents inputs and outputs):
 ``pipeline.run_anat``, ``pipeline.run_lesions``, ``pipeline.run_pet``, ``pipeline.run_connectome``.
-Backends: ``ants_backend`` (antspyx, default), ``fsl_backend`` (nipype FSL), MRtrix3 and dipy in
+Backends: ``ants_backend`` (antspyx, default), ``fsl_backend`` (FSL through fslpy's fsl.wrappers), MRtrix3 and dipy in
 ``connectome``.
 """

@@ -44,7 +44,7 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
            O/sub-S/anat/sub-S_space-MNI152NLin2009cSym_res-model_label-{GM,WM,CSF}_probseg.nii.gz
            O/sub-S/figures/sub-S_desc-qc.png
    ``--fast`` uses the short registration schedule (tests / sloppy mode); ``--backend fsl`` uses
-   BET/FAST/FLIRT/FNIRT through nipype and needs FSLDIR (clear error otherwise).
+   BET/FAST/FLIRT/FNIRT through fslpy's fsl.wrappers and needs FSLDIR (clear error otherwise).
    ANTs transforms: the ``.mat`` is the affine, the ``.nii.gz`` the SyN displacement field; apply
    ``from-T1w_to-MNI`` as [xfm.nii.gz, xfm.mat] and ``from-MNI_to-T1w`` as [xfm.mat, xfm.nii.gz]
    (see ``neurohybrid.preprocessing.transforms``).
@@ -88,6 +88,17 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
            plus mean streamline lengths in mm under MeanLengthMm for DWI sources)
    ``auto``: dipy when the subject has DWI, else normative (or --normative-csv, a square CSV/TSV
    with region names in the header).
+
+5. Alzheimer's subjects with regional SUVR tables instead of PET images (instead of 1-4)::
+
+     neurohybrid preprocess regional --bids B --subject S --out O [--mapping FILE]
+
+   reads   B/derivatives/regional/sub-S/sub-S_desc-suvr_pet.tsv (session_id, region, suvr[, volume_mm3])
+           or B/derivatives/regional/sub-S/ses-X/pet/sub-S_ses-X_desc-suvr_pet.tsv (region, suvr[, volume_mm3]);
+           FILE: TSV (source, region) from the tables' region names to the atlas's
+   writes  what steps 1, 3 and 4 write for the model inputs: regional SUVR per visit, regional
+           volumes (the table's volume_mm3, else the atlas's), the normative connectome
+           (neurohybrid.preprocessing.regional).
 """
 
 from __future__ import annotations
@@ -156,6 +167,11 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_pet)
 
+    p = sub.add_parser("regional", help="Alzheimer's regional SUVR tables (no PET images) -> the derivatives the model inputs read")
+    _common(p)
+    p.add_argument("--mapping", default=None, help="TSV (source, region): the tables' region names -> atlas region names")
+    p.set_defaults(func=_run_regional)
+
     p = sub.add_parser("connectome", help="structural connectome from DWI (dipy/MRtrix3) or normative")
     _common(p)
     p.add_argument("--method", choices=["auto", "dipy", "mrtrix", "normative"], default="auto")
@@ -199,6 +215,14 @@ def _run_pet(args) -> int:
 
     with _scratch(args, "pet"):
         run_pet(args.bids, args.subject, args.out)
+    return 0
+
+
+def _run_regional(args) -> int:
+    _check(args)
+    from neurohybrid.preprocessing.regional import run_regional
+
+    run_regional(args.bids, args.subject, args.out, mapping=args.mapping)
     return 0
 
 

@@ -230,16 +230,20 @@ def normative_for_subject(dseg_img, regions, *, csv=None, subject=None) -> dict:
     if csv is not None:
         w, src_names = read_connectome(csv, subject=subject)
         source = "normative-csv"
+        csv_name = csv
     else:
-        from neurohybrid.anatomy.connectomes import normative_connectome
+        from neurohybrid.anatomy.connectomes import connectome_file, normative_connectome
+        from neurohybrid.anatomy.resources import active_source
 
         w_all, all_names = normative_connectome()
         keep = [nm for nm in all_names if nm in pos]
         w, src_names = normative_connectome(names=keep)
-        source = "normative"
+        # evaluation scores kappa against the generator's only on the shipped connectome
+        source = "normative" if active_source("connectome") == "shipped" else "normative-user"
+        csv_name = connectome_file()
     unknown = [nm for nm in src_names if nm not in pos]
     if len(unknown) == len(src_names):
-        raise InputError("none of the connectome's region names are DK region names", file=csv, subject=subject)
+        raise InputError("none of the connectome's region names are DK region names", file=csv_name, subject=subject)
     idx_src = [i for i, nm in enumerate(src_names) if nm in pos]
     idx_dst = [pos[src_names[i]] for i in idx_src]
     weights[np.ix_(idx_dst, idx_dst)] = w[np.ix_(idx_src, idx_src)]
@@ -250,7 +254,8 @@ def normative_for_subject(dseg_img, regions, *, csv=None, subject=None) -> dict:
     weights[:, absent] = 0.0
     return {"weights": weights, "lengths": None, "names": names, "source": source,
             "description": "normative DK-68 structural connectivity (tvb-data) mapped by region name"
-                           if csv is None else f"user-supplied connectome {Path(csv).name} mapped by region name",
+                           if csv is None and source == "normative"
+                           else f"user-supplied connectome {Path(csv or csv_name).name} mapped by region name",
             "unmapped": unknown}
 
 

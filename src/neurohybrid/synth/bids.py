@@ -18,6 +18,8 @@ from neurohybrid.io import save_volume, write_json, write_tsv
 BIDS_VERSION = "1.9.0"
 GENERATED_BY = [{"Name": "neurohybrid synth", "Version": __version__,
                  "Description": "virtual cohort on the MNI152 2009c template with mechanistic disease models"}]
+# who made the data: the generator (synthetic, no people scanned); BIDS validators warn (NO_AUTHORS) without it
+AUTHORS = ["neurohybrid synth (virtual cohort generator)"]
 SESSION_TIME_COLUMN = {"glioma": "day", "alzheimer": "years", "stroke": "hours_since_onset"}
 SESSION_TIME_DESCRIPTION = {
     "day": {"Description": "days since the subject's first session", "Units": "day"},
@@ -44,7 +46,7 @@ def sub_dir(root: Path, subject: str) -> Path:
 
 def write_dataset_description(root: Path, name: str, dataset_type: str = "raw", extra: dict | None = None) -> None:
     desc = {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": dataset_type, "GeneratedBy": GENERATED_BY,
-            "License": "CC0 (synthetic data)"}
+            "License": "CC0 (synthetic data)", "Authors": AUTHORS}
     desc.update(extra or {})
     write_json(Path(root) / "dataset_description.json", desc)
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from neurohybrid.io import atomic_path
+from neurohybrid.io.nifti import set_units
 from neurohybrid.synth import bids
 from neurohybrid.synth.anatomy import SubjectAnatomy
 
@@ -98,6 +99,7 @@ def write_dwi(subject: str, session: str, anat: SubjectAnatomy, rng, bids_root, 
     img = nib.Nifti1Image(np.clip(np.rint(data), 0, 32767).astype(np.int16), anat.affine)
     img.set_qform(anat.affine, code=1)
     img.set_sform(anat.affine, code=1)
+    set_units(img)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     stem = path.name.replace(".nii.gz", "")

