@@ -13,6 +13,9 @@ from neurohybrid.errors import InputError
 from neurohybrid.io import write_json
 
 LESION_KINDS = ("T1Gd", "FLAIR", "infarct")
+# masks kept beside the lesions and mapped onto the model grid with them, but never lesions (not
+# masked out of the registration cost): the radiotherapy target of a treatment table
+TREATMENT_KINDS = ("RTtarget",)
 
 
 def subject_label(subject: str) -> str:
@@ -50,8 +53,8 @@ def raw_lesion(bids: Path, sub: str, ses: str, kind: str) -> Path:
             / f"sub-{sub}_ses-{ses}_space-T1w_desc-{kind}_mask.nii.gz")
 
 
-def raw_lesions(bids: Path, sub: str, ses: str) -> dict[str, Path]:
-    return {kind: p for kind in LESION_KINDS if (p := raw_lesion(bids, sub, ses, kind)).exists()}
+def raw_lesions(bids: Path, sub: str, ses: str, kinds=LESION_KINDS) -> dict[str, Path]:
+    return {kind: p for kind in kinds if (p := raw_lesion(bids, sub, ses, kind)).exists()}
 
 
 def check_sessions_on_disk(bids: Path, sub: str, listed: list[str], table: Path, *, need_folders: bool = True) -> None:

@@ -201,7 +201,7 @@ def run_lesions(bids, subject, out, *, model_voxel_mm=2.0) -> list[Path]:
     ref = (str(d.preproc_t1w), np.empty(t1.shape), t1.affine)
     written = []
     for ses in layout.sessions(bids, sub):
-        for kind, path in layout.raw_lesions(bids, sub, ses).items():
+        for kind, path in layout.raw_lesions(bids, sub, ses, layout.LESION_KINDS + layout.TREATMENT_KINDS).items():
             img = load_image(path, subject=sub)
             check_same_grid(ref, (str(path), np.empty(img.shape), img.affine), subject=sub)
             data, aff = to_model_grid(nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.float32), img.affine),
