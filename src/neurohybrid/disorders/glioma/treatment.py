@@ -119,7 +119,7 @@ def read_table(bids, subject: str, sessions: list[tuple[str, float]]) -> list[Co
     for i, r in enumerate(frame.to_dict("records")):
         where = f"treatment table row {i + 2}"
 
-        def bad(problem):
+        def bad(problem, where=where):
             return InputError(f"{where}: {problem}", file=path, subject=subject)
 
         start = str(r["start_day"]).strip()
