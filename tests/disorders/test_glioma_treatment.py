@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
