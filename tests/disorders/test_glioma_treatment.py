@@ -28,27 +28,30 @@ def _affine():
     return affine
 
 
-def write_treated(root, sub="t1", course=COURSE):
-    """A phantom subject treated in the forecast gap: target = FLAIR at the second session + 6 mm;
-    its held-out session is simulated under the LQ kill. Returns (bids, preproc)."""
+def write_treated(root, sub="t1", course=COURSE, after=1):
+    """A phantom subject treated after session index ``after`` (0-based): target = its FLAIR there +
+    6 mm; the later sessions are simulated under the LQ kill. Returns (bids, preproc)."""
     bids, preproc, truth = write_cohort(root, [sub])
     p = truth[sub]
     wm, gm, _ = tissue_maps()
     u0 = gaussian_seed(SHAPE, (VOX,) * 3, p["center"], sigma_mm=2.0).astype(np.float32)
-    u1 = simulate_glioma(wm, gm, u0, spacing=(VOX,) * 3, dw=p["dw"], rho=p["rho"], days=p["t0"] + DAYS[1], threads=1)
-    target = ndimage.distance_transform_edt(~observe(u1)[1], sampling=(VOX,) * 3) <= 6.0
+    u = simulate_glioma(wm, gm, u0, spacing=(VOX,) * 3, dw=p["dw"], rho=p["rho"], days=p["t0"] + DAYS[after], threads=1)
+    target = ndimage.distance_transform_edt(~observe(u)[1], sampling=(VOX,) * 3) <= 6.0
     therapy = Radiotherapy(course.fraction_days(), course.dose_gy, ALPHA, ALPHA / 10.0, target)
-    u2 = simulate_glioma(wm, gm, u1, spacing=(VOX,) * 3, dw=p["dw"], rho=p["rho"], days=DAYS[2] - DAYS[1], threads=1,
-                         radiotherapy=therapy.window(DAYS[1], DAYS[2]))
-    t1, fl = observe(u2)
-    d = preproc / f"sub-{sub}" / "ses-03" / "anat"
-    _save(d / f"sub-{sub}_ses-03_space-{SPACE}_res-model_desc-T1Gd_mask.nii.gz", t1.astype(np.uint8), _affine())
-    _save(d / f"sub-{sub}_ses-03_space-{SPACE}_res-model_desc-FLAIR_mask.nii.gz", fl.astype(np.uint8), _affine())
+    for k in range(after + 1, len(DAYS)):
+        u = simulate_glioma(wm, gm, u, spacing=(VOX,) * 3, dw=p["dw"], rho=p["rho"], days=DAYS[k] - DAYS[k - 1], threads=1,
+                            radiotherapy=therapy.window(DAYS[k - 1], DAYS[k]))
+        t1, fl = observe(u)
+        ses = f"{k + 1:02d}"
+        d = preproc / f"sub-{sub}" / f"ses-{ses}" / "anat"
+        _save(d / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-T1Gd_mask.nii.gz", t1.astype(np.uint8), _affine())
+        _save(d / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-FLAIR_mask.nii.gz", fl.astype(np.uint8), _affine())
     # the target: raw (T1w space) in the lesion derivatives, and as preprocessing maps it
-    _save(bids / rt.target_path(sub, "02"), target.astype(np.uint8), _affine())
-    _save(preproc / f"sub-{sub}" / "ses-02" / "anat" / f"sub-{sub}_ses-02_space-{SPACE}_res-model_desc-RTtarget_mask.nii.gz",
+    ses = f"{after + 1:02d}"
+    _save(bids / rt.target_path(sub, ses), target.astype(np.uint8), _affine())
+    _save(preproc / f"sub-{sub}" / f"ses-{ses}" / "anat" / f"sub-{sub}_ses-{ses}_space-{SPACE}_res-model_desc-RTtarget_mask.nii.gz",
           target.astype(np.uint8), _affine())
-    rt.write_table(bids, sub, [dataclass_replace(course, target_mask=rt.target_path(sub, "02"), target_session="02")])
+    rt.write_table(bids, sub, [dataclass_replace(course, target_mask=rt.target_path(sub, ses), target_session=ses)])
     return bids, preproc
 
 
@@ -193,6 +196,45 @@ def test_ude_and_sol_fine_solver_apply_the_treatment(treated):
     runner.fine_stepper = GliomaStepper(wm[runner.fbox], gm[runner.fbox], np.zeros_like(wm[runner.fbox]), spacing=(VOX,) * 3,
                                         dw=fit.dw, rho=fit.rho, max_rho_dt=float(s["max_rho_dt"]))
     np.testing.assert_allclose(runner.fine(case.u_last), ref, atol=2e-3)
+
+
+def test_the_fit_uses_a_treatment_between_the_observed_sessions(tmp_path):
+    """Treated between sessions 1 and 2: a fit that ignores it mistakes the kill for slow growth and
+    under-predicts session 3; the fit that knows it forecasts closer."""
+    disorder = get_disorder("glioma")
+    inputs, target = disorder.build_inputs("t1", *write_treated(tmp_path, course=rt.Course(3.0, 15, 2.0, 5), after=0),
+                                           CONFIG)
+    observed = _flair_ml(target.arrays["flair"])
+    fam = disorder.family("mechanistic", CONFIG, "cpu")
+    with_rt = fam.forecast(inputs, None)
+    without = fam.forecast(untreated_copy(inputs), None)
+    assert with_rt.extra["fractions_before_last_session"] == 15 and with_rt.extra["fractions_in_forecast_gap"] == 0
+    v_with, v_without = _flair_ml(with_rt.outputs["flair"]), _flair_ml(without.outputs["flair"])
+    assert abs(v_with - observed) < abs(v_without - observed)
+    assert with_rt.parameters["rho"] != without.parameters["rho"]
+
+
+def test_sol_coarse_and_corrected_paths_apply_the_treatment(treated):
+    import torch
+    from test_glioma_sol import _random_checkpoint
+
+    from neurohybrid.disorders.glioma.families import SolForecaster
+
+    s = mech.settings(CONFIG)
+    fam = get_disorder("glioma").family("sol", dict(CONFIG, glioma=dict(CONFIG["glioma"], sol_step_days=10.0)),
+                                        torch.device("cpu"))
+    fit = mech.calibrate_inputs(treated, s, seed=0)
+    d_last, d_target = mech.forecast_days(treated)
+    u_last = mech.state_at(treated, fit, [d_last], s)[0]
+    kills = rt.Treatment.of(treated, s).kill_factors(d_last, d_target, SHAPE)
+    ckpt = _random_checkpoint(fam)
+    runner = SolForecaster(fam, treated.arrays, (VOX,) * 3, fit.dw, fit.rho, d_target - d_last, ckpt, kills)
+    plain = SolForecaster(fam, treated.arrays, (VOX,) * 3, fit.dw, fit.rho, d_target - d_last, ckpt)
+    # the Numba forecast and the torch modules agree under the treatment too
+    np.testing.assert_allclose(runner.sol(u_last), runner.sol_torch(u_last), atol=2e-5)
+    np.testing.assert_allclose(runner.coarse(u_last), runner.coarse_torch(u_last), atol=2e-6)
+    assert plain.coarse(u_last).sum() > 1.05 * runner.coarse(u_last).sum()
+    assert plain.sol(u_last).sum() > 1.05 * runner.sol(u_last).sum()
 
 
 def torch_zero(module):
