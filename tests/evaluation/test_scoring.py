@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -170,3 +171,13 @@ def test_cli_refuses_bad_model_lists_and_truth_roots(tmp_path, capsys, models, e
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
     assert not out.exists()
+
+
+def test_rows_say_whether_the_patient_was_treated(glioma_case):
+    root, _, _ = glioma_case
+    args = ("glioma", "g1", "mechanistic", root / "forecasts" / "sub-g1", root / "targets")
+    assert (evaluate_subject(*args)["treated"] == 0).all()
+    meta_path = root / "targets" / "sub-g1" / "sub-g1_desc-target.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(dict(meta, treated=True)))
+    assert (evaluate_subject(*args)["treated"] == 1).all()

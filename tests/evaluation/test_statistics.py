@@ -143,13 +143,30 @@ def test_a_nan_metric_is_counted_as_missing_with_its_reason():
 def test_summary_intervals_and_degenerate_rows():
     s = summarise(synthetic_table(), PLAN)
     assert list(s.columns) == ["disorder", "model", "metric", "role", "n", "n_missing", "missing_reasons", "mean",
-                               "ci_low", "ci_high", "median", "ci_method", "ci_level", "note"]
+                               "ci_low", "ci_high", "median", "ci_method", "ci_level", "note", "patients"]
+    assert (s["patients"] == "all").all()  # nobody treated: no split rows
     const = s[(s.model == "residual") & (s.metric == "fit_seconds")].iloc[0]
     assert const["n"] == 10 and const["mean"] == 2.0 and math.isnan(const["ci_low"]) and "all values equal" in const["note"]
     rmse = s[(s.model == "mechanistic") & (s.metric == "rmse_suvr")].iloc[0]
     assert rmse["ci_low"] < rmse["mean"] < rmse["ci_high"] and rmse["ci_method"] == "bca" and rmse["ci_level"] == 0.95
     # the same seed gives the same table
     assert summarise(synthetic_table(), PLAN).equals(s)
+
+
+def test_summary_separates_treated_and_untreated_patients():
+    frame = synthetic_table()
+    subjects = sorted(frame["subject"].unique())
+    frame["treated"] = frame["subject"].isin(subjects[:4]).astype(int)
+    s = summarise(frame, PLAN)
+    key = (s.model == "mechanistic") & (s.metric == "rmse_suvr")
+    rows = s[key].set_index("patients")
+    assert list(rows.index) == ["all", "treated", "untreated"]
+    assert rows.at["treated", "n"] == 4 and rows.at["untreated", "n"] == len(subjects) - 4
+    grp = frame[(frame.model == "mechanistic") & (frame.metric == "rmse_suvr")]
+    assert rows.at["treated", "mean"] == pytest.approx(grp[grp.treated == 1]["value"].mean())
+    # the "all" rows are those of a table without the column
+    plain = summarise(synthetic_table(), PLAN)
+    assert s[s.patients == "all"].reset_index(drop=True).equals(plain)
 
 
 def test_power_table_from_the_primary_comparisons():

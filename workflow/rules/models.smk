@@ -8,7 +8,11 @@ rule model_inputs:
     input:
         model_grid_outputs,
         disorder_preprocessing,
-        raw=raw_files("sub-{subject}/sub-{subject}_sessions.tsv", "participants.tsv"),
+        raw=raw_files(
+            "sub-{subject}/sub-{subject}_sessions.tsv",
+            "sub-{subject}/sub-{subject}_treatment.tsv",
+            "participants.tsv",
+        ),
         config=RESOLVED_CONFIG,
         resources=RESOURCES_MANIFEST,
     output:

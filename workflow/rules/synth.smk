@@ -29,8 +29,10 @@ if DEMO:
             dwi=min(
                 config["synth"].get("dwi_subjects", 0), len(SUBJECTS_OF["alzheimer"])
             ),
+            treated=config["synth"].get("glioma_treated_every", 2),
             seed=config["seed"],
             sloppy="--sloppy" if SLOPPY else "",
         shell:
             "neurohybrid synth --out {params.bids} --truth-out {output.truth} {params.counts}"
-            " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --seed {params.seed} --jobs {threads} {params.sloppy} > {log} 2>&1"
+            " --voxel-mm {params.voxel} --dwi-subjects {params.dwi} --glioma-treated-every {params.treated}"
+            " --seed {params.seed} --jobs {threads} {params.sloppy} > {log} 2>&1"

@@ -25,7 +25,10 @@ from neurohybrid.io.tsv import read_table
 COLUMNS = ["subject", "disorder", "model", "metric", "value"]
 # why a value is missing (n/a): the cohort counts missing values with their reasons, never drops them
 REASON = "missing_reason"
-TABLE_COLUMNS = COLUMNS + [REASON]
+# 1 when the subject's inputs record a treatment (glioma: a radiotherapy table), else 0: the cohort
+# summary splits the patients by it
+TREATED = "treated"
+TABLE_COLUMNS = COLUMNS + [REASON, TREATED]
 
 # values copied from the fit json into the table as they are (the sol_* / coarse_* / fine_* ones:
 # the solver-in-the-loop families' accuracy against the fine solver and the costs it saves)
@@ -182,8 +185,9 @@ def evaluate_subject(disorder: str, subject: str, model: str, forecast_dir, targ
         values.update(scores)
         reasons.update(why)
     rows = []
+    treated = int(bool(target.meta.get(TREATED, False)))
     for name, v in values.items():
         value = float(v) if v is not None else math.nan
         reason = "" if np.isfinite(value) else reasons.get(name, "undefined")
-        rows.append((sub, disorder, model, name, value, reason))
+        rows.append((sub, disorder, model, name, value, reason, treated))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)

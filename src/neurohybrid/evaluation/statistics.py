@@ -15,7 +15,7 @@ from neurohybrid.errors import InputError
 from neurohybrid.evaluation import analysis
 from neurohybrid.evaluation.inference import bootstrap_interval, holm, paired_wilcoxon, row_rng
 from neurohybrid.evaluation.power import subjects_needed
-from neurohybrid.evaluation.scoring import COLUMNS, REASON, TABLE_COLUMNS
+from neurohybrid.evaluation.scoring import COLUMNS, REASON, TABLE_COLUMNS, TREATED
 from neurohybrid.registry import BASELINES, FAMILY_NAMES
 
 
@@ -37,6 +37,13 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     if REASON not in frame.columns:
         frame[REASON] = ""
     frame[REASON] = frame[REASON].fillna("").astype(str)
+    if TREATED not in frame.columns:  # a table from before treatments were recorded: nobody treated
+        frame[TREATED] = 0
+    treated = pd.to_numeric(frame[TREATED], errors="coerce")
+    if not treated.isin([0, 1]).all():
+        row = int(np.flatnonzero(~treated.isin([0, 1]).to_numpy())[0])
+        raise InputError(f"'{TREATED}' must be 0 or 1, got {frame[TREATED].iloc[row]!r} in row {row + 2}", file=path)
+    frame[TREATED] = treated.astype(int)
     if frame.empty:
         return frame[TABLE_COLUMNS]
     values = pd.to_numeric(frame["value"], errors="coerce")
@@ -87,7 +94,7 @@ def add_persistence_ratios(frame: pd.DataFrame, metric: str = "rmse_suvr", ratio
         r = ref.loc[key]
         value = rec.value / r if np.isfinite(r) and r != 0 else math.nan
         reason = "" if np.isfinite(value) else ("no-change RMSE is 0" if r == 0 else "model or no-change RMSE missing")
-        rows.append((rec.subject, rec.disorder, rec.model, ratio, value, reason))
+        rows.append((rec.subject, rec.disorder, rec.model, ratio, value, reason, getattr(rec, TREATED, 0)))
     if not rows:
         return frame
     return pd.concat([frame, pd.DataFrame(rows, columns=TABLE_COLUMNS)], ignore_index=True)
@@ -128,26 +135,37 @@ def _model_order(models) -> list[str]:
 # summary: every metric (primary and secondary), estimate and bootstrap interval, no tests
 
 SUMMARY_COLUMNS = ["disorder", "model", "metric", "role", "n", "n_missing", "missing_reasons", "mean", "ci_low",
-                   "ci_high", "median", "ci_method", "ci_level", "note"]
+                   "ci_high", "median", "ci_method", "ci_level", "note", "patients"]
 
 
 def summarise(frame: pd.DataFrame, plan: analysis.Plan | None = None) -> pd.DataFrame:
     """Per (disorder, model, metric): n finite values, n missing with reasons (every subject of the
-    disorder is expected), mean and a bootstrap interval of the mean, median."""
+    disorder is expected), mean and a bootstrap interval of the mean, median. ``patients``: "all";
+    a disorder with treated patients (``treated`` column) also gets the same rows over its
+    "treated" and its "untreated" patients alone."""
     plan = plan or analysis.plan({})
     rows = []
+    if TREATED not in frame.columns:
+        frame = frame.assign(**{TREATED: 0})
     for disorder, dgrp in frame.groupby("disorder", sort=True):
         subjects = sorted(dgrp["subject"].unique())
-        for (model, metric), grp in dgrp.groupby(["model", "metric"], sort=True):
-            values, reasons = _values_by_subject(grp, subjects)
-            x = values[np.isfinite(values)]
-            lo, hi, how, note = bootstrap_interval(
-                x, np.mean, confidence=plan.confidence, method=plan.interval, resamples=plan.resamples,
-                rng=row_rng(plan.seed, "summary", disorder, model, metric))
-            role = "primary" if plan.primary(disorder) == metric else "secondary"
-            rows.append((disorder, model, metric, role, int(x.size), int(values.size - x.size), count_reasons(reasons),
-                         float(x.mean()) if x.size else math.nan, lo, hi,
-                         float(np.median(x)) if x.size else math.nan, how, plan.confidence, note))
+        treated = set(dgrp.loc[dgrp[TREATED] == 1, "subject"])
+        groups = [("all", subjects)]
+        if treated:
+            groups += [("treated", [s for s in subjects if s in treated]), ("untreated", [s for s in subjects if s not in treated])]
+        for patients, members in groups:
+            for (model, metric), grp in dgrp.groupby(["model", "metric"], sort=True):
+                values, reasons = _values_by_subject(grp, members)
+                x = values[np.isfinite(values)]
+                # the "all" rows keep their own random stream (same intervals as before the split existed)
+                key = ("summary", disorder, model, metric) + (() if patients == "all" else (patients,))
+                lo, hi, how, note = bootstrap_interval(
+                    x, np.mean, confidence=plan.confidence, method=plan.interval, resamples=plan.resamples,
+                    rng=row_rng(plan.seed, *key))
+                role = "primary" if plan.primary(disorder) == metric else "secondary"
+                rows.append((disorder, model, metric, role, int(x.size), int(values.size - x.size), count_reasons(reasons),
+                             float(x.mean()) if x.size else math.nan, lo, hi,
+                             float(np.median(x)) if x.size else math.nan, how, plan.confidence, note, patients))
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 

@@ -13,6 +13,9 @@ from neurohybrid.errors import InputError
 from neurohybrid.io import write_json
 
 LESION_KINDS = ("T1Gd", "FLAIR", "infarct")
+# masks kept beside the lesions and mapped onto the model grid with them, but never lesions (not
+# masked out of the registration cost): the radiotherapy target of a treatment table
+TREATMENT_KINDS = ("RTtarget",)
 
 
 def subject_label(subject: str) -> str:
@@ -50,12 +53,12 @@ def raw_lesion(bids: Path, sub: str, ses: str, kind: str) -> Path:
             / f"sub-{sub}_ses-{ses}_space-T1w_desc-{kind}_mask.nii.gz")
 
 
-def raw_lesions(bids: Path, sub: str, ses: str) -> dict[str, Path]:
+def raw_lesions(bids: Path, sub: str, ses: str, kinds=LESION_KINDS) -> dict[str, Path]:
     """The session's lesion masks by kind, whatever their ``space-`` entity (``space-T1w``,
     ``space-FLAIR``, none): the mask's grid says which image it was drawn on (align.mask_transform)."""
     folder = raw_lesion(bids, sub, ses, "x").parent
     found = {}
-    for kind in LESION_KINDS:
+    for kind in kinds:
         paths = sorted(folder.glob(f"sub-{sub}_ses-{ses}_*desc-{kind}_mask.nii.gz"))
         if len(paths) > 1:
             raise InputError(f"{len(paths)} {kind} masks for one session ({', '.join(p.name for p in paths)}): "

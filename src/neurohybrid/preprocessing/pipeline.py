@@ -230,7 +230,7 @@ def run_lesions(bids, subject, out, *, model_voxel_mm=2.0) -> list[Path]:
     fsl = _fsl_transforms(d)
     written = []
     for ses in layout.sessions(bids, sub):
-        for kind, path in layout.raw_lesions(bids, sub, ses).items():
+        for kind, path in layout.raw_lesions(bids, sub, ses, layout.LESION_KINDS + layout.TREATMENT_KINDS).items():
             img = load_image(path, subject=sub)
             if fsl:
                 check_same_grid(ref, (str(path), np.empty(img.shape), img.affine), subject=sub)

@@ -44,7 +44,8 @@ Discretisation (shared by the Numba solver and the torch twin):
       dt = safety / max_x( 2 sum_i D_ii/h_i^2 + 4 sum_{i<j} |D_ij|/(h_i h_j) )
 
   (also capped by ``max_rho_dt / rho``), which reduces to the scalar bound for T = I.
-* Radiotherapy (linear-quadratic): at each fraction time t_f, u <- u * exp(-(alpha d + beta d^2)).
+* Radiotherapy (linear-quadratic): at each fraction time t_f, u <- u * exp(-(alpha d + beta d^2))
+  inside the irradiated target (``Radiotherapy.target``, a mask on the maps' grid; None: everywhere).
   The integration lands exactly on fraction and save times (each interval between events is cut
   into equal steps no longer than dt); a state saved at a fraction time is the post-fraction one.
 
@@ -94,19 +95,22 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Radiotherapy:
     """Fractionated radiotherapy with linear-quadratic cell kill.
 
     fraction_days: times (days, same clock as the simulation) of the fractions; dose_gy: dose per
     fraction; alpha (1/Gy), beta (1/Gy^2): LQ parameters (defaults alpha/beta = 10 Gy, a common
-    glioma value). Each fraction multiplies u by ``survival = exp(-(alpha d + beta d^2))``.
+    glioma value). Each fraction multiplies u by ``survival = exp(-(alpha d + beta d^2))`` inside
+    ``target`` (a boolean mask on the solver's grid: the irradiated volume; None irradiates every
+    voxel). Compared by identity (eq=False): the target is an array.
     """
 
     fraction_days: Sequence[float]
     dose_gy: float
     alpha: float = 0.035
     beta: float = 0.0035
+    target: np.ndarray | None = None
     days: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -122,6 +126,24 @@ class Radiotherapy:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InputError(f"radiotherapy {name} must be a finite number >= 0, got {v!r}")
         object.__setattr__(self, "days", tuple(sorted(days)))
+        if self.target is not None:
+            t = np.asarray(self.target)
+            if t.ndim != 3 or not (t.dtype == bool or np.isin(t, (0, 1)).all()):
+                raise InputError(f"radiotherapy target must be a 3D 0/1 mask, got shape {t.shape}, dtype {t.dtype}")
+            object.__setattr__(self, "target", t.astype(bool))
+
+    def check_grid(self, shape) -> None:
+        if self.target is not None and tuple(self.target.shape) != tuple(shape):
+            raise InputError(f"radiotherapy target has shape {tuple(self.target.shape)}, the maps {tuple(shape)}")
+
+    def window(self, start: float, stop: float, box=None) -> "Radiotherapy":
+        """The fractions in (start, stop], on a clock starting at ``start``, with the target cut to
+        ``box`` (slices): for a run of the solver over that interval on that box. Half-open (a
+        fraction at a run's end is applied before its last state, as in one run), so consecutive
+        windows apply every fraction exactly once."""
+        days = [t - start for t in self.days if start < t <= stop]
+        target = self.target if self.target is None or box is None else self.target[box]
+        return Radiotherapy(days, self.dose_gy, self.alpha, self.beta, target)
 
     @property
     def survival(self) -> float:
@@ -363,6 +385,8 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
     save = _check_save_days(save_days, days)
     if radiotherapy is not None and not isinstance(radiotherapy, Radiotherapy):
         raise InputError(f"radiotherapy must be a Radiotherapy, got {type(radiotherapy).__name__}")
+    if radiotherapy is not None:
+        radiotherapy.check_grid(wm.shape)
     dtype = np.float32 if u0.dtype == np.float32 else np.float64
 
     # Crop first and do every full-size pass only once: at 1 mm the setup otherwise cost as much
@@ -405,6 +429,7 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
 
     fr_days = radiotherapy.days if radiotherapy is not None else ()
     plan = _schedule(days, dt, save or [], fr_days)
+    rt_box = radiotherapy.target[box] if radiotherapy is not None and radiotherapy.target is not None else None
 
     one, zero, half, tiny = dtype(1), dtype(0), dtype(0.5), dtype(_k.TINY[np.dtype(dtype).name])
     hx, hy, hz = (dtype(h) for h in spacing)
@@ -443,7 +468,10 @@ def simulate_glioma(wm, gm, u0, *, spacing=(1, 1, 1), dw=0.2, rho=0.03, days=365
                     a, b = b, a
                 n_steps += n
             elif kind == "fraction":
-                _k.scale_inplace(a, dtype(radiotherapy.survival ** n))
+                if radiotherapy.target is None:
+                    _k.scale_inplace(a, dtype(radiotherapy.survival ** n))
+                else:
+                    a[inner][rt_box] *= dtype(radiotherapy.survival ** n)
             else:
                 full = np.zeros(wm.shape, dtype=dtype)
                 full[box] = a[inner]
@@ -725,6 +753,8 @@ def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, d
         pads += [s.start, n - s.stop]
 
     fr_days = radiotherapy.days if radiotherapy is not None else ()
+    if radiotherapy is not None:
+        radiotherapy.check_grid(tuple(u0.shape))
     out = []
     for kind, n, h in _schedule(days, dt, save or [], fr_days):
         if kind == "steps":  # Strang, as in simulate_glioma
@@ -737,7 +767,11 @@ def simulate_glioma_torch(wm, gm, u0, *, spacing, dw, rho, days, dg_ratio=0.1, d
                     u = _tensor_diffusion_torch(u, tens6, t_box, spacing, h)
                     u = _logistic_torch(u, rho, t_r)
         elif kind == "fraction":
-            u = u * radiotherapy.survival ** n
+            kill = radiotherapy.survival ** n
+            if radiotherapy.target is None:
+                u = u * kill
+            else:
+                u = torch.where(torch.as_tensor(radiotherapy.target[box], device=u.device), u * kill, u)
         else:
             out.extend([F.pad(u, pads)] * n)
     if save is None:

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--dwi-subjects", type=int, default=0, help="Alzheimer's subjects (the first K) that also get DWI")
     p.add_argument("--sloppy", action="store_true", help="fast mode for tests: 4 mm grid")
+    p.add_argument("--glioma-treated-every", type=int, default=2,
+                   help="every k-th glioma patient gets radiotherapy between sessions (default 2; 0: none)")
     p.add_argument("--jobs", type=int, default=1, help="subjects generated in parallel (output bytes do not depend on it)")
     p.set_defaults(func=run)
 
@@ -31,7 +33,8 @@ def run(args) -> int:
 
     summary = generate_cohort(args.out, args.truth_out, glioma=args.glioma, alzheimer=args.alzheimer,
                               stroke=args.stroke, voxel_mm=args.voxel_mm, seed=args.seed,
-                              dwi_subjects=args.dwi_subjects, sloppy=args.sloppy, jobs=args.jobs)
+                              dwi_subjects=args.dwi_subjects, sloppy=args.sloppy, jobs=args.jobs,
+                              glioma_treated_every=args.glioma_treated_every)
     print(json.dumps({"subjects": summary["subjects"], "voxel_mm": summary["voxel_mm"],
                       "seconds": round(summary["seconds"], 1)}))
     return 0

@@ -76,17 +76,26 @@ def _write_truth_common(subject: str, disorder: str, anat, truth_dir: Path, dise
     })
 
 
+def treated_after_session(index: int, every: int) -> int | None:
+    """Which glioma patients get radiotherapy, and after which session (0-based): every ``every``-th
+    patient (index every-1, 2 every-1, ...; 0: none), alternately after the first session (the
+    fit sees the treatment) and after the second (it falls in the forecast gap)."""
+    if every <= 0 or index % every != every - 1:
+        return None
+    return (index // every) % 2
+
+
 def generate_subject(disorder: str, index: int, *, bids_dir: Path, truth_dir: Path, voxel_mm: float, seed: int,
-                     dwi: bool = False) -> dict:
+                     dwi: bool = False, glioma_treated_every: int = 2) -> dict:
     """Generate and write one subject; returns its participants.tsv row."""
     from threadpoolctl import threadpool_limits  # comes with nilearn's scikit-learn
 
     with threadpool_limits(limits=1):
         return _generate_subject(disorder, index, bids_dir=bids_dir, truth_dir=truth_dir, voxel_mm=voxel_mm, seed=seed,
-                                 dwi=dwi)
+                                 dwi=dwi, treated_every=glioma_treated_every)
 
 
-def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, dwi):
+def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, dwi, treated_every=2):
     from neurohybrid.synth import alzheimer, glioma, stroke
 
     subject = f"{ID_PREFIX[disorder]}{index + 1:02d}"
@@ -96,7 +105,11 @@ def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, d
            "age": float(np.round(rng.uniform(*{"glioma": (30, 70), "alzheimer": (60, 85), "stroke": (50, 85)}[disorder]))),
            "sex": str(rng.choice(["F", "M"])), "onset_to_reperfusion_h": None}
     if disorder == "glioma":
-        params = glioma.write_subject(subject, anat, rng, bids_dir, truth_dir)
+        # the treatment has its own stream (a fourth key): the subject's main stream, and so its
+        # anatomy, growth and noise draws, are the same treated or not
+        after = treated_after_session(index, int(treated_every))
+        t_rng = np.random.default_rng(np.random.SeedSequence([int(seed), DISORDERS.index(disorder), int(index), 1]))
+        params = glioma.write_subject(subject, anat, rng, bids_dir, truth_dir, treatment_rng=t_rng, treat_after_session=after)
     elif disorder == "alzheimer":
         params = alzheimer.write_subject(subject, anat, rng, bids_dir, truth_dir, dwi=dwi)
     else:
@@ -107,12 +120,14 @@ def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, d
 
 
 def generate_cohort(out, truth_out, *, glioma: int = 0, alzheimer: int = 0, stroke: int = 0, voxel_mm: float = 2.0,
-                    seed: int = 0, dwi_subjects: int = 0, sloppy: bool = False, jobs: int = 1) -> dict:
+                    seed: int = 0, dwi_subjects: int = 0, sloppy: bool = False, jobs: int = 1,
+                    glioma_treated_every: int = 2) -> dict:
     """Write the virtual cohort: raw BIDS under ``out``, ground truth under ``truth_out``.
 
     dwi_subjects: how many Alzheimer subjects (the first ones) also get DWI at their first visit.
     sloppy: coarse 4 mm grid for tests (voxel_mm is raised to 4). jobs: worker processes (subjects
-    in parallel; the bytes do not depend on it). Returns a summary dict.
+    in parallel; the bytes do not depend on it). glioma_treated_every: every k-th glioma patient gets
+    radiotherapy (``treated_after_session``; 0: nobody). Returns a summary dict.
     """
     out, truth_out = Path(out), Path(truth_out)
     counts = {"glioma": int(glioma), "alzheimer": int(alzheimer), "stroke": int(stroke)}
@@ -130,7 +145,9 @@ def generate_cohort(out, truth_out, *, glioma: int = 0, alzheimer: int = 0, stro
     start = time.perf_counter()
     tasks = [(disorder, i, disorder == "alzheimer" and i < int(dwi_subjects))
              for disorder in DISORDERS for i in range(counts[disorder])]
-    kwargs = dict(bids_dir=out, truth_dir=truth_out, voxel_mm=voxel_mm, seed=seed)
+    if int(glioma_treated_every) < 0:
+        raise InputError(f"--glioma-treated-every must be >= 0, got {glioma_treated_every}")
+    kwargs = dict(bids_dir=out, truth_dir=truth_out, voxel_mm=voxel_mm, seed=seed, glioma_treated_every=int(glioma_treated_every))
     if int(jobs) <= 1 or len(tasks) == 1:
         rows = []
         for disorder, i, dwi in tasks:
@@ -162,6 +179,7 @@ def generate_cohort(out, truth_out, *, glioma: int = 0, alzheimer: int = 0, stro
     # no SourceDatasets path: an absolute path would make the bytes depend on where the cohort is written
     bids.write_dataset_description(truth_out, "neurohybrid virtual cohort ground truth", "derivative")
     write_json(truth_out / "cohort.json", {"seed": int(seed), "voxel_mm": voxel_mm, "counts": counts,
-                                           "dwi_subjects": int(dwi_subjects), "sloppy": bool(sloppy)})
+                                           "dwi_subjects": int(dwi_subjects), "sloppy": bool(sloppy),
+                                           "glioma_treated_every": int(glioma_treated_every)})
     return {"subjects": [r["participant_id"] for r in rows], "voxel_mm": voxel_mm,
             "seconds": time.perf_counter() - start}

@@ -17,6 +17,23 @@ of amplitude 0.02, new at each session; thresholds drawn per subject), and FLAIR
 images whose intensities follow the masks. Timeline: the seed (a 3 mm Gaussian in deep WM) grows
 unseen until its FLAIR volume first passes a target (8-25 ml): that is day 0; sessions follow at
 ~60-120 and ~150-250 days.
+
+Radiotherapy (treated patients, chosen by ``synth.cohort``): a standard course, 30 fractions of
+2 Gy, 5 a week (Stupp et al. 2005, NEJM 352:987), starting 7-21 days after the session before
+treatment, on a target = the tumour visible on FLAIR at that session (u >= theta_FLAIR, without
+the observation noise) + a 15 mm margin, clipped to the brain. Each fraction multiplies u inside
+the target by exp(-(alpha d + beta d^2)) (the solver's ``Radiotherapy``). alpha is drawn per
+patient, log-uniform in RT_ALPHA_RANGE, with alpha/beta = 10 Gy as in patient-specific glioma
+response models (Rockne et al. 2010, Phys Med Biol 55:3271). The range is ours, below the solver's
+default 0.035/Gy and far below clinical tumour-control estimates such as Pedicini et al. 2014's
+0.12 (0.10-0.14)/Gy (Strahlenther Onkol 190:925; with concurrent temozolomide), which describe the
+kill of clonogens, not of the imaged density: u is at most 1 (the carrying capacity) and the FLAIR
+threshold 0.15-0.35, so a course's survival exp(-30 (2 alpha + 4 beta)) must stay near or above it
+for the tumour to remain visible, as glioblastomas do after radiotherapy; over 30 x 2 Gy the range
+gives a survival of 0.70-0.11 (measured at 4 mm: alpha 0.028 left no FLAIR voxel 60 days after
+the course started, at a growth rate of 0.016/day). The draws come from their own random stream
+(``simulate_subject(treatment_rng=...)``): a patient's growth parameters, images and noise draws
+are those it would have untreated.
 """
 
 from __future__ import annotations
@@ -38,6 +55,11 @@ RHO_RANGE = (0.01, 0.2)
 SPEED_RANGE = (0.04, 0.2)
 THETA_T1GD = (0.45, 0.85)
 THETA_FLAIR = (0.15, 0.35)
+RT_ALPHA_RANGE = (0.005, 0.03)  # 1/Gy, log-uniform (see the module docstring for the sources)
+RT_ALPHA_BETA_GY = 10.0
+RT_FRACTIONS, RT_DOSE_GY, RT_PER_WEEK = 30, 2.0, 5
+RT_START_DELAY_DAYS = (7, 21)
+RT_MARGIN_MM = 15.0
 MAX_RHO_DT = 0.1  # solver step bound rho*dt <= 0.1 (its default is 0.05): halves the cost, error << noise
 
 
@@ -58,6 +80,25 @@ def draw_parameters(rng) -> dict:
         "flair_target_ml": float(rng.uniform(8.0, 25.0)),
         "session_days": [0.0, float(np.round(rng.uniform(60, 120))), float(np.round(rng.uniform(150, 250)))],
     }
+
+
+def draw_treatment(rng, session_days, after_session: int) -> dict:
+    """A radiotherapy course starting 7-21 days after session ``after_session`` (0-based), with this
+    patient's radiosensitivity; days since the first session."""
+    alpha = float(np.exp(rng.uniform(*np.log(RT_ALPHA_RANGE))))
+    start = float(session_days[after_session] + np.round(rng.uniform(*RT_START_DELAY_DAYS)))
+    return {"alpha": alpha, "beta": alpha / RT_ALPHA_BETA_GY, "alpha_beta_gy": RT_ALPHA_BETA_GY,
+            "start_day": start, "fractions": RT_FRACTIONS, "dose_per_fraction_gy": RT_DOSE_GY,
+            "fractions_per_week": RT_PER_WEEK, "after_session": int(after_session), "margin_mm": RT_MARGIN_MM}
+
+
+def treatment_target(u: np.ndarray, anat: SubjectAnatomy, params: dict, margin_mm: float) -> np.ndarray:
+    """The visible tumour (FLAIR threshold, noise-free) + margin_mm, clipped to the brain."""
+    visible = (u >= params["theta_flair"]) & anat.brain
+    if not visible.any():
+        return visible
+    dist = ndimage.distance_transform_edt(~visible, sampling=(anat.voxel_mm,) * 3)
+    return (dist <= margin_mm) & anat.brain
 
 
 def ventricle_modulation(anat: SubjectAnatomy, length_mm: float = 15.0) -> np.ndarray:
@@ -95,9 +136,10 @@ def _logistic(u: np.ndarray, rate_dt: np.ndarray) -> np.ndarray:
 
 
 def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modulation: np.ndarray | None,
-         *, stop_flair_ml: float | None = None):
+         *, stop_flair_ml: float | None = None, radiotherapy=None):
     """Advance u by `days` in 20-day chunks; returns (u, elapsed). With stop_flair_ml, stops at the
-    first chunk end where the FLAIR-visible volume reaches it."""
+    first chunk end where the FLAIR-visible volume reaches it. radiotherapy: a solver
+    ``Radiotherapy`` on the full grid, fraction days counted from the start of this call."""
     spacing = (anat.voxel_mm,) * 3
     wm, gm = anat.wm.astype(np.float32), anat.gm.astype(np.float32)
     u = u0.astype(np.float32)
@@ -109,8 +151,10 @@ def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modula
         # distance the front and diffusion can travel in one chunk; outside, u stays below ~1e-6
         pad_mm = 20.0 + 2.0 * np.sqrt(params["dw"] * params["rho"]) * step + 6.0 * np.sqrt(params["dw"] * step)
         box = _box(u > 1e-6, int(np.ceil(pad_mm / anat.voxel_mm)))
+        rt = None if radiotherapy is None else radiotherapy.window(elapsed, elapsed + step, box)
         ub = simulate_glioma(wm[box], gm[box], u[box], spacing=spacing, dw=params["dw"], rho=params["rho"],
-                             days=step, dg_ratio=params["dg_ratio"], max_rho_dt=MAX_RHO_DT, threads=1)
+                             days=step, dg_ratio=params["dg_ratio"], max_rho_dt=MAX_RHO_DT, threads=1,
+                             radiotherapy=rt if rt is not None and rt.days else None)
         if modulation is not None:
             extra = params["rho"] * params["hidden_rho_amplitude"] * modulation[box] * step
             ub = _logistic(np.clip(ub, 0.0, 1.0).astype(np.float64), extra).astype(np.float32)
@@ -122,8 +166,13 @@ def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modula
     return u, elapsed
 
 
-def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True) -> dict:
-    """True fields and parameters of one glioma subject (no file writing)."""
+def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True, treatment_rng=None,
+                     treat_after_session: int | None = None) -> dict:
+    """True fields and parameters of one glioma subject (no file writing). With
+    ``treat_after_session`` (0-based) the patient gets a radiotherapy course after that session,
+    drawn from ``treatment_rng`` (never from ``rng``: the rest of the patient stays as untreated)."""
+    from neurohybrid.solvers.glioma import Radiotherapy
+
     params = draw_parameters(rng)
     seed = pick_seed(anat, rng)
     modulation = ventricle_modulation(anat, params["hidden_length_mm"]) if hidden else None
@@ -131,11 +180,20 @@ def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True) -> dict:
     u, pre_days = grow(anat, u0, params, MAX_PRE_DAYS, modulation, stop_flair_ml=params["flair_target_ml"])
     states = [u]
     days = params["session_days"]
-    for a, b in zip(days[:-1], days[1:]):
-        u, _ = grow(anat, u, params, b - a, modulation)
+    course, rt, target = None, None, None
+    for k, (a, b) in enumerate(zip(days[:-1], days[1:])):
+        if treat_after_session is not None and k == treat_after_session:
+            course = draw_treatment(treatment_rng, days, k)
+            target = treatment_target(u, anat, params, course["margin_mm"])
+            fraction_days = [course["start_day"] + 7.0 * (j // RT_PER_WEEK) + j % RT_PER_WEEK for j in range(RT_FRACTIONS)]
+            course["fraction_days"] = fraction_days
+            rt = Radiotherapy(fraction_days, RT_DOSE_GY, course["alpha"], course["beta"], target)
+        u, _ = grow(anat, u, params, b - a, modulation, radiotherapy=None if rt is None else rt.window(a, b))
         states.append(u)
     params.update(seed_voxel=list(seed), pre_diagnosis_days=pre_days, hidden_mechanism=hidden)
-    return {"params": params, "states": states, "modulation": modulation, "u_seed": u0}
+    if course is not None:  # untreated patients' truth stays as it was
+        params["treatment"] = course
+    return {"params": params, "states": states, "modulation": modulation, "u_seed": u0, "rt_target": target}
 
 
 def observe_masks(u: np.ndarray, anat: SubjectAnatomy, params: dict, rng):
@@ -148,8 +206,9 @@ def _soft(u, theta, width=0.05):
     return 1.0 / (1.0 + np.exp(-(u - theta) / width))
 
 
-def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir) -> dict:
-    sim = simulate_subject(anat, rng)
+def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir, *, treatment_rng=None,
+                  treat_after_session: int | None = None) -> dict:
+    sim = simulate_subject(anat, rng, treatment_rng=treatment_rng, treat_after_session=treat_after_session)
     params = sim["params"]
     ref = wm_reference(anat)
     sessions = []
@@ -175,4 +234,12 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
     bids.write_image(truth_sub / f"sub-{subject}_desc-hiddenrho_modulation.nii.gz", sim["modulation"], anat.affine)
     bids.write_image(truth_sub / f"sub-{subject}_desc-seed_density.nii.gz", sim["u_seed"], anat.affine)
     bids.write_sessions(bids_root, subject, "glioma", sessions)
+    course = params.get("treatment")
+    if course is not None:
+        from neurohybrid.disorders.glioma import treatment as rt
+
+        ses = sessions[course["after_session"]][0]
+        bids.write_mask(bids.lesion_path(bids_root, subject, ses, rt.TARGET_DESC), sim["rt_target"], anat.affine)
+        rt.write_table(bids_root, subject, [rt.Course(course["start_day"], course["fractions"], course["dose_per_fraction_gy"],
+                                                      course["fractions_per_week"], rt.target_path(subject, ses), ses)])
     return params

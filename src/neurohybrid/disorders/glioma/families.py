@@ -20,6 +20,13 @@ reproduces the observed sessions) and differ in how they advance it to the forec
 * amortised_residual (parallel-series): amortised parameters + the residual correction.
 * data_driven: a CNN from the last masks, the covariates c and the time gap to the follow-up masks.
 
+Radiotherapy (the subject's treatment table, ``treatment``): the mechanistic fit and every state it
+gives (``mech.state_at``) include the fractions before that day; over the forecast gap each physics
+family applies the fractions in its mechanistic part: the solver's LQ kill (mechanistic, amortised),
+the same kill between the split steps (residual, amortised_residual) or between integration segments
+(ude), on the coarse and fine steppers between sub-steps of a macro step (sol, sol_precomputed). Their
+networks never see the treatment; data_driven and persistence ignore it (``treatment_extra`` says so).
+
 Every family forecasts from the same information, starting at the last observed session: the
 physics families from the calibrated state at the last session, data_driven / persistence from the
 last masks (tests: test_glioma_models ``*_start_from_*``).
@@ -46,6 +53,7 @@ from neurohybrid.disorders import voxel
 from neurohybrid.disorders.base import Forecast, SubjectData, shared_work
 from neurohybrid.disorders.glioma import mechanistic as mech
 from neurohybrid.disorders.glioma.inputs import cropped_target
+from neurohybrid.disorders.glioma.treatment import Treatment
 from neurohybrid.disorders.networks import GridCorrection, ParamNet, TinyCNN, VoxelCorrection, flat_covariates, soft_dice_loss
 from neurohybrid.disorders.voxel_family import (VoxelFamily, check_trained, train_corrected_solver,
                                                 train_param_net)
@@ -65,6 +73,22 @@ def _spacing(inputs: SubjectData):
     return tuple(float(v) for v in inputs.meta["voxel_mm"])
 
 
+def treatment_extra(inputs: SubjectData, s: dict, used: bool) -> dict:
+    """What the forecast's fit json says about the subject's radiotherapy (nothing if untreated)."""
+    rt = Treatment.of(inputs, s)
+    if not rt:
+        return {}
+    d_last, d_target = mech.forecast_days(inputs)
+    out = {"treated": True, "fractions_before_last_session": len(rt.within(-math.inf, d_last)),
+           "fractions_in_forecast_gap": len(rt.within(d_last, d_target))}
+    if used:
+        out.update(treatment_model="linear-quadratic kill in the mechanistic part", rt_alpha=rt.alpha,
+                   rt_alpha_beta_gy=rt.alpha_beta_gy)
+    else:
+        out["treatment_model"] = "ignored: this family has no treatment input"
+    return out
+
+
 class GliomaFamily(VoxelFamily):
     settings = staticmethod(mech.settings)
 
@@ -75,7 +99,8 @@ class Persistence(GliomaFamily):
     def forecast(self, inputs, trained):
         t = time.perf_counter()
         out = dict(t1gd=inputs.arrays["t1gd"][-1].astype(bool), flair=inputs.arrays["flair"][-1].astype(bool))
-        return Forecast(out, {"carried_session": inputs.meta["sessions"][-1]}, 0.0, time.perf_counter() - t)
+        return Forecast(out, {"carried_session": inputs.meta["sessions"][-1]}, 0.0, time.perf_counter() - t,
+                        treatment_extra(inputs, self.s, used=False))
 
 
 class Mechanistic(GliomaFamily):
@@ -89,7 +114,8 @@ class Mechanistic(GliomaFamily):
         # restart from that state), so a hybrid with a zero correction reproduces this exactly
         u = mech.state_at(inputs, fit, [d_last, d_target], self.s)[-1]
         return Forecast(dict(celldensity=u, **_observe(u, fit)), fit.parameters(), fit.seconds, time.perf_counter() - t,
-                        {"uncertainty": "spread of Nelder-Mead restarts reaching the best loss (log scale)"})
+                        {"uncertainty": "spread of Nelder-Mead restarts reaching the best loss (log scale)",
+                         **treatment_extra(inputs, self.s, used=True)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +300,7 @@ class DataDriven(GliomaFamily):
             logits = (net(x) + self.tensor(_prior_logits(a["t1gd"][-1], a["flair"][-1]))[None])[0].cpu().numpy()
         tissue = (a["wm"] + a["gm"]) > 0
         out = dict(t1gd=(logits[0] > 0) & tissue, flair=((logits[1] > 0) | (logits[0] > 0)) & tissue)
-        return Forecast(out, {"gap_days": gap}, 0.0, time.perf_counter() - t)
+        return Forecast(out, {"gap_days": gap}, 0.0, time.perf_counter() - t, treatment_extra(inputs, self.s, used=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +311,11 @@ class _Case:
     """One subject prepared for a hybrid: tissue, covariates (``covariate_maps``), the mechanistic
     state at the last session, the gap; for training also the target masks and the patches."""
 
-    def __init__(self, wm, gm, cov, u_last, gap, fit, spacing, target=None, regions=None):
+    def __init__(self, wm, gm, cov, u_last, gap, fit, spacing, target=None, regions=None, kills=None):
         self.wm, self.gm, self.cov, self.u_last, self.gap, self.fit, self.spacing = wm, gm, cov, u_last, gap, fit, spacing
         self.target, self.regions = target, regions or []
+        # radiotherapy in the gap: [(days after the last session, surviving fraction per voxel)]
+        self.kills = kills or []
 
 
 def _mech_rhs(wm_t, gm_t, spacing, fit, s):
@@ -306,14 +334,30 @@ def _mech_rhs(wm_t, gm_t, spacing, fit, s):
     return rhs
 
 
-def _step_plan(wm, gm, spacing, fit, gap, s) -> tuple[int, float]:
-    """(n, h): the Numba solver's steps for this segment (same stable_dt, equal split of the segment)."""
+def _stable_dt(wm, gm, spacing, fit, s) -> float:
     from neurohybrid.solvers.glioma import stable_dt
 
     dmax = float((fit.dw * np.asarray(wm, np.float32) + fit.dw * float(s["dg_ratio"]) * np.asarray(gm, np.float32)).max())
-    dt = stable_dt(dmax, spacing, fit.rho, max_rho_dt=float(s["max_rho_dt"]))
+    return stable_dt(dmax, spacing, fit.rho, max_rho_dt=float(s["max_rho_dt"]))
+
+
+def _step_plan(wm, gm, spacing, fit, gap, s) -> tuple[int, float]:
+    """(n, h): the Numba solver's steps for this segment (same stable_dt, equal split of the segment)."""
+    dt = _stable_dt(wm, gm, spacing, fit, s)
     n = max(1, math.ceil(gap / dt - 1e-9))
     return n, gap / n
+
+
+def _segments(case, s) -> list[tuple]:
+    """The solver's schedule of the gap with the radiotherapy fractions (``solvers.glioma._schedule``):
+    ("steps", n, h) runs of Strang steps and ("fraction", n, None) kills; without fractions one run,
+    the ``_step_plan`` of the whole gap."""
+    from neurohybrid.solvers.glioma import _schedule
+
+    if not case.kills:
+        n, h = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)
+        return [("steps", n, h)]
+    return _schedule(case.gap, _stable_dt(case.wm, case.gm, case.spacing, case.fit, s), [], [d for d, _ in case.kills])
 
 
 def split_rollout(net, case, s, device, *, penalty: bool):
@@ -338,10 +382,15 @@ def split_rollout(net, case, s, device, *, penalty: bool):
     u = torch.as_tensor(case.u_last, dtype=torch.float32, device=device) * tissue
     delta = RESIDUAL_SCALE * net(torch.cat([u[None], cov])[None])[0, 0] * tissue
     rho = case.fit.rho * torch.exp(delta)
-    n, h = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)
-    u = glioma_step_torch(u, coeffs, 0.0, rho, h / 2)  # diffusion over 0 days: the opening half reaction step
-    for k in range(n):
-        u = glioma_step_torch(u, coeffs, h, rho, h if k < n - 1 else h / 2)
+    kills = iter(case.kills)
+    for kind, n, h in _segments(case, s):
+        if kind == "fraction":  # the LQ kill of the mechanistic part
+            for _ in range(n):
+                u = u * torch.as_tensor(next(kills)[1], dtype=u.dtype, device=u.device)
+            continue
+        u = glioma_step_torch(u, coeffs, 0.0, rho, h / 2)  # diffusion over 0 days: the opening half reaction step
+        for k in range(n):
+            u = glioma_step_torch(u, coeffs, h, rho, h if k < n - 1 else h / 2)
     pen = (delta ** 2).sum() / tissue.sum().clamp_min(1.0) if penalty else None
     return u, pen
 
@@ -399,11 +448,22 @@ def node_rollout(model, case, s, device):
     model.dynamics.mechanistic = _mech_rhs(wm_t, gm_t, case.spacing, case.fit, s)
     model.dynamics.correction = _OnVoxels(corr, idx)
     model.step_size = _step_plan(case.wm, case.gm, case.spacing, case.fit, case.gap, s)[1]
+    covariates = flat_covariates(*cov)
     try:
-        pred = model(u0, [case.gap], covariates=flat_covariates(*cov), t0=0.0)
+        if not case.kills:
+            pred = model(u0, [case.gap], covariates=covariates, t0=0.0)[0, -1]
+        else:  # integrate between the fractions, each an LQ kill of the state
+            pred, t = u0, 0.0
+            for day, factor in case.kills + [(case.gap, None)]:
+                if day > t:
+                    pred = model(pred, [day], covariates=covariates, t0=t)[:, -1]
+                    t = day
+                if factor is not None:
+                    pred = pred * torch.as_tensor(factor, dtype=pred.dtype, device=pred.device).reshape(1, -1)
+            pred = pred[0]
     finally:
         model.dynamics.correction = corr
-    return pred[0, -1].reshape(case.wm.shape).clamp(0.0, 1.0)
+    return pred.reshape(case.wm.shape).clamp(0.0, 1.0)
 
 
 def _mask_loss(u, target, fit, tau, region=None):
@@ -449,9 +509,11 @@ class _ParallelHybrid(GliomaFamily):
             box = voxel.tumour_box([a["flair"][-1], tgt["flair"]], a["wm"].shape, int(self.s["train_margin"]))
             regions = [self.tensor(r) for r in octants(a["flair"][-1][box], tgt["flair"][box])]
             tgt = {k: self.tensor(v[box]) for k, v in tgt.items()}
-        return _Case(np.ascontiguousarray(a["wm"][box]), np.ascontiguousarray(a["gm"][box]),
+        wm = np.ascontiguousarray(a["wm"][box])
+        kills = Treatment.of(inputs, self.s).kill_factors(d_last, d_target, wm.shape, box)
+        return _Case(wm, np.ascontiguousarray(a["gm"][box]),
                      np.ascontiguousarray(covariate_maps(a, box)), np.ascontiguousarray(u_last[box]),
-                     d_target - d_last, fit, _spacing(inputs), tgt, regions)
+                     d_target - d_last, fit, _spacing(inputs), tgt, regions, kills)
 
     def train_correction(self, cases, extra=None):
         model = self.model()
@@ -483,7 +545,8 @@ class _ParallelHybrid(GliomaFamily):
             u, _ = self.rollout(model, case, penalty=False)
         u = np.clip(u.cpu().numpy(), 0.0, 1.0)
         params = fit.parameters()
-        return Forecast(dict(celldensity=u, **_observe(u, fit)), params, fit.seconds, time.perf_counter() - t)
+        return Forecast(dict(celldensity=u, **_observe(u, fit)), params, fit.seconds, time.perf_counter() - t,
+                        treatment_extra(inputs, self.s, used=True))
 
 
 class ResidualNet(torch.nn.Module):
@@ -560,7 +623,8 @@ def _train_amortised(family: GliomaFamily, pairs) -> dict:
         tgt = cropped_target(inputs, target)
         days = list(inputs.meta["days"]) + [float(inputs.meta["target_day"])]
         fit = mech.calibrate(a["wm"], a["gm"], np.concatenate([a["t1gd"], tgt["t1gd"][None]]),
-                             np.concatenate([a["flair"], tgt["flair"][None]]), days, _spacing(inputs), s)
+                             np.concatenate([a["flair"], tgt["flair"][None]]), days, _spacing(inputs), s,
+                             treatment=Treatment.of(inputs, s))
         labels.append({"subject": inputs.subject, "dw": fit.dw, "rho": fit.rho})
         xs.append(family.tensor(_amortised_image(inputs, s))[None])
         ys.append(family.tensor(_label((fit.dw, fit.rho), s))[None])
@@ -598,7 +662,7 @@ class Amortised(GliomaFamily):
         t = time.perf_counter()
         u = mech.state_at(inputs, fit, [d_last, d_target], self.s)[-1]
         return Forecast(dict(celldensity=u, **_observe(u, fit)), {**fit.parameters(), "amortised_seconds": amortised_s},
-                        fit.seconds + amortised_s, time.perf_counter() - t)
+                        fit.seconds + amortised_s, time.perf_counter() - t, treatment_extra(inputs, self.s, used=True))
 
 
 class AmortisedResidual(_ParallelHybrid):
@@ -833,7 +897,8 @@ class SolverInLoop(GliomaFamily):
         fit = mech.calibrate_inputs(inputs, s, seed=self.seed)
         d_last, d_target = mech.forecast_days(inputs)
         u_last = mech.state_at(inputs, fit, [d_last], s)[0]
-        runner = SolForecaster(self, inputs.arrays, _spacing(inputs), fit.dw, fit.rho, d_target - d_last, trained)
+        kills = Treatment.of(inputs, s).kill_factors(d_last, d_target, inputs.arrays["wm"].shape)
+        runner = SolForecaster(self, inputs.arrays, _spacing(inputs), fit.dw, fit.rho, d_target - d_last, trained, kills)
         t = time.perf_counter()
         u = runner.sol(u_last)
         inference = time.perf_counter() - t
@@ -847,7 +912,7 @@ class SolverInLoop(GliomaFamily):
                      upsampler_learned=bool(trained["upsampler"].get("use_learned", True)),
                      sol_error_metric=SOL_ERROR_METRIC, sol_macro_steps=runner.n_macro,
                      **mask_dice(u, u_fine, *thr, prefix="sol"), **mask_dice(u_coarse, u_fine, *thr, prefix="coarse"),
-                     training_target=trained.get("training_target"))
+                     training_target=trained.get("training_target"), **treatment_extra(inputs, s, used=True))
         return Forecast(dict(celldensity=u.astype(np.float32), **_observe(u, fit)), fit.parameters(), fit.seconds, inference, extra)
 
 
@@ -938,7 +1003,7 @@ class SolForecaster:
 
     EPS = 1e-7
 
-    def __init__(self, family, arrays, spacing, dw, rho, gap, trained):
+    def __init__(self, family, arrays, spacing, dw, rho, gap, trained, kills=None):
         from neurohybrid.disorders.glioma import sol_numba
         from neurohybrid.solvers.glioma import GliomaStepper, _bbox, _pad1
 
@@ -947,6 +1012,10 @@ class SolForecaster:
         self.n_macro = max(1, math.ceil(self.gap / float(self.s["sol_step_days"]) - 1e-9))
         self.h = self.gap / self.n_macro
         self.trained = trained
+        # radiotherapy in the gap: [(day after the start, surviving fraction on the model grid)], applied
+        # to each stepper's state at its day (a macro step is cut there; the correction still follows
+        # each whole macro step); on the coarse grid the 2x2x2 mean of the surviving fraction
+        self.kills = list(kills or [])
         self.model = family.model(spacing)
         self.model.correction.load_state_dict(trained["state_dict"])
         self.model.use_correction = bool(trained.get("use_correction", True))
@@ -983,16 +1052,28 @@ class SolForecaster:
                                           spacing=spacing, dw=self.dw, rho=self.rho, dg_ratio=dg,
                                           max_rho_dt=float(s["max_rho_dt"]), threads=threads)
 
+    def _advance(self, stepper, t_a, t_b, kills):
+        """stepper.advance over (t_a, t_b], killing at each fraction day there (kills on its grid)."""
+        t = t_a
+        for day, factor in kills:
+            if t_a < day <= t_b:
+                stepper.advance(day - t)
+                stepper.state[...] *= factor
+                t = day
+        stepper.advance(t_b - t)
+
     # -- fine (reference) -----------------------------------------------------------------------
     def fine(self, u_last):
         st = self.fine_stepper
         st.load(u_last[self.fbox])
-        st.advance(self.gap)
+        self._advance(st, 0.0, self.gap, [(d, f[self.fbox]) for d, f in self.kills])
         out = np.zeros(self.wm_f.shape, np.float32)
         out[self.fbox] = st.state
         return out
 
     def fine_simulate(self, u_last):
+        if self.kills:  # the solver call with its own set-up is the untreated reference cost only
+            return self.fine(u_last)
         return mech.simulate(self.a["wm"], self.a["gm"], u_last, self.spacing, self.dw, self.rho, [self.gap], self.s)[-1]
 
     # -- coarse and corrected coarse (Numba) ----------------------------------------------------
@@ -1005,8 +1086,13 @@ class SolForecaster:
         correct = corrected and self.model.use_correction
         scale = np.float32(self.model.correction.scale)
         eps = np.float32(self.model.correction.active_eps)
-        for _ in range(self.n_macro):
-            st.advance(self.h)
+        cbox = tuple(slice(o, o + n) for o, n in zip(self.c_off, self.tissue_cb.shape))
+        kills = [(d, _pool(f)[cbox]) for d, f in self.kills]
+        for m in range(self.n_macro):
+            if kills:
+                self._advance(st, m * self.h, (m + 1) * self.h, kills)
+            else:
+                st.advance(self.h)
             if correct:
                 sol_numba.correct_front(st._a, self.scratch_c, self.wm_cp, self.gm_cp, self.consts_sol, *self.w_sol, scale, eps, *self.work.args())
         out = np.zeros(self.wm_f.shape, np.float32)
@@ -1031,12 +1117,16 @@ class SolForecaster:
                                 rho=self.rho, dg_ratio=float(self.s["dg_ratio"]),
                                 max_rho_dt=float(self.s["sol_coarse_max_rho_dt"]), threads=int(self.s["threads"]))
         stepper.load(_pool_state(u_last, wm_c.shape, self.EPS))
+        kills = [(d, _pool(f)) for d, f in self.kills]
         correct = corrected and self.model.use_correction
         if correct:
             cov_grid = _sol_covariates(wm_c, gm_c, self.dw, self.rho, self.h, self.s)[0].reshape(*wm_c.shape, N_SOL_COV)
         with torch.no_grad():
-            for _ in range(self.n_macro):
-                stepper.advance(self.h)
+            for m in range(self.n_macro):
+                if kills:
+                    self._advance(stepper, m * self.h, (m + 1) * self.h, kills)
+                else:
+                    stepper.advance(self.h)
                 if correct:
                     u = stepper.state
                     box = _active_box(u, self.EPS, 1)

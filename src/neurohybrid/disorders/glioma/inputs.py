@@ -6,6 +6,10 @@ Inputs (``sub-S_desc-modelinputs.npz``): ``wm``, ``gm``, ``csf`` (float32, cropp
 Sidecar: ``sessions``, ``days`` (of the input sessions), ``target_session``, ``target_day`` (when to
 forecast: the last session's day, its images are never read here), ``affine`` and ``full_shape``
 (res-model grid), ``crop_offset``, ``voxel_mm``, ``ventricle_voxels`` and ``ventricle_rule``.
+Treatment (``treatment``, the subject's ``sub-S_treatment.tsv``): ``rt_target`` (bool, (courses with a
+target, X, Y, Z)) and in the sidecar ``treatment``: per course its ``fraction_days`` (days since the first
+session), ``dose_per_fraction_gy``, ``target_index`` (into ``rt_target``, null: whole brain) and the table's
+values; ``treated`` (also in the target's sidecar, for the cohort table).
 Target (``sub-S_desc-target.npz``): ``t1gd``, ``flair`` (bool, full res-model grid); sidecar
 ``affine``, ``voxel_mm``, ``day``, ``session``.
 """
@@ -72,6 +76,7 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
     first = voxel.preproc_mask(preproc, subject, sessions[0][0], "FLAIR")
     if not masks["FLAIR"][0].any() and not masks["T1Gd"][0].any():
         raise InputError("the first session's tumour masks are empty: nothing to seed the model from", file=first, subject=subject)
+    courses, targets = _treatment(bids, preproc, subject, sessions, reader)
     offset, size = voxel.template_box(reader.shape, reader.affine, margin=int(resolve(config, "glioma")["crop_margin"]))
     vox = voxel.voxel_size(reader.affine)
     # the tumour (any input session) is never taken for a ventricle
@@ -81,17 +86,41 @@ def build_inputs(subject: str, bids: Path, preproc: Path, config: dict) -> tuple
         sessions=[s for s, _ in sessions[:-1]], days=[d for _, d in sessions[:-1]],
         target_session=sessions[-1][0], target_day=sessions[-1][1],
         affine=np.asarray(reader.affine).tolist(), full_shape=list(reader.shape), crop_offset=list(offset),
-        voxel_mm=list(vox), ventricle_voxels=n_vent, ventricle_rule=rule,
+        voxel_mm=list(vox), ventricle_voxels=n_vent, ventricle_rule=rule, treatment=courses, treated=bool(courses),
     )
     arrays = dict(
         wm=voxel.crop(wm, offset, size).astype(np.float32), gm=voxel.crop(gm, offset, size).astype(np.float32),
         csf=voxel.crop(csf, offset, size).astype(np.float32), ventricle_mm=voxel.crop(vdist, offset, size),
         t1gd=voxel.crop(np.stack(masks["T1Gd"][:-1]), offset, size), flair=voxel.crop(np.stack(masks["FLAIR"][:-1]), offset, size),
     )
+    if targets:
+        arrays["rt_target"] = voxel.crop(np.stack(targets), offset, size)
     inputs = SubjectData(subject, "glioma", arrays, meta)
     target = SubjectData(subject, "glioma", dict(t1gd=masks["T1Gd"][-1], flair=masks["FLAIR"][-1]),
-                         dict(affine=meta["affine"], voxel_mm=list(vox), day=sessions[-1][1], session=sessions[-1][0]))
+                         dict(affine=meta["affine"], voxel_mm=list(vox), day=sessions[-1][1], session=sessions[-1][0],
+                              treated=bool(courses)))
     return inputs, target
+
+
+def _treatment(bids: Path, preproc: Path, subject: str, sessions, reader) -> tuple[list[dict], list[np.ndarray]]:
+    """The treatment table's courses (fraction days since the first session) and their targets on the
+    res-model grid (mapped there by preprocessing, like the lesion masks)."""
+    from neurohybrid.disorders.glioma import treatment as rt
+
+    courses, targets = [], []
+    first = float(sessions[0][1])
+    for c in rt.read_table(bids, subject, sessions):
+        index = None
+        if c.target_mask is not None:
+            path = voxel.require_raw(voxel.preproc_mask(preproc, subject, c.target_session, rt.TARGET_DESC),
+                                     Path(bids) / c.target_mask, subject)
+            mask = reader.load(path, binary=True)
+            if not mask.any():
+                raise InputError("the radiotherapy target mask is empty on the model grid", file=path, subject=subject)
+            index = len(targets)
+            targets.append(mask)
+        courses.append(dict(c.row(), fraction_days=[d - first for d in c.fraction_days()], target_index=index))
+    return courses, targets
 
 
 def cropped_target(inputs: SubjectData, target: SubjectData) -> dict[str, np.ndarray]:

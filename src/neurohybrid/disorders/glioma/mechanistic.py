@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from neurohybrid.disorders import voxel
+from neurohybrid.disorders.glioma.treatment import Treatment
 from neurohybrid.errors import InputError
 from neurohybrid.settings import resolve
 
@@ -52,6 +53,11 @@ DEFAULTS = dict(
     # the amortised parameter network keeps its own budget: full-batch epochs over the training subjects
     # (train_param_net runs 4 x amortised_epochs steps)
     amortised_epochs=12,
+    # radiotherapy (the subject's treatment table, ``treatment``): the linear-quadratic kill uses this
+    # population radiosensitivity (1/Gy) and alpha/beta (Gy), not the subject's (unknown in a clinic;
+    # the virtual cohort draws it per patient from synth.glioma.RT_ALPHA_RANGE, whose geometric mean
+    # this is)
+    rt_alpha=0.012, rt_alpha_beta_gy=10.0,
 )
 SLOPPY = dict(restarts=1, fit_iterations=25, epochs=2, sol_epochs=4, amortised_epochs=6, sol_train_steps=3, sol_draws=2,
               sol_upsample_steps=40)
@@ -128,13 +134,30 @@ def initial_density(shape, spacing, center, s: dict) -> np.ndarray:
     return gaussian_seed(shape, spacing, center, sigma_mm=float(s["seed_sigma_mm"]), amplitude=1.0).astype(np.float32)
 
 
-def simulate(wm, gm, u0, spacing, dw, rho, times, s: dict) -> list[np.ndarray]:
-    """Numba solver states at the given (sorted, > 0) model times."""
+def simulate(wm, gm, u0, spacing, dw, rho, times, s: dict, treatment=None, t0: float = 0.0, box=None) -> list[np.ndarray]:
+    """Numba solver states at the given (sorted, > 0) model times.
+
+    treatment (``treatment.Treatment``, days since the first session): its fractions are given at
+    model time t0 + day, inside their targets cut to ``box`` (the grid of wm/gm within the inputs'
+    crop). Without fractions before times[-1] this is one plain solver call, as for an untreated
+    subject; with them, one call per run of fractions of equal dose and target."""
     from neurohybrid.solvers.glioma import simulate_glioma
 
     times = [float(t) for t in times]
-    return simulate_glioma(wm, gm, u0, spacing=spacing, dw=dw, rho=rho, days=times[-1], dg_ratio=float(s["dg_ratio"]),
-                           save_days=times, max_rho_dt=float(s["max_rho_dt"]), threads=int(s["threads"]))
+    kw = dict(spacing=spacing, dw=dw, rho=rho, dg_ratio=float(s["dg_ratio"]), max_rho_dt=float(s["max_rho_dt"]),
+              threads=int(s["threads"]))
+    if not treatment or not treatment.within(-t0, times[-1] - t0):
+        return simulate_glioma(wm, gm, u0, days=times[-1], save_days=times, **kw)
+    # cut the run where the dose or target changes; each piece saves its own requested times
+    cuts = [0.0] + [t0 + c for c in treatment.segments(-t0, times[-1] - t0)] + [times[-1]]
+    out, u = [], u0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        save = [t - a for t in times if a < t <= b]
+        rt = treatment.radiotherapy(0.0, a - t0, b - t0, box)
+        states = simulate_glioma(wm, gm, u, days=b - a, save_days=save + [b - a], radiotherapy=rt, **kw)
+        out.extend(states[:-1])
+        u = states[-1]
+    return out
 
 
 def soft_dice_np(p: np.ndarray, m: np.ndarray) -> float:
@@ -145,11 +168,13 @@ def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None = None, seed: int = 0) -> GliomaFit:
+def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None = None, seed: int = 0,
+              treatment=None) -> GliomaFit:
     """Fit (D_w, rho, t0[, thresholds]) to the sessions' masks t1gd/flair (S, X, Y, Z) at `days`.
 
     fixed: {'dw':..., 'rho':...} to fit only t0 (used by the amortised families, whose network gives
-    D_w and rho)."""
+    D_w and rho). treatment: the fractions given before the last of `days` act in every simulation
+    (days since the first of `days`)."""
     from neurohybrid.hybrid.calibration import Bounds, calibrate_derivative_free, restart_spread
 
     start = time.perf_counter()
@@ -183,7 +208,7 @@ def calibrate(wm, gm, t1gd, flair, days, spacing, s: dict, *, fixed: dict | None
     def loss(theta):
         dw, rho, t0, th1, thf = unpack(theta)
         try:
-            states = simulate(wm_b, gm_b, u0, spacing, dw, rho, t0 + days, s)
+            states = simulate(wm_b, gm_b, u0, spacing, dw, rho, t0 + days, s, treatment, t0, box)
         except InputError:
             return np.inf
         val = 0.0
@@ -225,26 +250,29 @@ def calibrate_inputs(inputs, s: dict, *, fixed: dict | None = None, seed: int = 
     the mechanistic, residual, ude, sol and sol_precomputed families of a forecast job, and the
     training of the fold's families, start from the same fits."""
     a = inputs.arrays
+    rt = Treatment.of(inputs, s)
 
     def compute():
         return calibrate(a["wm"], a["gm"], a["t1gd"], a["flair"], inputs.meta["days"], tuple(inputs.meta["voxel_mm"]), s,
-                         fixed=fixed, seed=seed)
+                         fixed=fixed, seed=seed, treatment=rt)
 
-    return inputs.shared.get("glioma.calibrate", (s, fixed, int(seed)), compute)
+    return inputs.shared.get("glioma.calibrate", (s, fixed, int(seed), rt.key()), compute)
 
 
 def state_at(inputs, fit: GliomaFit, rel_days: list[float], s: dict) -> list[np.ndarray]:
     """Model states on the whole crop at days relative to the first session (solved once per subject's
     inputs and fit, ``inputs.shared``: the hybrids of a forecast job all start from the fitted state at
-    the last session; each caller gets its own copy)."""
+    the last session; each caller gets its own copy), under the subject's recorded treatment."""
 
     def compute():
         a = inputs.arrays
         spacing = tuple(inputs.meta["voxel_mm"])
         u0 = initial_density(a["wm"].shape, spacing, fit.center, s)
-        return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s)
+        return simulate(a["wm"], a["gm"], u0, spacing, fit.dw, fit.rho, [fit.t0 + float(d) for d in rel_days], s, rt, fit.t0)
 
-    states = inputs.shared.get("glioma.state_at", (dataclasses.asdict(fit), [float(d) for d in rel_days], s), compute)
+    rt = Treatment.of(inputs, s)
+    states = inputs.shared.get("glioma.state_at", (dataclasses.asdict(fit), [float(d) for d in rel_days], s, rt.key()),
+                               compute)
     return [u.copy() for u in states]
 
 
