@@ -157,6 +157,30 @@ def score_alzheimer(forecast_dir, target: Target, model: str, reasons: dict) -> 
     return out
 
 
+def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
+    """Glioma: the share of the held-out session's FLAIR and T1Gd tumour inside each radiotherapy
+    target of ``neurohybrid plan glioma`` (``sub-S_model-<model>_desc-ctv_mask.nii.gz``: the
+    families' personalised targets and ``standard_margin``, all of the same volume). Rows
+    ``ctv_coverage_flair`` / ``ctv_coverage_t1gd`` per model; n/a with the reason when the held-out
+    mask is empty. Planning never reads the target; this is where the plans meet it."""
+    sub = bare_subject(subject)
+    target = read_target(targets_root, sub, "glioma")
+    paths = sorted(Path(plan_dir).glob(f"sub-{sub}_model-*_desc-ctv_mask.nii.gz"))
+    if not paths:
+        raise InputError("no radiotherapy target (desc-ctv_mask) to score", file=plan_dir, subject=sub)
+    rows = []
+    for path in paths:
+        model = path.name[len(f"sub-{sub}_model-"):-len("_desc-ctv_mask.nii.gz")]
+        ctv = load_forecast_mask(path, target, "flair")
+        for key in ("flair", "t1gd"):
+            obs = np.asarray(target.arrays[key], bool)
+            n = int(obs.sum())
+            value = float((ctv & obs).sum()) / n if n else math.nan
+            rows.append((sub, "glioma", model, f"ctv_coverage_{key}", value,
+                         "" if n else f"held-out {key} mask is empty"))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
 SCORERS = {"glioma": score_glioma, "alzheimer": score_alzheimer, "stroke": score_stroke}
 
 
