@@ -32,6 +32,7 @@ include: "workflow/rules/synth.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/connectome.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
@@ -43,5 +44,6 @@ rule all:
         rules.cohort_table.output,
         rules.cohort_stats.output,
         rules.cohort_figures.output,
+        expand(rules.plan_cohort.output, disorder=COHORT_DISORDERS),
         expand(rules.preprocess_anat.output.qc, subject=SUBJECTS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),

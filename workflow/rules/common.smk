@@ -77,6 +77,7 @@ MODELS = f"{OUT}/models"
 FORECASTS = f"{OUT}/forecasts"
 METRICS = f"{OUT}/metrics"
 COHORT = f"{OUT}/cohort"
+PLANS = f"{OUT}/plans"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 RESOLVED_CONFIG = f"{OUT}/config.yaml"
@@ -319,6 +320,13 @@ def models_dir_flag(wildcards):
     if not TRAINED_OF[disorder]:
         return ""
     return f"--models-dir {fold_models_dir(disorder, fold_of(wildcards.subject))}"
+
+
+def glioma_plan(wildcards):
+    """The subject's planning folder when its radiotherapy targets are scored (glioma), else nothing."""
+    if DISORDER_OF[wildcards.subject] == "glioma":
+        return [f"{PLANS}/sub-{wildcards.subject}"]
+    return []
 
 
 def cohort_figure(name, caption, label):

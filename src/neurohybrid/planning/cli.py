@@ -67,9 +67,8 @@ def cmd_glioma(args) -> int:
         if list(data.shape) != list(meta["full_shape"]) or not np.allclose(aff, affine, atol=1e-3):
             raise InputError("cell density is not on the model inputs' grid", file=path, subject=sub)
         densities[family] = voxel.crop(data, offset, size)
-    if not densities:
-        raise InputError(f"no forecast with a cell density (desc-celldensity) in {args.forecast_dir}: "
-                         "planning needs a family with a mechanistic state", subject=sub)
+    # no family with a mechanistic state (e.g. families: [persistence, data_driven]): the standard
+    # target alone
     try:
         plan = glioma.plan_subject(inputs, densities, float(s["margin_mm"]))
     except InputError as exc:
@@ -159,6 +158,29 @@ def cmd_alzheimer(args) -> int:
     return 0
 
 
+def _plan_settings(args) -> dict:
+    from neurohybrid.disorders.cli import _load_config
+    from neurohybrid.planning.settings import resolve
+
+    return resolve(_load_config(args.config))
+
+
+def cmd_cohort(args) -> int:
+    from neurohybrid.io import write_tsv
+    from neurohybrid.planning import cohort
+
+    table = cohort.collect(args.cohort_disorder, args.plans, args.metrics)
+    write_tsv(args.out, table)
+    if args.figure:
+        if args.cohort_disorder == "glioma":
+            cohort.figure_glioma(table, args.figure)
+        elif args.cohort_disorder == "stroke":
+            cohort.figure_stroke(args.plans, args.figure)
+        else:
+            cohort.figure_alzheimer(table, args.figure, float(_plan_settings(args)["alzheimer"]["max_years"]))
+    return 0
+
+
 def _add_subject_args(p, disorder: str) -> None:
     p.add_argument("--subject", required=True, help="subject label without 'sub-'")
     p.add_argument("--inputs", required=True, help="model inputs root (results/inputs)")
@@ -184,3 +206,11 @@ def register(subparsers) -> None:
                                          "positivity, and the delay bought by lowering production (alpha)")
     _add_subject_args(q, "alzheimer")
     q.set_defaults(func=cmd_alzheimer)
+    q = sub.add_parser("cohort", help="one disorder's planning tables gathered (tidy, with units) and its figure")
+    q.add_argument("--disorder", dest="cohort_disorder", required=True, choices=("glioma", "stroke", "alzheimer"))
+    q.add_argument("plans", nargs="+", help="per-subject planning folders (results/plans/sub-*)")
+    q.add_argument("--metrics", help="glioma: results/cohort/metrics.tsv (the coverage rows of the evaluation)")
+    q.add_argument("--config", help="resolved workflow config (YAML; planning: section)")
+    q.add_argument("--out", required=True, help="results/cohort/treatment_<disorder>.tsv")
+    q.add_argument("--figure", help="PNG (results/cohort/figures/treatment_<disorder>.png)")
+    q.set_defaults(func=cmd_cohort)
