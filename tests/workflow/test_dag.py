@@ -121,6 +121,8 @@ def test_default_config_dag(tmp_path):
             assert step(c) == f"plan {subjects[subject]}"
             assert option(c, "--out-dir") == f"results/plans/sub-{subject}"
             assert not any("results/targets" in a or "results/groundtruth" in a for a in c), c
+            # glioma targets are also written in the subject's T1w space (preprocessing's transforms)
+            assert option(c, "--preproc") == ("results/preproc" if subjects[subject] == "glioma" else None)
         if c[1] == "evaluate":
             subject = option(c, "--subject")
             expected = f"results/plans/sub-{subject}" if subjects[subject] == "glioma" else None

@@ -329,6 +329,21 @@ def glioma_plan(wildcards):
     return []
 
 
+def plan_subject_space(wildcards):
+    """What a glioma plan needs to write its targets in the subject's T1w space: the preprocessed
+    T1w and the template-to-T1w transforms (ANTs backend only); nothing for other subjects.
+    """
+    backend = (config.get("preprocessing") or {}).get("backend", "ants")
+    if DISORDER_OF[wildcards.subject] != "glioma" or backend != "ants":
+        return []
+    anat = f"{PREPROC}/sub-{wildcards.subject}/anat/sub-{wildcards.subject}"
+    return [
+        f"{anat}_desc-preproc_T1w.nii.gz",
+        f"{anat}_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.mat",
+        f"{anat}_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.nii.gz",
+    ]
+
+
 def cohort_figure(name, caption, label):
     """A cohort figure as a report item (caption paths are relative to the rule files)."""
     return report(

@@ -9,6 +9,8 @@ rule plan:
         inputs=f"{SUBJECT_INPUTS}.npz",
         fits=rules.forecast.output,
         config=RESOLVED_CONFIG,
+        # glioma: the targets are also written in the subject's T1w space
+        subject_space=plan_subject_space,
     output:
         # glioma CTV masks, stroke curves, Alzheimer's trajectories + figure, and the tidy
         # sub-S_desc-plan.tsv: which files depends on the disorder, so the folder is the output
@@ -27,9 +29,12 @@ rule plan:
         disorder=disorder_of,
         inputs=lambda wildcards: INPUTS,
         forecast_dir=lambda wildcards, input: os.path.dirname(input.fits[0]),
+        preproc=lambda wildcards, input: (
+            f"--preproc {PREPROC}" if input.subject_space else ""
+        ),
     shell:
         "neurohybrid plan {params.disorder} --subject {wildcards.subject} --inputs {params.inputs}"
-        " --forecast-dir {params.forecast_dir} --config {input.config} --out-dir {output} > {log} 2>&1"
+        " --forecast-dir {params.forecast_dir} {params.preproc} --config {input.config} --out-dir {output} > {log} 2>&1"
 
 
 rule plan_cohort:

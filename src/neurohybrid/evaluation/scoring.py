@@ -165,7 +165,8 @@ def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
     mask is empty. Planning never reads the target; this is where the plans meet it."""
     sub = bare_subject(subject)
     target = read_target(targets_root, sub, "glioma")
-    paths = sorted(Path(plan_dir).glob(f"sub-{sub}_model-*_desc-ctv_mask.nii.gz"))
+    # the model-grid masks (those in the subject's T1w space carry space-T1w and are not scored)
+    paths = [p for p in sorted(Path(plan_dir).glob(f"sub-{sub}_model-*_desc-ctv_mask.nii.gz")) if "_space-" not in p.name]
     if not paths:
         raise InputError("no radiotherapy target (desc-ctv_mask) to score", file=plan_dir, subject=sub)
     rows = []

@@ -78,6 +78,18 @@ def cmd_glioma(args) -> int:
     for family, mask in plan["personalised"].items():
         save_volume(glioma.ctv_path(out_dir, sub, family), voxel.uncrop(mask.astype(np.uint8), offset, full), affine)
     rows = list(plan["rows"]) + [(m, "planning_seconds", sec, "s") for m, sec in plan["seconds"].items()]
+    if args.preproc:
+        from neurohybrid.io.atomic import atomic_path
+
+        t_native = time.perf_counter()
+        masks = {"standard_margin": plan["standard"], **plan["personalised"]}
+        for model, mask in masks.items():
+            img = glioma.to_subject_space(voxel.uncrop(mask.astype(np.uint8), offset, full), affine, Path(args.preproc), sub)
+            with atomic_path(glioma.ctv_path_t1w(out_dir, sub, model)) as tmp:
+                img.to_filename(str(tmp))
+            zooms = np.prod(img.header.get_zooms()[:3]) / 1000.0
+            rows.append((model, "ctv_volume_t1w", float(np.asarray(img.dataobj).sum()) * float(zooms), "ml"))
+        rows.append(("all", "t1w_space_seconds", time.perf_counter() - t_native, "s"))
     rows.append(("all", "plan_job_seconds", time.perf_counter() - start, "s"))
     _write_rows(out_dir, sub, "glioma", rows)
     return 0
@@ -197,6 +209,7 @@ def register(subparsers) -> None:
     q = sub.add_parser("glioma", help="radiotherapy CTVs: standard margin and personalised iso-density at equal volume "
                                       "(masks on the model grid; volumes in ml, margin in mm)")
     _add_subject_args(q, "glioma")
+    q.add_argument("--preproc", help="preprocessing root (results/preproc): also write the targets in the subject's T1w space")
     q.set_defaults(func=cmd_glioma)
     q = sub.add_parser("stroke", help="final infarct volume (ml) vs onset-to-reperfusion time (h), with the band of the "
                                       "fitted sigma's interval; triage: core, hypoperfused (CBF in ml/100 ml/min) and mismatch")

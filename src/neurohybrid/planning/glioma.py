@@ -13,7 +13,10 @@ of the tumour below the imaging thresholds). Ties, including the zero density fa
 tumour, are broken by the distance to the visible tumour, so a density that is a function of that
 distance only gives back the standard target exactly.
 
-Both masks are written on the subject's model grid (``res-model``, the grid of every forecast).
+Both masks are written on the subject's model grid (``res-model``, the grid of every forecast and
+of the equal-volume comparison) and, given the preprocessing folder, also in the subject's own T1w
+space (``space-T1w``: the template-to-T1w transforms of preprocessing, linear interpolation of the
+mask thresholded at 0.5, as preprocessing resamples masks; volumes there agree to the resampling).
 """
 
 from __future__ import annotations
@@ -111,3 +114,30 @@ def density_families(forecast_dir: Path, subject: str, families) -> dict[str, Pa
 
 def ctv_path(out_dir: Path, subject: str, model: str) -> Path:
     return Path(out_dir) / f"sub-{subject}_model-{model}_desc-ctv_mask.nii.gz"
+
+
+def to_subject_space(mask: np.ndarray, affine: np.ndarray, preproc: Path, subject: str):
+    """A model-grid mask in the subject's T1w space (nibabel image, uint8), through preprocessing's
+    template-to-T1w transforms (ANTs; the FSL backend's warps are not supported here: InputError)."""
+    import nibabel as nib
+
+    from neurohybrid.io import load_image
+    from neurohybrid.preprocessing import ants_backend as ab
+    from neurohybrid.preprocessing.layout import Derivatives
+
+    d = Derivatives(Path(preproc), subject)
+    for path in [d.preproc_t1w, *d.inverse_transforms]:
+        if not Path(path).exists():
+            raise InputError("preprocessing output not found (needed for the T1w-space target)", file=path, subject=subject)
+    sidecar = Path(f"{d.xfm_inverse_stem}.json")
+    if sidecar.exists() and "FSL" in sidecar.read_text():
+        raise InputError("T1w-space targets need ANTs transforms (preprocessing backend ants)", file=sidecar, subject=subject)
+    t1 = load_image(d.preproc_t1w, subject=subject)
+    moving = nib.Nifti1Image(np.asarray(mask, np.float32), np.asarray(affine, np.float64))
+    out = ab.apply(ab.to_ants(moving), ab.to_ants(t1), d.inverse_transforms, interpolator="linear",
+                   invert=ab.INVERSE_INVERT).numpy()
+    return nib.Nifti1Image((out >= 0.5).astype(np.uint8), t1.affine)
+
+
+def ctv_path_t1w(out_dir: Path, subject: str, model: str) -> Path:
+    return Path(out_dir) / f"sub-{subject}_model-{model}_space-T1w_desc-ctv_mask.nii.gz"
