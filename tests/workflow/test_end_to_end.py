@@ -126,10 +126,15 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
         assert list(plan.columns) == ["subject", "disorder", "model", "measure", "value", "unit"]
         assert plan.unit.notna().all() and set(plan.disorder) == {disorder}
         if disorder == "glioma":
-            ctv = {p.name for p in (out / "plans" / f"sub-{subject}").glob("*_desc-ctv_mask.nii.gz")}
+            ctv = {p.name for p in (out / "plans" / f"sub-{subject}").glob("*_desc-ctv_mask.nii.gz") if "_space-" not in p.name}
             assert ctv == {f"sub-{subject}_model-{m}_desc-ctv_mask.nii.gz" for m in ("standard_margin", "mechanistic", "residual")}
             volumes = plan[plan.measure == "ctv_volume"].value
             assert np.allclose(volumes, volumes.iloc[0])
+            # and in the subject's T1w space, on its T1w grid
+            t1w = nib.load(out / "preproc" / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-preproc_T1w.nii.gz")
+            native = nib.load(out / "plans" / f"sub-{subject}" / f"sub-{subject}_model-mechanistic_space-T1w_desc-ctv_mask.nii.gz")
+            assert native.shape == t1w.shape and np.allclose(native.affine, t1w.affine)
+            assert set(np.unique(np.asarray(native.dataobj))) == {0, 1}
     for disorder in ("glioma", "stroke", "alzheimer"):
         table = pd.read_csv(out / "cohort" / f"treatment_{disorder}.tsv", sep="\t")
         assert table.unit.notna().all() and not table.empty

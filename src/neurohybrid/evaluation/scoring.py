@@ -17,6 +17,7 @@ import pandas as pd
 
 from neurohybrid.errors import InputError
 from neurohybrid.evaluation import metrics as M
+from neurohybrid.evaluation.analysis import PLAN_METRICS
 from neurohybrid.evaluation.recovery import recovery_scores
 from neurohybrid.evaluation.targets import Target, bare_subject, read_target
 from neurohybrid.io import load_image
@@ -173,11 +174,12 @@ def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
     for path in paths:
         model = path.name[len(f"sub-{sub}_model-"):-len("_desc-ctv_mask.nii.gz")]
         ctv = load_forecast_mask(path, target, "flair")
-        for key in ("flair", "t1gd"):
+        for metric in PLAN_METRICS["glioma"]:
+            key = metric.removeprefix("ctv_coverage_")
             obs = np.asarray(target.arrays[key], bool)
             n = int(obs.sum())
             value = float((ctv & obs).sum()) / n if n else math.nan
-            rows.append((sub, "glioma", model, f"ctv_coverage_{key}", value,
+            rows.append((sub, "glioma", model, metric, value,
                          "" if n else f"held-out {key} mask is empty"))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
