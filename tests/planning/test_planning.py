@@ -217,6 +217,9 @@ def test_trial_with_zero_reduction_is_the_plain_forecast():
     sel = traj[traj["model"] == "mechanistic"]
     assert (sel["suvr_low"] <= sel["suvr_high"]).all()
 
+    curve = pd.DataFrame(alzheimer.curve_rows(plan), columns=alzheimer.CURVE_COLUMNS)
+    assert np.allclose(curve["suvr"], curve["suvr_trial"]) and curve["years_after_last_visit"].iloc[-1] == 15.0
+
     # lowering production delays the crossing
     treated = alzheimer.plan_subject(subject, s, fits, dict(ps, production_reduction=0.5))
     rows = {(m, k): v for m, k, v, _ in treated["rows"]}

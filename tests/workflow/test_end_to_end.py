@@ -141,6 +141,8 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
         assert (out / "cohort" / "figures" / f"treatment_{disorder}.png").read_bytes()[:8] == PNG
     curve = pd.read_csv(out / "plans" / "sub-stroke01" / "sub-stroke01_desc-reperfusion_curve.tsv", sep="\t")
     assert set(curve.model) == {"mechanistic"} and (curve.reperfusion == "never").sum() == 1
+    meta = pd.read_csv(out / "plans" / "sub-ad01" / "sub-ad01_desc-metaregion_curve.tsv", sep="\t")
+    assert set(meta.model) == {"mechanistic"} and (meta.suvr_trial <= meta.suvr + 1e-9).all()
 
     # every job left a log and a benchmark
     for rule in ("preprocess_anat", "model_inputs", "train_model", "forecast", "evaluate", "plan", "plan_cohort"):

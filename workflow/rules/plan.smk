@@ -12,7 +12,7 @@ rule plan:
         # glioma: the targets are also written in the subject's T1w space
         subject_space=plan_subject_space,
     output:
-        # glioma CTV masks, stroke curves, Alzheimer's trajectories + figure, and the tidy
+        # glioma CTV masks, stroke curves + figure, Alzheimer's forecasts and curves, and the tidy
         # sub-S_desc-plan.tsv: which files depends on the disorder, so the folder is the output
         directory(f"{PLANS}/sub-{{subject}}"),
     log:
@@ -46,7 +46,6 @@ rule plan_cohort:
         metrics=lambda wildcards: (
             [f"{COHORT}/metrics.tsv"] if wildcards.disorder == "glioma" else []
         ),
-        config=RESOLVED_CONFIG,
     output:
         table=report(
             f"{COHORT}/treatment_{{disorder}}.tsv",
@@ -77,5 +76,5 @@ rule plan_cohort:
             f"--metrics {input.metrics}" if input.metrics else ""
         ),
     shell:
-        "neurohybrid plan cohort --disorder {wildcards.disorder} {input.plans} {params.metrics} --config {input.config}"
+        "neurohybrid plan cohort --disorder {wildcards.disorder} {input.plans} {params.metrics}"
         " --out {output.table} --figure {output.figure} > {log} 2>&1"

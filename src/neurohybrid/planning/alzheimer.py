@@ -131,29 +131,18 @@ def plan_subject(subject, settings, fits: dict[str, dict], plan_settings: dict, 
                 reduction=reduction)
 
 
-def figure(path, subject_id: str, plan: dict) -> None:
-    import matplotlib
+CURVE_COLUMNS = ["model", "years_after_last_visit", "suvr", "suvr_trial", "suvr_low", "suvr_high"]
+CURVE_STEP_YEARS = 0.25
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from neurohybrid.io import atomic_path
-    from neurohybrid.registry import LABELS
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+def curve_rows(plan: dict) -> list[tuple]:
+    """The meta-region mean SUVR over the simulated span (every ``CURVE_STEP_YEARS``), without and with
+    the trial, and the 95% band of the parameter draws (NaN without draws)."""
     years = plan["years"]
-    for k, (model, (plain, trial, band)) in enumerate(plan["curves"].items()):
-        c = f"C{k}"
-        ax.plot(years, plain, color=c, label=LABELS.get(model, model))
-        ax.plot(years, trial, color=c, ls="--", label=f"{LABELS.get(model, model)}, alpha -{plan['reduction']:.0%}")
-        if band is not None:
-            ax.fill_between(years, np.percentile(band, 2.5, axis=0), np.percentile(band, 97.5, axis=0), color=c, alpha=0.15)
-    ax.axhline(plan["threshold"], color="k", ls=":", lw=1, label="positivity")
-    ax.set_xlabel("years after the last visit")
-    ax.set_ylabel("meta-region mean SUVR")
-    ax.set_title(f"sub-{subject_id}: Braak III/IV meta-region tau")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    keep = np.flatnonzero(np.isclose(np.mod(years + 1e-9, CURVE_STEP_YEARS), 0.0, atol=1e-6))
+    rows = []
+    for model, (plain, trial, band) in plan["curves"].items():
+        lo = np.percentile(band, 2.5, axis=0) if band is not None else np.full(years.shape, math.nan)
+        hi = np.percentile(band, 97.5, axis=0) if band is not None else np.full(years.shape, math.nan)
+        rows += [(model, float(years[k]), float(plain[k]), float(trial[k]), float(lo[k]), float(hi[k])) for k in keep]
+    return rows

@@ -3,8 +3,8 @@
 Per subject, reads its model inputs (earlier sessions only) and the families' forecasts and fit
 jsons, never the held-out target or the ground truth, and writes into ``--out-dir``:
 ``sub-S_desc-plan.tsv`` (subject, disorder, model, measure, value, unit) plus the disorder's
-files (glioma CTV masks, stroke reperfusion curves and figure, Alzheimer's trajectories and
-figure). ``plan cohort`` gathers the per-subject tables into results/cohort/.
+files (glioma CTV masks, stroke reperfusion curves and figure, Alzheimer's regional forecasts and
+meta-region curves). ``plan cohort`` gathers the per-subject tables into results/cohort/.
 """
 
 from __future__ import annotations
@@ -162,19 +162,14 @@ def cmd_alzheimer(args) -> int:
     traj = pd.DataFrame(plan["trajectory"], columns=alzheimer.TRAJECTORY_COLUMNS)
     traj.insert(0, "subject", sub)
     write_tsv(out_dir / f"sub-{sub}_desc-tauforecast.tsv", traj)
-    t_fig = time.perf_counter()
-    alzheimer.figure(out_dir / f"sub-{sub}_desc-tautrial.png", sub, plan)
+    curve = pd.DataFrame(alzheimer.curve_rows(plan), columns=alzheimer.CURVE_COLUMNS)
+    curve.insert(0, "subject", sub)
+    curve["positivity_suvr"] = plan["threshold"]
+    write_tsv(out_dir / f"sub-{sub}_desc-metaregion_curve.tsv", curve)
     rows = list(plan["rows"]) + [(m, "planning_seconds", sec, "s") for m, sec in plan["seconds"].items()]
-    rows += [("all", "figure_seconds", time.perf_counter() - t_fig, "s"), ("all", "plan_job_seconds", time.perf_counter() - start, "s")]
+    rows.append(("all", "plan_job_seconds", time.perf_counter() - start, "s"))
     _write_rows(out_dir, sub, "alzheimer", rows)
     return 0
-
-
-def _plan_settings(args) -> dict:
-    from neurohybrid.disorders.cli import _load_config
-    from neurohybrid.planning.settings import resolve
-
-    return resolve(_load_config(args.config))
 
 
 def cmd_cohort(args) -> int:
@@ -189,7 +184,7 @@ def cmd_cohort(args) -> int:
         elif args.cohort_disorder == "stroke":
             cohort.figure_stroke(args.plans, args.figure)
         else:
-            cohort.figure_alzheimer(table, args.figure, float(_plan_settings(args)["alzheimer"]["max_years"]))
+            cohort.figure_alzheimer(args.plans, args.figure)
     return 0
 
 
@@ -223,7 +218,6 @@ def register(subparsers) -> None:
     q.add_argument("--disorder", dest="cohort_disorder", required=True, choices=("glioma", "stroke", "alzheimer"))
     q.add_argument("plans", nargs="+", help="per-subject planning folders (results/plans/sub-*)")
     q.add_argument("--metrics", help="glioma: results/cohort/metrics.tsv (the coverage rows of the evaluation)")
-    q.add_argument("--config", help="resolved workflow config (YAML; planning: section)")
     q.add_argument("--out", required=True, help="results/cohort/treatment_<disorder>.tsv")
     q.add_argument("--figure", help="PNG (results/cohort/figures/treatment_<disorder>.png)")
     q.set_defaults(func=cmd_cohort)

@@ -118,31 +118,23 @@ def figure_stroke(plan_dirs, path) -> None:
     _save(fig, path)
 
 
-def figure_alzheimer(table: pd.DataFrame, path, max_years: float | None = None) -> None:
-    """Years to positivity without (dot) and with the trial (triangle) per subject and family; a
-    crossing beyond the simulated span (inf) is drawn at its end as a bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = table[table["measure"].isin(["years_to_positivity", "years_to_positivity_trial"])].copy()
-    subjects = sorted(set(t["subject"]))
-    finite = t["value"][np.isfinite(t["value"])]
-    end = float(max_years if max_years is not None else (finite.max() if finite.size else 1.0))
-    censored = ~np.isfinite(t["value"])
-    t.loc[censored, "value"] = end
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(subjects)))
-    models = list(dict.fromkeys(t["model"]))
-    for k, model in enumerate(models):
-        g = t[t["model"] == model].pivot_table(index="subject", columns="measure", values="value").reindex(subjects)
-        y = np.arange(len(subjects)) + 0.15 * k
-        for yi, (_, row) in zip(y, g.iterrows()):
-            ax.plot([row.get("years_to_positivity"), row.get("years_to_positivity_trial")], [yi, yi], "-", color=f"C{k}")
-        ax.plot(g.get("years_to_positivity"), y, "o", color=f"C{k}", label=f"{model}")
-        ax.plot(g.get("years_to_positivity_trial"), y, ">", color=f"C{k}", label=f"{model}, trial")
-    ax.axvline(end, color="0.6", lw=6, alpha=0.3, label="not reached (censored)")
-    ax.set_yticks(np.arange(len(subjects)) + 0.075 * (len(models) - 1), [f"sub-{s}" for s in subjects], fontsize=7)
-    ax.set_xlabel("years after the last visit to meta-region positivity")
-    ax.legend(fontsize=6)
+def figure_alzheimer(plan_dirs, path) -> None:
+    """One panel per patient: the meta-region mean SUVR after the last visit without (solid) and
+    with the trial (dashed) per family, the parameter band, and the positivity threshold."""
+    curves = _subject_files(plan_dirs, "desc-metaregion_curve.tsv")
+    fig, axes = _grid(len(curves))
+    for ax, p in zip(axes, curves):
+        c = read_table(p, required=["subject", "model", "years_after_last_visit", "suvr", "suvr_trial", "positivity_suvr"])
+        for k, (model, g) in enumerate(c.groupby("model", sort=False)):
+            t = g["years_after_last_visit"]
+            ax.plot(t, g["suvr"], "-", color=f"C{k}", label=model)
+            ax.plot(t, g["suvr_trial"], "--", color=f"C{k}", label=f"{model}, trial")
+            lo, hi = (pd.to_numeric(g[col], errors="coerce") for col in ("suvr_low", "suvr_high"))
+            if lo.notna().all() and hi.notna().all():
+                ax.fill_between(t, lo, hi, color=f"C{k}", alpha=0.15)
+        ax.axhline(float(c["positivity_suvr"].iloc[0]), color="k", ls=":", lw=1)
+        ax.set_title(f"sub-{c['subject'].iloc[0]}", fontsize=9)
+        ax.set_xlabel("years after the last visit", fontsize=8)
+        ax.set_ylabel("meta-region SUVR", fontsize=8)
+        ax.legend(fontsize=6)
     _save(fig, path)
