@@ -33,6 +33,7 @@ include: "workflow/rules/synth.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/connectome.smk"
 include: "workflow/rules/models.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
@@ -46,4 +47,5 @@ rule all:
         rules.cohort_figures.output,
         expand(rules.preprocess_anat.output.qc, subject=IMAGE_SUBJECTS),
         expand(rules.preprocess_align.output.qc, subject=IMAGE_SUBJECTS),
+        expand(rules.plan_cohort.output, disorder=COHORT_DISORDERS),
         expand(rules.preprocess_connectome.output.tsv, subject=connectome_subjects()),

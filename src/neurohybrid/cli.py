@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "neurohybrid.preprocessing.cli",
     "neurohybrid.disorders.cli",
     "neurohybrid.evaluation.cli",
+    "neurohybrid.planning.cli",
     "neurohybrid.report.cli",
     "neurohybrid.bench",
     "neurohybrid.runner",

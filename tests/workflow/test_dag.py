@@ -35,7 +35,7 @@ def option(args: list[str], name: str) -> str | None:
 
 
 def step(args: list[str]) -> str:
-    return " ".join(args[1:3]) if args[1] in ("preprocess", "cohort") else args[1]
+    return " ".join(args[1:3]) if args[1] in ("preprocess", "cohort", "plan") else args[1]
 
 
 def dry_run(tmp_path, config_path):
@@ -70,6 +70,11 @@ def test_default_config_dag(tmp_path):
         "cohort table": 1,
         "cohort stats": 1,
         "cohort figures": 1,
+        # treatment planning: one job per subject, one cohort table + figure per disorder (in `rule all`)
+        "plan glioma": sum(d == "glioma" for d in subjects.values()),
+        "plan stroke": sum(d == "stroke" for d in subjects.values()),
+        "plan alzheimer": n_ad,
+        "plan cohort": 3,
     }
 
     # the demo cohort is generated inside output_dir, and evaluation (only) reads its ground truth
@@ -123,6 +128,26 @@ def test_default_config_dag(tmp_path):
     assert set(tested) == set(subjects) and set(tested.values()) == {1}
     evaluated = {option(c, "--subject"): option(c, "--model").split(",") for c in commands if c[1] == "evaluate"}
     assert evaluated == {s: families for s in subjects}
+
+    # planning reads the inputs and forecasts, never the held-out targets or the ground truth; the
+    # glioma targets are scored by evaluate
+    for c in commands:
+        if step(c) in ("plan glioma", "plan stroke", "plan alzheimer"):
+            subject = option(c, "--subject")
+            assert step(c) == f"plan {subjects[subject]}"
+            assert option(c, "--out-dir") == f"results/plans/sub-{subject}"
+            assert not any("results/targets" in a or "results/groundtruth" in a for a in c), c
+            # glioma targets are also written in the subject's T1w space (preprocessing's transforms)
+            assert option(c, "--preproc") == ("results/preproc" if subjects[subject] == "glioma" else None)
+        if c[1] == "evaluate":
+            subject = option(c, "--subject")
+            expected = f"results/plans/sub-{subject}" if subjects[subject] == "glioma" else None
+            assert option(c, "--plan-dir") == expected
+    cohort_plans = {option(c, "--disorder"): c for c in commands if step(c) == "plan cohort"}
+    assert set(cohort_plans) == {"glioma", "stroke", "alzheimer"}
+    for disorder, c in cohort_plans.items():
+        assert option(c, "--out") == f"results/cohort/treatment_{disorder}.tsv"
+        assert ("--metrics" in c) == (disorder == "glioma")
 
 
 def test_a_fold_trains_only_what_its_disorder_needs(tmp_path):

@@ -91,7 +91,9 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
     metrics = pd.read_csv(out / "cohort" / "metrics.tsv", sep="\t")
     assert list(metrics.columns[:5]) == ["subject", "disorder", "model", "metric", "value"]
     pairs = set(zip(metrics.subject, metrics.model))
-    assert pairs == {(s, f) for s, _ in SUBJECTS for f in FAMILIES}
+    # + the glioma standard radiotherapy target, scored by its coverage of the held-out tumour
+    assert pairs == {(s, f) for s, _ in SUBJECTS for f in FAMILIES} | {(s, "standard_margin") for s, d in SUBJECTS
+                                                                       if d == "glioma"}
     for subject, disorder in SUBJECTS:
         assert set(metrics.loc[metrics.subject == subject, "disorder"]) == {disorder}
     dice = metrics[metrics.metric.str.startswith("dice")]
@@ -110,11 +112,40 @@ def test_demo_pipeline_completes_with_sane_outputs(demo_run):
     figures = sorted((out / "cohort" / "figures").glob("*.png"))
     from neurohybrid.report.figures import FIGURE_NAMES
 
-    assert sorted(f.name for f in figures) == sorted(FIGURE_NAMES)  # incl. the fold models' training curves
+    assert sorted(f.name for f in figures if not f.name.startswith("treatment_")) == sorted(FIGURE_NAMES)  # incl. the fold models' training curves
     assert all(f.read_bytes()[:8] == PNG for f in figures)
 
+    # treatment planning: CTVs of equal volume scored on the held-out session, the stroke curves and
+    # the Alzheimer's trial, cohort tables with units and families
+    coverage = metrics[metrics.metric.str.startswith("ctv_coverage_")]
+    assert set(zip(coverage.subject, coverage.model)) == {(s, m) for s, d in SUBJECTS if d == "glioma"
+                                                          for m in ("standard_margin", "mechanistic", "residual")}
+    assert coverage.value.dropna().between(0, 1).all()
+    for subject, disorder in SUBJECTS:
+        plan = pd.read_csv(out / "plans" / f"sub-{subject}" / f"sub-{subject}_desc-plan.tsv", sep="\t")
+        assert list(plan.columns) == ["subject", "disorder", "model", "measure", "value", "unit"]
+        assert plan.unit.notna().all() and set(plan.disorder) == {disorder}
+        if disorder == "glioma":
+            ctv = {p.name for p in (out / "plans" / f"sub-{subject}").glob("*_desc-ctv_mask.nii.gz") if "_space-" not in p.name}
+            assert ctv == {f"sub-{subject}_model-{m}_desc-ctv_mask.nii.gz" for m in ("standard_margin", "mechanistic", "residual")}
+            volumes = plan[plan.measure == "ctv_volume"].value
+            assert np.allclose(volumes, volumes.iloc[0])
+            # and in the subject's T1w space, on its T1w grid
+            t1w = nib.load(out / "preproc" / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-preproc_T1w.nii.gz")
+            native = nib.load(out / "plans" / f"sub-{subject}" / f"sub-{subject}_model-mechanistic_space-T1w_desc-ctv_mask.nii.gz")
+            assert native.shape == t1w.shape and np.allclose(native.affine, t1w.affine)
+            assert set(np.unique(np.asarray(native.dataobj))) == {0, 1}
+    for disorder in ("glioma", "stroke", "alzheimer"):
+        table = pd.read_csv(out / "cohort" / f"treatment_{disorder}.tsv", sep="\t")
+        assert table.unit.notna().all() and not table.empty
+        assert (out / "cohort" / "figures" / f"treatment_{disorder}.png").read_bytes()[:8] == PNG
+    curve = pd.read_csv(out / "plans" / "sub-stroke01" / "sub-stroke01_desc-reperfusion_curve.tsv", sep="\t")
+    assert set(curve.model) == {"mechanistic"} and (curve.reperfusion == "never").sum() == 1
+    meta = pd.read_csv(out / "plans" / "sub-ad01" / "sub-ad01_desc-metaregion_curve.tsv", sep="\t")
+    assert set(meta.model) == {"mechanistic"} and (meta.suvr_trial <= meta.suvr + 1e-9).all()
+
     # every job left a log and a benchmark
-    for rule in ("preprocess_anat", "model_inputs", "train_model", "forecast", "evaluate"):
+    for rule in ("preprocess_anat", "model_inputs", "train_model", "forecast", "evaluate", "plan", "plan_cohort"):
         assert list((out / "logs" / rule).iterdir()) and list((out / "benchmarks" / rule).iterdir())
 
     # nothing left to do: a second run is a no-op
@@ -206,7 +237,8 @@ def test_report_html(demo_run):
     made = snakemake(work, cfg, "--report", str(report))
     assert made.returncode == 0, made.stderr[-3000:]
     html = report.read_text(errors="replace")
-    for item in ("metrics.tsv", "summary.tsv", "boxplot_glioma.png", "sub-ad01_desc-qc.png"):
+    for item in ("metrics.tsv", "summary.tsv", "boxplot_glioma.png", "sub-ad01_desc-qc.png", "Treatment",
+                 "treatment_glioma.png", "treatment_stroke.tsv"):
         assert item in html
     assert "paired Wilcoxon" in html  # a caption made it in
 

@@ -77,6 +77,7 @@ MODELS = f"{OUT}/models"
 FORECASTS = f"{OUT}/forecasts"
 METRICS = f"{OUT}/metrics"
 COHORT = f"{OUT}/cohort"
+PLANS = f"{OUT}/plans"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 RESOLVED_CONFIG = f"{OUT}/config.yaml"
@@ -390,6 +391,28 @@ def models_dir_flag(wildcards):
     if not TRAINED_OF[disorder]:
         return ""
     return f"--models-dir {fold_models_dir(disorder, fold_of(wildcards.subject))}"
+
+
+def glioma_plan(wildcards):
+    """The subject's planning folder when its radiotherapy targets are scored (glioma), else nothing."""
+    if DISORDER_OF[wildcards.subject] == "glioma":
+        return [f"{PLANS}/sub-{wildcards.subject}"]
+    return []
+
+
+def plan_subject_space(wildcards):
+    """What a glioma plan needs to write its targets in the subject's T1w space: the preprocessed
+    T1w and the template-to-T1w transforms (ANTs backend only); nothing for other subjects.
+    """
+    backend = (config.get("preprocessing") or {}).get("backend", "ants")
+    if DISORDER_OF[wildcards.subject] != "glioma" or backend != "ants":
+        return []
+    anat = f"{PREPROC}/sub-{wildcards.subject}/anat/sub-{wildcards.subject}"
+    return [
+        f"{anat}_desc-preproc_T1w.nii.gz",
+        f"{anat}_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.mat",
+        f"{anat}_from-MNI152NLin2009cSym_to-T1w_mode-image_xfm.nii.gz",
+    ]
 
 
 def cohort_figure(name, caption, label):

@@ -8,6 +8,8 @@ rule evaluate:
         fits=rules.forecast.output,
         target=f"{SUBJECT_TARGET}.npz",
         truth=truth_dir(),
+        # glioma: the radiotherapy targets, whose coverage of the held-out tumour is scored here
+        plan=glioma_plan,
     output:
         f"{METRICS}/sub-{{subject}}/sub-{{subject}}_metrics.tsv",
     log:
@@ -26,9 +28,10 @@ rule evaluate:
         forecast_dir=lambda wildcards, input: os.path.dirname(input.fits[0]),
         targets=lambda wildcards: TARGETS,
         truth=lambda wildcards, input: f"--truth {input.truth}" if input.truth else "",
+        plan=lambda wildcards, input: f"--plan-dir {input.plan}" if input.plan else "",
     shell:
         "neurohybrid evaluate --disorder {params.disorder} --subject {wildcards.subject} --model {params.families}"
-        " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} --out {output} > {log} 2>&1"
+        " --forecast-dir {params.forecast_dir} --target {params.targets} {params.truth} {params.plan} --out {output} > {log} 2>&1"
 
 
 rule cohort_table:

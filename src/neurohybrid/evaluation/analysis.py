@@ -32,9 +32,14 @@ SCORED_METRICS = {
     "stroke": tuple(f"{m}_infarct" for m in ("dice", "volume_error_ml", "abs_volume_error_ml", "hd95_mm")),
 }
 
+# Secondary metrics of the treatment plans (``scoring.plan_coverage``, glioma only): the share of
+# the held-out session's tumour inside each family's personalised radiotherapy target and inside the
+# standard margin target (model ``standard_margin``), at equal volume. Never a primary metric here.
+PLAN_METRICS = {"glioma": ("ctv_coverage_flair", "ctv_coverage_t1gd")}
+
 # +1: higher is better, -1: lower is better. A signed volume error has no better direction, so it
 # cannot be a primary metric (its test would not say which family is better).
-_HIGHER_IS_BETTER = ("dice_", "pearson_r")
+_HIGHER_IS_BETTER = ("dice_", "pearson_r", "ctv_coverage")
 
 
 def direction(metric: str) -> int:

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--forecast-dir", required=True, help="results/forecasts/sub-S")
     p.add_argument("--target", required=True, help="targets root, results/targets")
     p.add_argument("--truth", default=None, help="ground-truth root (results/groundtruth); optional")
+    p.add_argument("--plan-dir", default=None,
+                   help="glioma: the subject's treatment plans (results/plans/sub-S); adds the coverage of each "
+                        "radiotherapy target by the held-out tumour (ctv_coverage_flair / _t1gd)")
     p.add_argument("--out", required=True, help="metrics TSV to write")
     p.set_defaults(func=_evaluate)
 
@@ -46,12 +49,16 @@ def _families(text: str) -> list[str]:
 def _evaluate(args) -> int:
     import pandas as pd
 
-    from neurohybrid.evaluation.scoring import evaluate_subject
+    from neurohybrid.evaluation.scoring import evaluate_subject, plan_coverage
     from neurohybrid.io import write_tsv
 
     models = _families(args.model)
     if args.truth is not None and not Path(args.truth).is_dir():
         raise InputError("--truth is not a folder (the ground-truth root, e.g. results/groundtruth)", file=args.truth)
     frames = [evaluate_subject(args.disorder, args.subject, m, args.forecast_dir, args.target, args.truth) for m in models]
+    if args.plan_dir:
+        if args.disorder != "glioma":
+            raise InputError(f"--plan-dir: only glioma plans are scored against the held-out session, not {args.disorder}")
+        frames.append(plan_coverage(args.subject, args.plan_dir, args.target))
     write_tsv(args.out, pd.concat(frames, ignore_index=True))
     return 0

@@ -17,6 +17,7 @@ import pandas as pd
 
 from neurohybrid.errors import InputError
 from neurohybrid.evaluation import metrics as M
+from neurohybrid.evaluation.analysis import PLAN_METRICS
 from neurohybrid.evaluation.recovery import recovery_scores
 from neurohybrid.evaluation.targets import Target, bare_subject, read_target
 from neurohybrid.io import load_image
@@ -158,6 +159,32 @@ def score_alzheimer(forecast_dir, target: Target, model: str, reasons: dict) -> 
         if not np.isfinite(out["rmse_rel_persistence"]):
             reasons["rmse_rel_persistence"] = "no-change RMSE is 0"
     return out
+
+
+def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
+    """Glioma: the share of the held-out session's FLAIR and T1Gd tumour inside each radiotherapy
+    target of ``neurohybrid plan glioma`` (``sub-S_model-<model>_desc-ctv_mask.nii.gz``: the
+    families' personalised targets and ``standard_margin``, all of the same volume). Rows
+    ``ctv_coverage_flair`` / ``ctv_coverage_t1gd`` per model; n/a with the reason when the held-out
+    mask is empty. Planning never reads the target; this is where the plans meet it."""
+    sub = bare_subject(subject)
+    target = read_target(targets_root, sub, "glioma")
+    # the model-grid masks (those in the subject's T1w space carry space-T1w and are not scored)
+    paths = [p for p in sorted(Path(plan_dir).glob(f"sub-{sub}_model-*_desc-ctv_mask.nii.gz")) if "_space-" not in p.name]
+    if not paths:
+        raise InputError("no radiotherapy target (desc-ctv_mask) to score", file=plan_dir, subject=sub)
+    rows = []
+    for path in paths:
+        model = path.name[len(f"sub-{sub}_model-"):-len("_desc-ctv_mask.nii.gz")]
+        ctv = load_forecast_mask(path, target, "flair")
+        for metric in PLAN_METRICS["glioma"]:
+            key = metric.removeprefix("ctv_coverage_")
+            obs = np.asarray(target.arrays[key], bool)
+            n = int(obs.sum())
+            value = float((ctv & obs).sum()) / n if n else math.nan
+            rows.append((sub, "glioma", model, metric, value,
+                         "" if n else f"held-out {key} mask is empty"))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
 SCORERS = {"glioma": score_glioma, "alzheimer": score_alzheimer, "stroke": score_stroke}

@@ -81,7 +81,8 @@ def metric_boxplots(frame: pd.DataFrame, disorder: str, path: Path, primary: str
     if not metrics:
         _no_data(path, f"{disorder}: metrics", f"no {disorder} rows in the metrics table")
         return False
-    models = _models_in(d)
+    # models with a row of these metrics (not e.g. the standard radiotherapy target, which has only coverage rows)
+    models = _models_in(d[d["metric"].isin(metrics)])
     panel_w = max(2.0, 0.45 * len(models) + 1.0)
     fig, axes = plt.subplots(1, len(metrics), figsize=(panel_w * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -120,7 +121,7 @@ def mask_overlay(frame, disorder, forecasts_root, targets_root, path: Path) -> b
         return False
     subject = subjects[0]
     target = read_target(targets_root, subject, disorder)
-    models = _models_in(d[d["subject"] == subject])
+    models = _models_in(d[(d["subject"] == subject) & ~d["metric"].astype(str).str.startswith("ctv_coverage_")])
     # the slice where the observed masks together cover most voxels
     area = sum(target.arrays[k].sum(axis=(0, 1)) for k, _ in keys)
     z = int(np.argmax(area)) if area.any() else area.size // 2
