@@ -199,7 +199,7 @@ def test_regional_tables_of_a_demo_subject_give_its_model_inputs(demo_run, tmp_p
     bids = tmp_path / "bids"
     (bids / f"sub-{subject}").mkdir(parents=True)
     shutil.copy(out / "sourcedata" / "bids" / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", bids / f"sub-{subject}")
-    volumes = pd.read_csv(preproc / "anat" / f"sub-{subject}_atlas-DK_desc-volumes.tsv", sep="\t")
+    volumes = pd.read_csv(preproc / "anat" / f"sub-{subject}_atlas-DK_desc-volumes.tsv", sep="\t", dtype={"volume_mm3": str})
     adni = {r: f"CTX_{r.upper()}" for r in volumes["region"]}
     rows = []
     for path in sorted(preproc.glob("ses-*/pet/*_desc-suvr_pet.tsv")):
@@ -226,7 +226,9 @@ def test_regional_tables_of_a_demo_subject_give_its_model_inputs(demo_run, tmp_p
         with np.load(f"{images}.npz") as a, np.load(f"{tables}.npz") as b:
             assert sorted(a.files) == sorted(b.files)
             for key in a.files:
-                np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+                # pandas' default TSV float parser is not correctly rounded: a value read, written and
+                # read again may move by one ulp (measured: 1 of 83 volumes, 2e-16 relative)
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-12, atol=0, err_msg=key)
 
 
 def test_report_html(demo_run):
