@@ -178,7 +178,9 @@ def parameter_recovery(frame, forecasts_root, truth_root, path: Path, max_panels
         _no_data(path, "parameter recovery", "no ground-truth folder given")
         return False
     points: dict[str, list[tuple[str, float, float]]] = {}
-    for (subject, disorder, model), _ in frame.groupby(["subject", "disorder", "model"]):
+    # models with a forecast (not the standard radiotherapy target, which has only coverage rows)
+    fitted = frame[~frame["metric"].astype(str).str.startswith("ctv_coverage_")]
+    for (subject, disorder, model), _ in fitted.groupby(["subject", "disorder", "model"]):
         truth = read_truth(truth_root, subject)
         if not truth:
             continue
