@@ -275,7 +275,8 @@ def run_align(bids, subject, out, *, fast=False, backend="ants", threads=None) -
                     far.append((image.path, max_displacement_mm(matrix, ref_img)))
             figures.append(align_qc_figure(qc_path(out, sub, ses), a_ref, images, composed, sub=sub, ses=ses,
                                            lesions=layout.raw_lesions(bids, sub, ses),
-                                           resolve=lambda m, s=ses, i=images: mask_transform(bids, out, sub, s, m, i)))
+                                           resolve=lambda m, s=ses, i=images: mask_transform(bids, out, sub, s, m, i),
+                                           load=lambda im: _load_3d(im, sub)))
     if backend == "fsl":
         _refuse_unaligned_for_fsl(bids, sub, ref_img, far)
     align_figures_dir(out, sub).mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,14 @@ def qc_figure(path: Path, *, t1: np.ndarray, brain_mask: np.ndarray, template_gm
 
 
 def align_qc_figure(path: Path, a_ref, images: dict, transforms: dict, *, sub: str, ses: str,
-                    lesions: dict, resolve) -> Path:
+                    lesions: dict, resolve, load) -> Path:
     """One session after within-subject alignment, on the reference T1w grid: a row per image
     (sagittal/coronal/axial mid-slices). Row 1: the session's T1w with the reference T1w's outline
     (green; a misregistered visit shows as an offset); other rows: the modality (hot, 50 % opacity)
     over the session's T1w, both brought onto the reference grid by their saved transforms.
     Lesion masks are outlined in cyan on every row (through the transform of the image they were
-    drawn on): a mask off its lesion shows a wrong mask grid or transform.
+    drawn on): a mask off its lesion shows a wrong mask grid or transform. ``load(image)`` reads
+    an image as 3D (align passes its own reader, which turns DWI into its mean b0).
     """
     import ants
     import matplotlib
@@ -71,7 +72,6 @@ def align_qc_figure(path: Path, a_ref, images: dict, transforms: dict, *, sub: s
     import matplotlib.pyplot as plt
 
     from neurohybrid.preprocessing import ants_backend as ab
-    from neurohybrid.preprocessing.align import _load_3d
 
     def on_ref(img, xfm, interpolator="linear"):
         moving = ab.to_ants(img)
@@ -80,13 +80,13 @@ def align_qc_figure(path: Path, a_ref, images: dict, transforms: dict, *, sub: s
         return ants.apply_transforms(a_ref, moving, [str(xfm)], interpolator=interpolator).numpy()
 
     ref = a_ref.numpy()
-    t1 = on_ref(_load_3d(images["T1w"], sub), transforms.get("T1w")) if "T1w" in images else ref
+    t1 = on_ref(load(images["T1w"]), transforms.get("T1w")) if "T1w" in images else ref
     outline = ref > 0.3 * np.percentile(ref[ref > 0], 98) if (ref > 0).any() else ref > 0
     masks = []
     for mpath in lesions.values():
         masks.append(on_ref(nib_image(mpath), resolve(mpath), "nearestNeighbor") > 0.5)
     lesion = np.any(masks, axis=0) if masks else None
-    rows = [("T1w", None)] + [(label, on_ref(_load_3d(im, sub), transforms[label]))
+    rows = [("T1w", None)] + [(label, on_ref(load(im), transforms[label]))
                               for label, im in images.items() if label != "T1w"]
     vmax = np.percentile(t1[t1 > 0], 99) if (t1 > 0).any() else 1.0
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), dpi=70, squeeze=False)
