@@ -99,7 +99,8 @@ def test_default_config_dag(tmp_path):
     # every command reading the template, atlas or normative connectome reads the run's manifest,
     # and the shipped ones are extracted into the working directory's resources/
     for c in commands:
-        reads_anatomy = step(c).startswith("preprocess") or c[1] == "inputs"
+        # the rigid within-subject alignment reads the subject's own images only
+        reads_anatomy = (step(c).startswith("preprocess") and step(c) != "preprocess align") or c[1] == "inputs"
         assert (option(c, "--resources") == "results/resources.json") == reads_anatomy, c
     extract = next(c for c in commands if c[1:3] == ["resources", "extract"])
     resolve = next(c for c in commands if c[1:3] == ["resources", "resolve"])
@@ -289,9 +290,9 @@ def test_regional_table_subjects_skip_image_preprocessing(tmp_path):
     for c in commands:
         if "--subject" in c:
             by_subject.setdefault(option(c, "--subject"), []).append(step(c))
-    assert sorted(by_subject["tau1"]) == ["evaluate", "forecast", "inputs", "preprocess anat", "preprocess connectome",
-                                          "preprocess pet"]
-    assert sorted(by_subject["tau2"]) == ["evaluate", "forecast", "inputs", "preprocess regional"]
+    assert sorted(by_subject["tau1"]) == ["evaluate", "forecast", "inputs", "plan alzheimer", "preprocess align",
+                                          "preprocess anat", "preprocess connectome", "preprocess pet"]
+    assert sorted(by_subject["tau2"]) == ["evaluate", "forecast", "inputs", "plan alzheimer", "preprocess regional"]
     regional = next(c for c in commands if step(c) == "preprocess regional")
     assert option(regional, "--mapping") == str(mapping) and option(regional, "--resources") == "out/resources.json"
     job = re.search(r"rule model_inputs:\n\s*input: ([^\n]*)\n(?:.*\n){0,8}?\s*wildcards: subject=tau2", result.stdout)

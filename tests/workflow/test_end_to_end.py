@@ -36,7 +36,7 @@ def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     participants = write_participants(work / "participants.tsv", SUBJECTS)
     cfg = tiny_config(work / "config.yaml", participants)
-    result = snakemake(work, cfg, "--cores", "2", timeout=900)
+    result = snakemake(work, cfg, "--cores", "2", timeout=1800)
     return work, cfg, result
 
 

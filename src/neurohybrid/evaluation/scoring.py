@@ -174,6 +174,7 @@ def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
     if not paths:
         raise InputError("no radiotherapy target (desc-ctv_mask) to score", file=plan_dir, subject=sub)
     rows = []
+    treated = int(bool(target.meta.get(TREATED, False)))
     for path in paths:
         model = path.name[len(f"sub-{sub}_model-"):-len("_desc-ctv_mask.nii.gz")]
         ctv = load_forecast_mask(path, target, "flair")
@@ -183,7 +184,7 @@ def plan_coverage(subject: str, plan_dir, targets_root) -> pd.DataFrame:
             n = int(obs.sum())
             value = float((ctv & obs).sum()) / n if n else math.nan
             rows.append((sub, "glioma", model, metric, value,
-                         "" if n else f"held-out {key} mask is empty"))
+                         "" if n else f"held-out {key} mask is empty", treated))
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
