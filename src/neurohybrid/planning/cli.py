@@ -95,10 +95,17 @@ def cmd_glioma(args) -> int:
     return 0
 
 
-def _fits(forecast_dir, subject: str, families) -> dict[str, dict]:
+def _fits(forecast_dir, subject: str, families, numeric=()) -> dict[str, dict]:
+    """Each family's fit json, checked to hold the ``numeric`` parameters the plan uses."""
     from neurohybrid.evaluation.scoring import read_fit_json
 
-    return {f: read_fit_json(forecast_dir, subject, f) for f in families}
+    fits = {f: read_fit_json(forecast_dir, subject, f) for f in families}
+    for family, fit in fits.items():
+        p = fit.get("parameters") or {}
+        if not all(isinstance(p.get(k), (int, float)) for k in numeric):
+            raise InputError(f"fit json lacks numeric parameters {', '.join(numeric)}", subject=subject,
+                             file=Path(forecast_dir) / f"sub-{subject}_model-{family}_desc-fit.json")
+    return fits
 
 
 def cmd_stroke(args) -> int:
@@ -114,11 +121,7 @@ def cmd_stroke(args) -> int:
     config, s, inputs, out_dir = _common(args)
     sub = args.subject
     families = [f for f in _families(config) if f in stroke.PLANNED_FAMILIES]
-    fits = _fits(args.forecast_dir, sub, families)
-    for family, fit in fits.items():
-        if not isinstance((fit.get("parameters") or {}).get("sensitivity"), (int, float)):
-            raise InputError("fit json has no numeric parameters.sensitivity", subject=sub,
-                             file=Path(args.forecast_dir) / f"sub-{sub}_model-{family}_desc-fit.json")
+    fits = _fits(args.forecast_dir, sub, families, numeric=("sensitivity",))
     try:
         plan = stroke.plan_subject(inputs, fits, s, stroke_settings(config))
     except InputError as exc:
@@ -148,12 +151,7 @@ def cmd_alzheimer(args) -> int:
     config, s, inputs, out_dir = _common(args)
     sub = args.subject
     families = [f for f in _families(config) if f in alzheimer.PLANNED_FAMILIES]
-    fits = _fits(args.forecast_dir, sub, families)
-    for family, fit in fits.items():
-        p = fit.get("parameters") or {}
-        if not all(isinstance(p.get(k), (int, float)) for k in ("kappa", "alpha", "suvr_amplitude")):
-            raise InputError("fit json lacks numeric kappa, alpha, suvr_amplitude", subject=sub,
-                             file=Path(args.forecast_dir) / f"sub-{sub}_model-{family}_desc-fit.json")
+    fits = _fits(args.forecast_dir, sub, families, numeric=("kappa", "alpha", "suvr_amplitude"))
     try:
         plan = alzheimer.plan_subject(Subject.from_inputs(inputs), Settings.from_config(config), fits, s,
                                       seed=int(config.get("seed", 0) or 0))
