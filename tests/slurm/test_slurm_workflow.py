@@ -70,7 +70,7 @@ def run_snakemake(workdir: Path, config: Path, *args: str, env: dict, timeout: i
 
 def without_timings(frame: pd.DataFrame) -> pd.DataFrame:
     """Drop rows of wall-clock measurements (they differ between any two runs)."""
-    for col in ("metric",):
+    for col in ("metric", "measure"):  # metrics tables; treatment plans (measure, value, unit)
         if col in frame.columns:
             frame = frame[~frame[col].astype(str).str.endswith("_seconds")]
     return frame.reset_index(drop=True)
