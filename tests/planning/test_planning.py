@@ -54,7 +54,7 @@ def test_standard_target_is_the_margin_in_mm_clipped_to_the_brain():
     a = inputs.arrays
     visible = a["flair"][-1] | a["t1gd"][-1]
     brain = glioma.brain_mask(a["wm"], a["gm"], a["csf"])
-    target = glioma.standard_target(visible, brain, SPACING, 15.0)
+    target = glioma.standard_target(visible, brain, glioma.distance_to(visible, SPACING), 15.0)
     # brute force: the distance of every voxel centre to the nearest visible voxel centre, in mm
     pts = np.argwhere(np.ones(SHAPE, bool)) * np.array(SPACING)
     vis = np.argwhere(visible) * np.array(SPACING)

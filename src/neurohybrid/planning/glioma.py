@@ -44,10 +44,10 @@ def distance_to(mask: np.ndarray, spacing) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask, sampling=tuple(float(v) for v in spacing))
 
 
-def standard_target(visible: np.ndarray, brain: np.ndarray, spacing, margin_mm: float) -> np.ndarray:
-    """The visible tumour grown by ``margin_mm`` (Euclidean, mm) and clipped to the brain; the
-    visible tumour itself is always inside."""
-    return ((distance_to(visible, spacing) <= float(margin_mm)) & brain) | visible
+def standard_target(visible: np.ndarray, brain: np.ndarray, dist: np.ndarray, margin_mm: float) -> np.ndarray:
+    """The visible tumour grown by ``margin_mm`` and clipped to the brain (``dist``: the distance in
+    mm to the visible tumour, ``distance_to``); the visible tumour itself is always inside."""
+    return ((dist <= float(margin_mm)) & brain) | visible
 
 
 def personalised_target(density: np.ndarray, n_voxels: int, allowed: np.ndarray, tie_break: np.ndarray) -> tuple[np.ndarray, float]:
@@ -78,7 +78,7 @@ def plan_subject(inputs, densities: dict[str, np.ndarray], margin_mm: float) -> 
                          subject=inputs.subject)
     brain = brain_mask(a["wm"], a["gm"], a["csf"]) | visible
     dist = distance_to(visible, spacing)
-    standard = ((dist <= float(margin_mm)) & brain) | visible
+    standard = standard_target(visible, brain, dist, margin_mm)
     n = int(standard.sum())
     voxel_ml = float(np.prod(spacing)) / 1000.0
     rows = [("standard_margin", "ctv_volume", n * voxel_ml, "ml"),
