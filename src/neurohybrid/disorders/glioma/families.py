@@ -841,7 +841,7 @@ class SolverInLoop(GliomaFamily):
         return CorrectedSolver(CoarseGliomaStep(spacing, self.s), corr)
 
     def upsampler(self):
-        return GridCorrection(N_UP_COV, int(self.s["sol_hidden"]), scale=SOL_SCALE,
+        return GridCorrection(N_UP_COV, int(self.s["sol_up_hidden"]), scale=SOL_SCALE,
                              active_eps=float(self.s["sol_active_eps"])).to(self.device)
 
     def training_data(self, pairs):
@@ -998,10 +998,14 @@ class SolForecaster:
     interpolation followed by the learned upsampling, both evaluated by Numba loops with the
     trained weights (``sol_numba``). ``sol_torch`` / ``coarse_torch`` are the same forecast with the
     torch modules (the reference the Numba path is tested against). The interpolation covers the
-    box where the coarse state exceeds 1e-7 (elsewhere the model-grid state is set to 0; the fine
-    solver's values there are below the same order)."""
+    box where the coarse state exceeds ``BOX_EPS`` = 1e-3, padded by one coarse voxel (elsewhere
+    the model-grid state is set to 0: a density a thousand times below the imaging thresholds;
+    measured at 2 mm: the relative error against the fine solver unchanged to 4 digits, the
+    interpolation's box half the size of the 1e-7 box).  ``EPS`` bounds the coarse start state and
+    the training crops."""
 
     EPS = 1e-7
+    BOX_EPS = 1e-3
 
     def __init__(self, family, arrays, spacing, dw, rho, gap, trained, kills=None):
         from neurohybrid.disorders.glioma import sol_numba
@@ -1038,11 +1042,12 @@ class SolForecaster:
         self.scratch_c = np.zeros_like(self.wm_cp)
         self.wm_f = np.ascontiguousarray(arrays["wm"], np.float32)
         self.gm_f = np.ascontiguousarray(arrays["gm"], np.float32)
+        self.tissue_f = ((self.wm_f + self.gm_f) > 0).astype(np.float32)
         self.scratch_f = np.zeros(tuple(n + 2 for n in self.wm_f.shape), np.float32)
         self.w_sol = sol_numba.mlp_weights(self.model.correction)
         self.w_up = sol_numba.mlp_weights(self.up)
         self.work = sol_numba.Scratch(self.w_sol[0].shape[0], int(s["sol_hidden"]))
-        self.work_up = sol_numba.Scratch(self.w_up[0].shape[0], int(s["sol_hidden"]))
+        self.work_up = sol_numba.Scratch(self.w_up[0].shape[0], int(s["sol_up_hidden"]))
         zd, zr = _params_unit(self.dw, self.rho)
         self.consts_sol = np.array([zd, zr, self.h / float(s["sol_step_days"])], np.float32)
         self.consts_up = np.array([zd, zr], np.float32)
@@ -1096,9 +1101,9 @@ class SolForecaster:
             if correct:
                 sol_numba.correct_front(st._a, self.scratch_c, self.wm_cp, self.gm_cp, self.consts_sol, *self.w_sol, scale, eps, *self.work.args())
         out = np.zeros(self.wm_f.shape, np.float32)
-        sol_numba.upsample_front(st._a, *self.c_off, self.wm_f, self.gm_f, self.scratch_f, out, bool(corrected and self.up_learned),
+        sol_numba.upsample_front(st._a, *self.c_off, self.wm_f, self.gm_f, self.tissue_f, self.scratch_f, out, bool(corrected and self.up_learned),
                                  self.consts_up, *self.w_up, np.float32(self.up.scale), np.float32(self.up.active_eps),
-                                 np.float32(self.EPS), *self.work_up.args())
+                                 np.float32(self.BOX_EPS), *self.work_up.args())
         return out
 
     def sol(self, u_last):
@@ -1139,7 +1144,7 @@ class SolForecaster:
             uc = stepper.state
             shape = self.a["wm"].shape
             out = np.zeros(shape, np.float32)
-            cbox = _active_box(uc, self.EPS, 1, upper=False)
+            cbox = _active_box(uc, self.BOX_EPS, 1, upper=False)
             if cbox is None:
                 return out
             fbox = tuple(slice(2 * b.start, min(2 * b.stop, n)) for b, n in zip(cbox, shape))

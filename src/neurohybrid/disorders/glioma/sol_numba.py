@@ -239,7 +239,7 @@ def _lin(cbox_lo, cbox_n, f_local):
 
 
 @nb.njit(cache=True)
-def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b2, w3, b3, scale, eps, box_eps,
+def upsample_front(a, o0, o1, o2, wm, gm, tissue, p, out, learned, consts, w1, b1, w2, b2, w3, b3, scale, eps, box_eps,
                    x, h1, h2, y, ijk):
     """out (model grid, zero on entry) <- the coarse padded state a (coarse interior offset o in the
     full coarse grid) interpolated onto the model grid on the active box, times tissue (wm + gm > 0),
@@ -286,17 +286,19 @@ def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b
             za, zbb = zb[ci, ja], zb[ci, jb]
             for k in range(mz):
                 yb[ci, j, k] = (one - wj) * za[k] + wj * zbb[k]
+    fx, fy, fz = f0[0], f0[1], f0[2]
     for i in range(mx):
         ia, ib, wi = _lin(0, cn[0], i)
+        vi = one - wi
         for j in range(my):
             ya, ybb = yb[ia, j], yb[ib, j]
+            # one fine row: branch-free (times the 0/1 tissue row: v * 1 == v, v * 0 == 0 for the
+            # finite v >= 0 here) so that the loop vectorises; out and p are zero on entry
+            orow, trow = out[fx + i, fy + j, fz:fz + mz], tissue[fx + i, fy + j, fz:fz + mz]
             for k in range(mz):
-                x0, x1, x2 = f0[0] + i, f0[1] + j, f0[2] + k
-                if wm[x0, x1, x2] + gm[x0, x1, x2] <= zero:
-                    continue
-                v = (one - wi) * ya[k] + wi * ybb[k]
-                p[x0 + 1, x1 + 1, x2 + 1] = v
-                out[x0, x1, x2] = v
+                orow[k] = (vi * ya[k] + wi * ybb[k]) * trow[k]
+            if learned:
+                p[fx + i + 1, fy + j + 1, fz + 1:fz + 1 + mz] = orow
     total = 0
     if learned:
         nc = consts.shape[0]
@@ -322,8 +324,5 @@ def upsample_front(a, o0, o1, o2, wm, gm, p, out, learned, consts, w1, b1, w2, b
         if n:
             _gated_update(p, out, 1, n, x, w1, b1, w2, b2, w3, b3, h1, h2, y, ijk, scale)
             total += n
-    for i in range(f0[0], f1[0]):
-        for j in range(f0[1], f1[1]):
-            for k in range(f0[2], f1[2]):
-                p[i + 1, j + 1, k + 1] = zero
+        p[f0[0] + 1:f1[0] + 1, f0[1] + 1:f1[1] + 1, f0[2] + 1:f1[2] + 1] = zero
     return total
