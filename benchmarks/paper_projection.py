@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PER_SUBJECT = ("preprocess_anat", "preprocess_lesions", "preprocess_pet", "preprocess_connectome",
-               "model_inputs", "forecast", "evaluate")
+PER_SUBJECT = ("preprocess_align", "preprocess_anat", "preprocess_lesions", "preprocess_pet", "preprocess_connectome",
+               "preprocess_regional", "model_inputs", "forecast", "evaluate", "plan")
 
 
 def dry_run_jobs(configfile: str) -> dict[int, dict]:
@@ -89,8 +89,9 @@ def disorder_of_subject(subject: str) -> str:
     return "glioma" if subject.startswith("glioma") else "alzheimer" if subject.startswith("ad") else "stroke"
 
 
-def fit_costs(measured: Path) -> dict:
-    """Cost model from a measured run's benchmark files and its resolved config."""
+def fit_costs(measured: Path, also: Path | None = None) -> dict:
+    """Cost model from a measured run's benchmark files and its resolved config; per-subject rules
+    the run lacks (a slice measured ``--until model_inputs`` has no plan jobs) from ``also``."""
     import yaml
 
     bench = measured / "benchmarks"
@@ -100,6 +101,9 @@ def fit_costs(measured: Path) -> dict:
         for f in sorted((bench / rule).glob("sub-*.tsv")):
             rows[disorder_of_subject(f.stem[len("sub-"):])].append(_cpu(_bench(f)))
         costs["per_subject"][rule] = {d: float(np.mean(v)) for d, v in rows.items()}
+        if not rows and also is not None:
+            costs["per_subject"][rule] = fit_costs(also)["per_subject"][rule]
+            costs.setdefault("per_subject_from_also", []).append(rule)
     config = yaml.safe_load((measured / "config.yaml").read_text())
     n_train = _training_sizes(measured, config)
     for f in sorted((bench / "train_model").glob("*_fold-*.tsv")):
@@ -245,13 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--train-costs", nargs="*", default=[], metavar="E=FILE",
                    help="benchmarks/model_costs.py --json rows measured at epochs E")
     p.add_argument("--epochs", type=float, default=None, help="the projected configuration's epochs")
+    p.add_argument("--also-measured", default=None,
+                   help="another measured run for the per-subject rules the first one lacks (e.g. plan)")
     args = p.parse_args(argv)
 
     import yaml
 
     from neurohybrid.hybrid.splits import assign_folds
 
-    costs = fit_costs(Path(args.measured))
+    costs = fit_costs(Path(args.measured), Path(args.also_measured) if args.also_measured else None)
     if args.train_costs:
         files = {float(e): Path(f) for e, f in (item.split("=", 1) for item in args.train_costs)}
         costs["train_coef"], costs["forecast"] = model_costs(files)
@@ -268,6 +274,8 @@ def main(argv=None) -> int:
         folds = assign_folds(sorted(subjects), int(merged["models"]["n_folds"]), int(merged.get("seed", 0)))
         n_train[disorder] = {f: sum(1 for s in subjects if folds[s] != f) for f in set(folds.values())}
     dur = durations(jobs, costs, n_train=n_train, epochs=args.epochs)
+    # rules whose jobs got no measured cost (they count as 0 s: the projection is then a lower bound)
+    unmeasured = sorted({jobs[j]["rule"] for j, d in dur.items() if d == 0.0 and jobs[j]["rule"] != "all"})
     rule_totals = defaultdict(float)
     for jid, d in dur.items():
         rule_totals[jobs[jid]["rule"]] += d * jobs[jid]["threads"]
@@ -284,6 +292,8 @@ def main(argv=None) -> int:
         "slurm": {"cores_per_node": args.cores_per_node, "latency_s": args.slurm_latency},
         "train_points": costs["train"], "train_coef_a_b_c": costs.get("train_coef"),
         "forecast_cpu_s_per_subject": costs.get("forecast"),
+        "per_subject_rules_from_also_measured": costs.get("per_subject_from_also", []),
+        "rules_without_cost": unmeasured,
     }
     json.dump(result, sys.stdout, indent=1)
     print()
