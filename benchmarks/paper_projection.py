@@ -96,14 +96,17 @@ def fit_costs(measured: Path, also: Path | None = None) -> dict:
 
     bench = measured / "benchmarks"
     costs: dict = {"per_subject": {}, "train": {}, "other": {}}
+    fallback = None  # ``also``'s cost model, fitted once when first needed
     for rule in PER_SUBJECT:
         rows = defaultdict(list)
         for f in sorted((bench / rule).glob("sub-*.tsv")):
             rows[disorder_of_subject(f.stem[len("sub-"):])].append(_cpu(_bench(f)))
         costs["per_subject"][rule] = {d: float(np.mean(v)) for d, v in rows.items()}
         if not rows and also is not None:
-            costs["per_subject"][rule] = fit_costs(also)["per_subject"][rule]
-            costs.setdefault("per_subject_from_also", []).append(rule)
+            fallback = fallback or fit_costs(also)
+            if fallback["per_subject"][rule]:
+                costs["per_subject"][rule] = fallback["per_subject"][rule]
+                costs.setdefault("per_subject_from_also", []).append(rule)
     config = yaml.safe_load((measured / "config.yaml").read_text())
     n_train = _training_sizes(measured, config)
     for f in sorted((bench / "train_model").glob("*_fold-*.tsv")):

@@ -56,3 +56,32 @@ def test_train_cost_model_recovers_its_coefficients(tmp_path):
     coef, forecast = projection.model_costs(files)
     assert coef["glioma"] == pytest.approx([a, b, c])
     assert forecast["glioma"] == pytest.approx(3.0)
+
+
+def _measured_run(root: Path, rules: dict[str, float], subjects=("glioma01", "glioma02")) -> Path:
+    """A measured run's folder: benchmark files (cpu_time per rule and subject), inputs, config."""
+    bench = root / "benchmarks"
+    for rule, cpu in rules.items():
+        for i, subject in enumerate(subjects):
+            f = bench / rule / f"sub-{subject}.tsv"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(f"s\tcpu_time\n{100.0}\t{cpu + i}\n")
+    for subject in subjects:
+        (root / "inputs" / f"sub-{subject}").mkdir(parents=True)
+    (bench / "synth_cohort.tsv").write_text("s\tcpu_time\n10\t8\n")
+    (root / "config.yaml").write_text("seed: 0\nmodels:\n  n_folds: 2\n")
+    return root
+
+
+def test_per_subject_costs_and_the_rules_a_slice_lacks_come_from_the_other_run(tmp_path):
+    slice_ = _measured_run(tmp_path / "slice", {"preprocess_anat": 40.0, "model_inputs": 6.0})
+    other = _measured_run(tmp_path / "other", {"preprocess_anat": 999.0, "plan": 20.0})
+    costs = projection.fit_costs(slice_, other)
+    # the slice's own measurement wins; the mean over its subjects (CPU time, not wall time)
+    assert costs["per_subject"]["preprocess_anat"] == {"glioma": 40.5}
+    assert costs["per_subject"]["model_inputs"] == {"glioma": 6.5}
+    # plan is missing from the slice: taken from the other run, and said so
+    assert costs["per_subject"]["plan"] == {"glioma": 20.5}
+    assert costs["per_subject_from_also"] == ["plan"]
+    assert projection.fit_costs(slice_)["per_subject"]["plan"] == {}
+    assert costs["synth_cpu_per_subject"] == 4.0
