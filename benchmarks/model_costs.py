@@ -15,7 +15,7 @@ Numba compiles its kernels into an on-disk cache on first use: run once before m
 Usage (from the repository root, demo model data already built):
 
     python benchmarks/model_costs.py --results results --config results/config.yaml [--fold 0]
-        [--disorders stroke,glioma] [--families sol,ude] [--isolated] [--json out.json]
+        [--disorders stroke,glioma] [--families sol,ude] [--isolated] [--train-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="", help="comma-separated subset (default: the config's families)")
     p.add_argument("--isolated", action="store_true", help="no work shared between families (fresh data per family)")
     p.add_argument("--full", action="store_true", help="every fold and every subject (the demo's whole model stage)")
+    p.add_argument("--train-only", action="store_true",
+                   help="training only (a second epoch budget: forecast costs do not depend on it)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         disorder.family("persistence", config, "cpu").forecast(load(subjects_of[name][0]), None)
         for fold in sorted(set(folds.values())) if args.full else [args.fold]:
             train_subj = training_subjects(folds, fold)
-            test_subjects = held_out_subjects(folds, fold)
+            test_subjects = [] if args.train_only else held_out_subjects(folds, fold)
             if not args.full:
                 test_subjects = test_subjects[:1]
             def load_pairs(train_subj=train_subj):

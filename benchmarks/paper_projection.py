@@ -11,7 +11,8 @@ model fitted to snakemake's ``benchmark:`` files of a measured run (``<out>/benc
   training subjects (``a + b * n_train``, least squares per disorder over the measured folds), or,
   with ``--train-costs E=FILE ...`` (``benchmarks/model_costs.py --full --json`` rows measured at
   ``epochs: E``), ``a + n_train * (b + c * E)`` fitted per disorder over folds and epoch budgets,
-  evaluated at ``--epochs`` (families with their own epoch budget land in ``a`` and ``b``);
+  evaluated at each disorder's epochs in the projected configuration (or ``--epochs``; families
+  with their own epoch budget land in ``a`` and ``b``);
   ``forecast`` then also comes from those rows (the sum over families per subject);
 - ``synth_cohort``: the measured CPU time per generated subject times the number of subjects,
   divided over the job's threads;
@@ -26,7 +27,7 @@ Usage:
 
     python benchmarks/paper_projection.py --measured results_slice --configfile config/paper.yaml \
         --cores 64 [--nodes 4 --cores-per-node 32 --slurm-latency 30] \
-        [--train-costs 2=costs_e2.json 4=costs_e4.json --epochs 200]
+        [--train-costs 2=costs_e2.json 4=costs_e4.json]
 
 Validation: ``--measured results --configfile config/config.yaml --cores 2`` projects the demo
 from its own job costs; compare with the measured ``make run`` wall time (README).
@@ -169,7 +170,15 @@ def train_cost(points: list[tuple[int, float]], n: int) -> float:
     return float(max(a, 0.0) + max(b, 0.0) * n)
 
 
-def durations(jobs: dict[int, dict], costs: dict, *, n_train: dict, epochs: float | None = None) -> dict[int, float]:
+def disorder_epochs(config: dict, disorders) -> dict[str, float]:
+    """Each disorder's training epochs in a merged configuration: its own section's ``epochs``, else
+    ``models.epochs`` (how neurohybrid.disorders reads them)."""
+    return {d: float((config.get(d) or {}).get("epochs", config["models"]["epochs"])) for d in disorders}
+
+
+def durations(jobs: dict[int, dict], costs: dict, *, n_train: dict,
+              epochs: float | dict[str, float] | None = None) -> dict[int, float]:
+    """Seconds per job; ``epochs`` is one budget for every disorder or one per disorder."""
     n_subjects = sum(1 for j in jobs.values() if j["rule"] == "model_inputs")
     out = {}
     for jid, job in jobs.items():
@@ -181,7 +190,8 @@ def durations(jobs: dict[int, dict], costs: dict, *, n_train: dict, epochs: floa
         elif rule == "train_model" and "train_coef" in costs:
             a, b, c = costs["train_coef"][wc["disorder"]]
             n = n_train[wc["disorder"]][int(wc["fold"])]
-            out[jid] = a + n * (b + c * epochs)
+            e = epochs[wc["disorder"]] if isinstance(epochs, dict) else epochs
+            out[jid] = a + n * (b + c * e)
         elif rule == "train_model":
             out[jid] = train_cost(costs["train"][wc["disorder"]], n_train[wc["disorder"]][int(wc["fold"])])
         elif rule == "synth_cohort":
@@ -251,7 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--slurm-latency", type=float, default=30.0, help="seconds per job (submit, queue, start)")
     p.add_argument("--train-costs", nargs="*", default=[], metavar="E=FILE",
                    help="benchmarks/model_costs.py --json rows measured at epochs E")
-    p.add_argument("--epochs", type=float, default=None, help="the projected configuration's epochs")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="one epoch budget for every disorder (default: each disorder's, from --configfile)")
     p.add_argument("--also-measured", default=None,
                    help="another measured run for the per-subject rules the first one lacks (e.g. plan)")
     args = p.parse_args(argv)
@@ -276,14 +287,15 @@ def main(argv=None) -> int:
     for disorder, subjects in by_disorder.items():
         folds = assign_folds(sorted(subjects), int(merged["models"]["n_folds"]), int(merged.get("seed", 0)))
         n_train[disorder] = {f: sum(1 for s in subjects if folds[s] != f) for f in set(folds.values())}
-    dur = durations(jobs, costs, n_train=n_train, epochs=args.epochs)
+    epochs = args.epochs if args.epochs is not None else disorder_epochs(merged, n_train)
+    dur = durations(jobs, costs, n_train=n_train, epochs=epochs)
     # rules whose jobs got no measured cost (they count as 0 s: the projection is then a lower bound)
     unmeasured = sorted({jobs[j]["rule"] for j, d in dur.items() if d == 0.0 and jobs[j]["rule"] != "all"})
     rule_totals = defaultdict(float)
     for jid, d in dur.items():
         rule_totals[jobs[jid]["rule"]] += d * jobs[jid]["threads"]
     result = {
-        "configfile": args.configfile, "measured": args.measured, "epochs": args.epochs,
+        "configfile": args.configfile, "measured": args.measured, "epochs": epochs,
         "jobs": len(jobs), "core_seconds_by_rule": {k: round(v) for k, v in sorted(rule_totals.items())},
         "core_seconds_total": round(sum(rule_totals.values())),
         "critical_path_s": round(schedule(jobs, edges, dur, cores=10**6)),

@@ -85,3 +85,14 @@ def test_per_subject_costs_and_the_rules_a_slice_lacks_come_from_the_other_run(t
     assert costs["per_subject_from_also"] == ["plan"]
     assert projection.fit_costs(slice_)["per_subject"]["plan"] == {}
     assert costs["synth_cpu_per_subject"] == 4.0
+
+
+def test_each_disorder_trains_for_its_own_epochs():
+    config = {"models": {"epochs": 60}, "stroke": {"epochs": 30}, "glioma": {"model_voxel_mm": 2.0}}
+    epochs = projection.disorder_epochs(config, ["glioma", "stroke", "alzheimer"])
+    assert epochs == {"glioma": 60.0, "stroke": 30.0, "alzheimer": 60.0}
+    jobs = {0: {"rule": "train_model", "wildcards": {"disorder": "glioma", "fold": "0"}, "threads": 1},
+            1: {"rule": "train_model", "wildcards": {"disorder": "stroke", "fold": "0"}, "threads": 1}}
+    costs = {"train_coef": {"glioma": [10.0, 1.0, 0.5], "stroke": [0.0, 2.0, 1.0]}}
+    dur = projection.durations(jobs, costs, n_train={"glioma": {0: 4}, "stroke": {0: 3}}, epochs=epochs)
+    assert dur == {0: pytest.approx(10 + 4 * (1 + 0.5 * 60)), 1: pytest.approx(3 * (2 + 1.0 * 30))}
