@@ -113,7 +113,7 @@ def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, d
         params, anat = glioma.write_subject(subject, anat, rng, bids_dir, truth_dir, treatment_rng=t_rng,
                                             treat_after_session=after)
     elif disorder == "alzheimer":
-        params = alzheimer.write_subject(subject, anat, rng, bids_dir, truth_dir, dwi=dwi)
+        params, anat = alzheimer.write_subject(subject, anat, rng, bids_dir, truth_dir, dwi=dwi)  # first visit's anatomy
     else:
         params = stroke.write_subject(subject, anat, rng, bids_dir, truth_dir)
         row["onset_to_reperfusion_h"] = params["onset_to_reperfusion_h"]
