@@ -29,7 +29,7 @@ def test_the_mass_effect_is_a_diffeomorphism_whose_push_grows_with_the_tumour(an
     peaks = []
     for sigma in (5.0, 9.0, 13.0):
         u = _tumour(anat, sigma)
-        disp, info = mass_effect.displacement(u, anat.brain, VOXEL, kappa=0.4)
+        disp, info = mass_effect.displacement(u, anat.brain, VOXEL, fraction=0.6)
         # the pull-back (the map the images go through) and the forward push: both fold-free
         assert jacobian_determinant(disp * VOXEL, VOXEL).min() > 0
         assert info["jacobian_min"] > 0
@@ -38,17 +38,27 @@ def test_the_mass_effect_is_a_diffeomorphism_whose_push_grows_with_the_tumour(an
         outside = ~anat.brain
         assert np.abs(disp[outside]).max() * VOXEL < 0.05 * peaks[-1]
     assert peaks[0] < peaks[1] < peaks[2]
-    assert peaks[-1] > 3.0  # millimetres: a visible push, not a rounding error
+    assert peaks[-1] > 2.0  # millimetres: a visible push, not a rounding error
+
+
+def test_the_push_inflates_the_tumour_by_the_drawn_fraction(anat):
+    """The generator's first-session size rule assumes the image shows the tumour x (1 + fraction)."""
+    u = _tumour(anat, 11.0)
+    for fraction in (0.2, 0.6):
+        disp, _ = mass_effect.displacement(u, anat.brain, VOXEL, fraction=fraction)
+        seen = mass_effect.pull_back(u, disp)
+        ratio = (seen >= 0.7).sum() / (u >= 0.7).sum()
+        assert ratio == pytest.approx(1.0 + fraction, rel=0.2)
 
 
 def test_no_tumour_no_displacement(anat):
-    disp, info = mass_effect.displacement(np.zeros(anat.shape, np.float32), anat.brain, VOXEL, kappa=0.4)
+    disp, info = mass_effect.displacement(np.zeros(anat.shape, np.float32), anat.brain, VOXEL, fraction=0.6)
     assert not disp.any() and info["max_displacement_mm"] == 0.0
 
 
 def test_tissue_is_pushed_away_from_the_tumour(anat):
     u = _tumour(anat, 11.0)
-    disp, info = mass_effect.displacement(u, anat.brain, VOXEL, kappa=0.4)
+    disp, info = mass_effect.displacement(u, anat.brain, VOXEL, fraction=0.6)
     centre = np.array(info["centre_voxel"])
     rel = np.moveaxis(np.indices(anat.shape, dtype=float), 0, -1) - centre
     r = np.sqrt((rel**2).sum(-1))
@@ -60,7 +70,7 @@ def test_tissue_is_pushed_away_from_the_tumour(anat):
 
 def test_the_displaced_anatomy_sees_the_template_where_the_undisplaced_one_did(anat):
     u = _tumour(anat, 11.0)
-    disp, _ = mass_effect.displacement(u, anat.brain, VOXEL, kappa=0.4)
+    disp, _ = mass_effect.displacement(u, anat.brain, VOXEL, fraction=0.6)
     moved = mass_effect.displaced_anatomy(anat, disp)
     x = np.argwhere(anat.brain & (np.sqrt((disp**2).sum(-1)) > 0.5))[:50]
     src = x + disp[tuple(x.T)]

@@ -21,8 +21,8 @@ core); FLAIR hyperintense oedema beyond the enhancing tumour. Mass effect
 by a smooth radial diffeomorphism that grows with the tumour's volume; the truth anatomy (tissue
 maps, labels, template warp) is the first session's, displaced. Timeline: the seed (a 3 mm
 Gaussian in deep WM) grows unseen until its T1Gd-visible volume first passes a target drawn from
-clinical preoperative volumes (T1GD_TARGET_ML): that is day 0; sessions follow at ~60-120 and
-~150-250 days.
+clinical preoperative volumes (T1GD_TARGET_ML; the volume the image shows, mass effect included):
+that is day 0; sessions follow at SESSION2_DAYS and SESSION3_DAYS.
 
 Radiotherapy (treated patients, chosen by ``synth.cohort``): a standard course, 30 fractions of
 2 Gy, 5 a week (Stupp et al. 2005, NEJM 352:987), starting 7-21 days after the session before
@@ -52,13 +52,23 @@ from neurohybrid.synth import bids, mass_effect
 from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, smooth_random_field, wm_reference
 
 CHUNK_DAYS = 20.0
-MAX_PRE_DAYS = 1500.0
+FINE_CHUNK_DAYS = 2.0
+MAX_PRE_DAYS = 2000.0
 # literature ranges (DATA.md): dw 0.035-0.3 mm^2/day, rho 0.01-0.2 /day; the pair is redrawn until
-# the Fisher wave speed 2 sqrt(dw rho) lies in [0.04, 0.2] mm/day, so a tumour seen at day 0 neither
-# stalls nor fills the brain within the ~250-day follow-up
+# the Fisher wave speed 2 sqrt(dw rho) lies in SPEED_RANGE. Its lower end is the slowest the
+# literature ranges allow (2 sqrt(0.035 x 0.01) = 0.037 mm/day); its upper end keeps the lesion's
+# growth within a few times that of untreated glioblastoma before surgery (median 0.18 ml/day of
+# total lesion volume in 95 patients, Ellingson et al. 2016, Cancer 122:1718): a 30 mm radius
+# front moving 0.04-0.1 mm/day adds 0.45-1.1 ml/day, so these virtual tumours grow faster than the
+# median patient's
 DW_RANGE = (0.035, 0.3)
 RHO_RANGE = (0.01, 0.2)
-SPEED_RANGE = (0.04, 0.2)
+SPEED_RANGE = (0.04, 0.1)
+# follow-up sessions (days after the first): at least 4 weeks apart, the interval over which
+# growth of untreated glioblastoma is detectable (Ellingson et al. 2016), short enough that the
+# lesion stays within clinical sizes
+SESSION2_DAYS = (45, 90)
+SESSION3_DAYS = (110, 170)
 THETA_T1GD = (0.45, 0.85)
 THETA_FLAIR = (0.15, 0.35)
 # the tumour at the first session: its contrast-enhancing volume (enhancing rim + necrotic core,
@@ -101,8 +111,8 @@ def draw_parameters(rng) -> dict:
         "hidden_rho_amplitude": float(rng.uniform(0.3, 0.6)),
         "hidden_length_mm": 15.0,
         "t1gd_target_ml": float(np.exp(rng.uniform(*np.log(T1GD_TARGET_ML)))),
-        "session_days": [0.0, float(np.round(rng.uniform(60, 120))), float(np.round(rng.uniform(150, 250)))],
-        "mass_effect_kappa": float(rng.uniform(*mass_effect.KAPPA_RANGE)),
+        "session_days": [0.0, float(np.round(rng.uniform(*SESSION2_DAYS))), float(np.round(rng.uniform(*SESSION3_DAYS)))],
+        "mass_effect_fraction": float(rng.uniform(*mass_effect.FRACTION_RANGE)),
         "image": {k: float(rng.uniform(*r)) for k, r in IMAGE_RANGES.items()},
     }
 
@@ -161,17 +171,20 @@ def _logistic(u: np.ndarray, rate_dt: np.ndarray) -> np.ndarray:
 
 
 def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modulation: np.ndarray | None,
-         *, stop_t1gd_ml: float | None = None, radiotherapy=None):
-    """Advance u by `days` in 20-day chunks; returns (u, elapsed). With stop_t1gd_ml, stops at the
-    first chunk end where the T1Gd-visible volume reaches it. radiotherapy: a solver
-    ``Radiotherapy`` on the full grid, fraction days counted from the start of this call."""
+         *, stop_t1gd_ml: float | None = None, radiotherapy=None, chunk_days: float = CHUNK_DAYS):
+    """Advance u by `days` in chunks of `chunk_days`; returns (u, elapsed). With stop_t1gd_ml, stops
+    where the T1Gd-visible volume first reaches it (the chunk that crosses it is redone in 2-day
+    chunks, so the first session's size is the drawn one within 2 days of growth).
+    radiotherapy: a solver ``Radiotherapy`` on the full grid, fraction days counted from the start
+    of this call."""
     spacing = (anat.voxel_mm,) * 3
     wm, gm = anat.wm.astype(np.float32), anat.gm.astype(np.float32)
     u = u0.astype(np.float32)
     elapsed = 0.0
     voxel_ml = anat.voxel_mm**3 / 1000.0
     while elapsed < days - 1e-9:
-        step = min(CHUNK_DAYS, days - elapsed)
+        step = min(chunk_days, days - elapsed)
+        before = u
         # speed device: solve only in a box around the tumour (u > 1e-6) padded by more than the
         # distance the front and diffusion can travel in one chunk; outside, u stays below ~1e-6
         pad_mm = 20.0 + 2.0 * np.sqrt(params["dw"] * params["rho"]) * step + 6.0 * np.sqrt(params["dw"] * step)
@@ -186,7 +199,13 @@ def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modula
         u = np.zeros_like(u)
         u[box] = ub
         elapsed += step
-        if stop_t1gd_ml is not None and (u >= params["theta_t1gd"]).sum() * voxel_ml >= stop_t1gd_ml:
+        # the image shows the tumour inflated by its mass effect (synth.mass_effect): 1 + fraction
+        seen_ml = (u >= params["theta_t1gd"]).sum() * voxel_ml * (1.0 + params.get("mass_effect_fraction", 0.0))
+        if stop_t1gd_ml is not None and seen_ml >= stop_t1gd_ml:
+            if chunk_days > FINE_CHUNK_DAYS:
+                u, part = grow(anat, before, params, step, modulation, stop_t1gd_ml=stop_t1gd_ml,
+                               chunk_days=FINE_CHUNK_DAYS)
+                elapsed += part - step
             break
     return u, elapsed
 
@@ -262,7 +281,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir,
     for k, (day, u) in enumerate(zip(params["session_days"], sim["states"])):
         ses = f"{k + 1:02d}"
         sessions.append((ses, day))
-        disp, effect = mass_effect.displacement(u, anat.brain, anat.voxel_mm, params["mass_effect_kappa"])
+        disp, effect = mass_effect.displacement(u, anat.brain, anat.voxel_mm, params["mass_effect_fraction"])
         effects.append(dict(effect, session=ses))
         displacements.append(disp)
         brain = mass_effect.pull_back(anat.brain, disp, 0)

@@ -11,14 +11,15 @@ construction of the subject warps), so phi is a diffeomorphism; the Jacobian det
 checked, not assumed. c is the tumour's density-weighted centre; g peaks (1) at r = sigma and
 decays like a Gaussian beyond it; it is linear at the centre, so v is smooth there. The size
 follows the tumour: R = (3 V / 4 pi)^(1/3) with V = integral of u (the tumour's cell volume, ml),
-sigma = R + SPREAD_MM, A = min(kappa R, MAX_PUSH_MM) with kappa drawn per patient (KAPPA_RANGE). w(x) is 0 outside
+sigma = R + SPREAD_MM, and A such that the tumour's centre is inflated by 1 + f (f drawn per
+patient in FRACTION_RANGE: the push adds that fraction of the tumour's own volume; capped at
+MAX_PUSH_MM). w(x) is 0 outside
 the brain and rises smoothly to 1 within WALL_MM of its edge: the skull does not move, the brain
 near it is compressed. An image of the displaced brain is the undisplaced one pulled back through
 phi^-1 = exp(-v).
 
-Size (measured with Gaussian tumours on a 2 mm virtual patient, kappa = 0.3): cell volumes of 3, 16
-and 42 ml push tissue by up to 2.8, 4.6 and 6.4 mm. KAPPA_RANGE, SPREAD_MM, WALL_MM and MAX_PUSH_MM
-are our choices (displacements of a few millimetres to a centimetre), not fitted to patient data.
+FRACTION_RANGE, SPREAD_MM, WALL_MM and MAX_PUSH_MM are our choices (pushes of a few millimetres,
+up to a centimetre for the largest tumours), not fitted to patient data.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from scipy import ndimage
 
 from neurohybrid.synth.warp import integrate_velocity, jacobian_determinant, upsample_linear
 
-KAPPA_RANGE = (0.2, 0.4)  # peak velocity / equivalent tumour radius, drawn per patient (uniform)
+FRACTION_RANGE = (0.2, 0.6)  # volume the push adds at the tumour, as a fraction of its own (uniform per patient)
 SPREAD_MM = 10.0          # sigma - R: how far beyond the tumour's radius the push peaks
 WALL_MM = 20.0            # the brain's edge: the velocity falls to 0 over this depth
 MAX_PUSH_MM = 10.0        # cap of the peak velocity A (large tumours: the compression stays fold-free)
@@ -45,7 +46,13 @@ def tumour_size(u: np.ndarray, voxel_mm: float) -> tuple[np.ndarray, float]:
     return centre, float((3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0))
 
 
-def velocity_field(shape, voxel_mm: float, centre_vox, radius_mm: float, kappa: float, brain: np.ndarray,
+def peak_velocity(radius_mm: float, fraction: float) -> float:
+    """A such that the flow inflates the tumour's centre by the factor 1 + fraction: there v is
+    linear with divergence 3 A e^(1/2) / sigma, and the time-1 flow's Jacobian is its exponential."""
+    return min((radius_mm + SPREAD_MM) * np.log1p(fraction) / (3.0 * np.exp(0.5)), MAX_PUSH_MM)
+
+
+def velocity_field(shape, voxel_mm: float, centre_vox, radius_mm: float, fraction: float, brain: np.ndarray,
                    spacing_mm: float) -> np.ndarray:
     """v (mm, shape + (3,)) sampled every ``spacing_mm`` on the image grid's axes (``shape`` is that
     control grid's), for the tumour at ``centre_vox`` (image voxel indices)."""
@@ -56,7 +63,7 @@ def velocity_field(shape, voxel_mm: float, centre_vox, radius_mm: float, kappa: 
     sigma = radius_mm + SPREAD_MM
     s = r / sigma
     # g(s) / r = exp((1 - s^2) / 2) / sigma: no division by r (smooth at the centre)
-    speed = min(kappa * radius_mm, MAX_PUSH_MM) * np.exp((1.0 - s**2) / 2.0) / sigma
+    speed = peak_velocity(radius_mm, fraction) * np.exp((1.0 - s**2) / 2.0) / sigma
     depth = ndimage.distance_transform_edt(brain, sampling=(voxel_mm,) * 3)
     wall = np.clip(depth / WALL_MM, 0.0, 1.0)
     wall = wall * wall * (3.0 - 2.0 * wall)  # smoothstep: no kink where the push starts or ends
@@ -64,19 +71,19 @@ def velocity_field(shape, voxel_mm: float, centre_vox, radius_mm: float, kappa: 
     return rel * (speed * wall)[..., None]
 
 
-def displacement(u: np.ndarray, brain: np.ndarray, voxel_mm: float, kappa: float,
+def displacement(u: np.ndarray, brain: np.ndarray, voxel_mm: float, fraction: float,
                  spacing_mm: float = CONTROL_MM) -> tuple[np.ndarray, dict]:
     """Pull-back displacement d (voxel units, shape + (3,)): the displaced image at voxel x shows the
     undisplaced anatomy at x + d(x) (phi^-1 = exp(-v)); and its record (centre, R, peak |d| in mm,
     Jacobian range of the forward map). Zero when there is no tumour."""
     shape = u.shape
     centre, radius = tumour_size(u, voxel_mm)
-    info = {"kappa": float(kappa), "equivalent_radius_mm": radius, "centre_voxel": [float(c) for c in centre]}
+    info = {"volume_fraction": float(fraction), "equivalent_radius_mm": radius, "centre_voxel": [float(c) for c in centre]}
     if radius <= 0:
         return np.zeros(shape + (3,)), dict(info, max_displacement_mm=0.0, jacobian_min=1.0, jacobian_max=1.0)
     step = spacing_mm / voxel_mm
     control = tuple(int(np.ceil((n - 1) / step)) + 2 for n in shape)
-    v_mm = velocity_field(control, voxel_mm, centre, radius, kappa, brain, spacing_mm)
+    v_mm = velocity_field(control, voxel_mm, centre, radius, fraction, brain, spacing_mm)
     fields = {}
     for sign in (1.0, -1.0):
         d_ctrl = integrate_velocity(sign * v_mm / spacing_mm) * spacing_mm  # mm on the control grid
@@ -85,7 +92,7 @@ def displacement(u: np.ndarray, brain: np.ndarray, voxel_mm: float, kappa: float
     info.update(max_displacement_mm=float(np.sqrt((fields[1.0] ** 2).sum(-1)).max()),
                 jacobian_min=float(jac.min()), jacobian_max=float(jac.max()))
     if info["jacobian_min"] <= 0:
-        raise RuntimeError(f"mass effect folded (min Jacobian {info['jacobian_min']:.3g}): lower kappa")
+        raise RuntimeError(f"mass effect folded (min Jacobian {info['jacobian_min']:.3g}): lower the fraction")
     return fields[-1.0] / voxel_mm, info
 
 
