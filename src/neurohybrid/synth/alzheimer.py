@@ -16,7 +16,8 @@ across subjects. It is integrated exactly by the same solver: -kappa L u - gamma
 
 Observation: regional SUVR = 1 + A u_i (A ~ U(1.2, 2)) + N(0, 0.05) per region and visit, painted
 into the subject's DK cortical parcels (GM-weighted; WM 0.9, CSF 0.3, subcortical 1.15 for
-off-target binding, cerebellar and other GM 1.0), blurred by a 6 mm FWHM PSF, rescaled so the
+off-target binding, cerebellar and other GM 1.0), blurred by the scanner's PSF (Gaussian, FWHM drawn
+per patient in PET_PSF_FWHM_MM), rescaled so the
 inferior cerebellar GM reference averages exactly 1, plus voxel noise (sigma 0.03).
 Visits at years 0, ~1.5, ~3, ~4.5 (jitter +-0.25).
 
@@ -44,7 +45,10 @@ from neurohybrid.solvers.network import laplacian, simulate_network
 from neurohybrid.synth import bids
 from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, template_set, wm_reference
 
-PSF_FWHM_MM = 6.0
+# reconstructed resolution of the PET (Gaussian PSF FWHM, uniform per patient): from current PET/CT
+# scanners' 4-5 mm to the 8 mm that ADNI smooths its multi-scanner images to (Joshi et al. 2009,
+# NeuroImage 46:154)
+PET_PSF_FWHM_MM = (4.0, 8.0)
 REGION_NOISE_SUVR = 0.05
 VOXEL_NOISE_SUVR = 0.03
 ATROPHY_RANGE = (0.10, 0.25)      # GM fraction lost by a region whose tau reached u = 1 a lag earlier
@@ -80,6 +84,7 @@ def draw_parameters(rng) -> dict:
         "visit_years": years,
         "atrophy_beta": float(rng.uniform(*ATROPHY_RANGE)),
         "atrophy_lag_years": float(rng.uniform(*ATROPHY_LAG_YEARS)),
+        "pet_psf_fwhm_mm": float(rng.uniform(*PET_PSF_FWHM_MM)),
     }
 
 
@@ -129,7 +134,7 @@ def atrophied(anat: SubjectAnatomy, loss_by_name: dict, intensities: dict) -> Su
     return dataclasses.replace(anat, gm=anat.gm - lost, csf=anat.csf + lost, t1=t1)
 
 
-def pet_image(anat: SubjectAnatomy, suvr_by_name: dict, rng) -> np.ndarray:
+def pet_image(anat: SubjectAnatomy, suvr_by_name: dict, rng, psf_fwhm_mm: float) -> np.ndarray:
     regions = anat.regions
     lut = np.ones(int(regions["id"].max()) + 1)
     for rid, name, structure in zip(regions["id"], regions["name"], regions["structure"]):
@@ -140,7 +145,7 @@ def pet_image(anat: SubjectAnatomy, suvr_by_name: dict, rng) -> np.ndarray:
     lut[0] = 1.0
     gm_value = lut[cortical_label_field(anat)]
     clean = np.where(anat.brain, anat.gm * gm_value + 0.9 * anat.wm + 0.3 * anat.csf, 0.05)
-    sigma_vox = PSF_FWHM_MM / (2.0 * np.sqrt(2.0 * np.log(2.0))) / anat.voxel_mm
+    sigma_vox = psf_fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / anat.voxel_mm
     blurred = ndimage.gaussian_filter(clean, sigma_vox, mode="constant")
     blurred /= blurred[anat.cerebellum].mean()
     return (blurred + rng.normal(0.0, VOXEL_NOISE_SUVR, blurred.shape)).astype(np.float32)
@@ -170,7 +175,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir,
             first = visit
         true_suvr = 1.0 + params["suvr_amplitude"] * u[k]
         observed = true_suvr + rng.normal(0.0, REGION_NOISE_SUVR, true_suvr.shape)
-        img = pet_image(visit, dict(zip(names, observed)), rng)
+        img = pet_image(visit, dict(zip(names, observed)), rng, params["pet_psf_fwhm_mm"])
         path = bids.session_path(bids_root, subject, ses, "pet", "pet", entities="trc-AV1451")
         bids.write_image(path, img, anat.affine)
         bids.write_json_sidecar(path, bids.pet_sidecar())
