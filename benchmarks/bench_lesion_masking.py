@@ -4,6 +4,8 @@ masks excluded from the registration metric, scored against the generator's trut
 
     .venv/bin/python benchmarks/bench_lesion_masking.py                    # 4 patients, 2 mm, full schedule
     .venv/bin/python benchmarks/bench_lesion_masking.py --n 2 --fast --json out.json
+    .venv/bin/python benchmarks/bench_lesion_masking.py --existing results   # score a finished run
+                                                                             # (e.g. the demo), every subject
 
 Scores, per patient and condition, on the first session (the one preprocessing registers):
 - tissue Dice (GM, WM: probseg > 0.5 against the truth's) outside the lesion, i.e. in the truth
@@ -83,9 +85,28 @@ def score(bids: Path, truth: Path, out: Path, sub: str, *, margin_mm: float, nea
     est = estimated_template_points(d, ants.image_read(str(d.preproc_t1w)))
     err = np.linalg.norm(est - true_pts, axis=-1)
     for name, region in (("near", near), ("far", far)):
+        if not region.any():  # no lesion: nothing is near one
+            continue
         res[f"reg_error_{name}_mean_mm"] = round(float(err[region].mean()), 3)
         res[f"reg_error_{name}_p95_mm"] = round(float(np.percentile(err[region], 95)), 3)
     return res
+
+
+def score_existing(results: Path, args) -> None:
+    """Every subject of a finished run, as preprocessed there (lesion masking as configured)."""
+    bids, truth, out = results / "sourcedata" / "bids", results / "groundtruth", results / "preproc"
+    rows = [{"subject": p.name[4:], **score(bids, truth, out, p.name[4:], margin_mm=args.margin_mm, near_mm=args.near_mm)}
+            for p in sorted(bids.glob("sub-*")) if p.is_dir()]
+    summary = {}
+    for disorder in sorted({"".join(c for c in r["subject"] if not c.isdigit()) for r in rows}):
+        sel = [r for r in rows if r["subject"].rstrip("0123456789") == disorder]
+        keys = [k for k in sel[0] if k != "subject" and all(k in r for r in sel)]
+        summary[disorder] = {k: round(float(np.median([r[k] for r in sel])), 4) for k in keys}
+    text = json.dumps({"benchmark": "preprocessing accuracy of a finished run", "results": str(results),
+                       "margin_mm": args.margin_mm, "near_mm": args.near_mm, "median": summary, "rows": rows}, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
 
 
 def main(argv=None):
@@ -98,7 +119,11 @@ def main(argv=None):
     ap.add_argument("--margin-mm", type=float, default=4.0, help="lesion dilation excluded from the scores")
     ap.add_argument("--near-mm", type=float, default=15.0, help="'near the lesion': within this of its edge")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--existing", default=None, metavar="RESULTS",
+                    help="score the preprocessing of a finished run instead (its sourcedata/bids, groundtruth, preproc)")
     args = ap.parse_args(argv)
+    if args.existing:
+        return score_existing(Path(args.existing), args)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     from neurohybrid.preprocessing.align import run_align
     from neurohybrid.preprocessing.pipeline import run_anat
