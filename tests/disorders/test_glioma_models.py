@@ -139,6 +139,17 @@ def test_calibration_recovers_dw_and_rho(cohort):
     assert fit.t0 == pytest.approx(true["t0"], rel=0.3)
 
 
+def test_glioma_prior_centre_is_the_centroid_of_the_prior_ranges():
+    """The calibration's prior centre (prior_dw, prior_rho) is where the prior ranges put their mass:
+    the log-space mean of ``draw_prior``'s draws. Changing a range without moving the centre (the
+    centre then favours speeds the ranges call unlikely) fails here."""
+    rng = np.random.default_rng(0)
+    draws = np.log([mech.draw_prior(rng) for _ in range(4000)])
+    centre = np.exp(draws.mean(axis=0))
+    assert mech.DEFAULTS["prior_dw"] == pytest.approx(centre[0], rel=0.03)
+    assert mech.DEFAULTS["prior_rho"] == pytest.approx(centre[1], rel=0.03)
+
+
 def test_calibration_is_done_once_per_process(cohort, monkeypatch):
     """The families of one forecast process start from the same calibration and the same state at
     the last session (the inputs' SharedWork): the second call does not recompute."""

@@ -265,3 +265,32 @@ def test_non_brain_images_stop_before_any_output(tmp_path, kind):
         run_anat(bids, "09", tmp_path / "o", fast=True, model_voxel_mm=8.0)
     assert exc.value.subject == "09" and exc.value.file.endswith("T1w.nii.gz")
     assert [p for p in (tmp_path / "o" / "sub-09").rglob("*") if p.is_file()] == []  # (the dataset's description may stay)
+
+
+class _Registered(Exception):
+    """Raised by the stand-in registration: the test needs what it was given, not its result."""
+
+
+@pytest.mark.parametrize("flag, masked", [([], True), (["--no-lesion-masking"], False)])
+def test_cost_function_masking_keeps_the_lesion_out_of_the_registration(tmp_path, monkeypatch, flag, masked):
+    from neurohybrid.preprocessing import ants_backend as ab
+
+    make_subject(tmp_path / "b", "01", "1", voxel_mm=6.0, amplitude_mm=4.0, seed=3, lesion_center_mm=LESION_MM,
+                 lesion_radius_mm=18.0)
+    lesion = next((tmp_path / "b").rglob("*_mask.nii.gz"))
+    lesion = np.asarray(nib.load(lesion).dataobj) > 0.5
+    seen, real = {}, ab.register
+
+    def register(fixed, moving, *, moving_mask=None, **kw):
+        if moving_mask is None:  # brain extraction's registration: let it run
+            return real(fixed, moving, **kw)
+        seen["mask"] = moving_mask.numpy() > 0
+        raise _Registered
+
+    monkeypatch.setattr(ab, "register", register)
+    with pytest.raises(_Registered):
+        main(["preprocess", "anat", "--bids", str(tmp_path / "b"), "--subject", "01", "--out", str(tmp_path / "o"),
+              "--model-voxel-mm", "6", "--fast", *flag])
+    inside = seen["mask"][lesion].mean()
+    assert lesion.sum() > 10
+    assert inside == 0.0 if masked else inside > 0.9

@@ -20,7 +20,10 @@ rule preprocess_connectome:
         "subject"
     conda:
         "../../envs/environment.yaml"
-    threads: 2
+    # only MRtrix's tckgen uses threads; dipy's tracking (auto, dipy) and the normative connectome
+    # run on one. Claiming two for them kept this short job waiting, on 2 cores, until nothing else
+    # was left to run (it alone then held back the Alzheimer's training: ~3 min of the demo)
+    threads: 2 if config["preprocessing"].get("connectome_method", "auto") == "mrtrix" else 1
     resources:
         mem_mb=4000,
         runtime=30,

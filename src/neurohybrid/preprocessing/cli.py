@@ -26,7 +26,7 @@ raises InputError naming subject and file: the CLI prints one line and exits 2, 
 1. Structural (after ``align``; every subject)::
 
      neurohybrid preprocess anat --bids B --subject S --out O [--model-voxel-mm 2] [--fast]
-                                 [--backend ants|fsl] [--threads N] [--session SES]
+                                 [--backend ants|fsl] [--threads N] [--session SES] [--no-lesion-masking]
 
    reads   B/sub-S/ses-<first>/anat/sub-S_ses-<first>_T1w.nii.gz   (first session of
            sub-S_sessions.tsv, else the first ses-* folder in sorted order; --session overrides)
@@ -156,6 +156,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=["ants", "fsl"], default="ants")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--session", default=None, help="session whose T1w is used (default: first)")
+    p.add_argument("--no-lesion-masking", dest="lesion_masking", action="store_false",
+                   help="register and segment without excluding the lesion masks from the cost")
     p.set_defaults(func=_run_anat)
 
     p = sub.add_parser("lesions", help="lesion masks and CBF of every session -> template grid at model resolution")
@@ -196,7 +198,8 @@ def _run_anat(args) -> int:
 
     with _scratch(args, "anat"):
         run_anat(args.bids, args.subject, args.out, model_voxel_mm=args.model_voxel_mm, fast=args.fast,
-                 backend=args.backend, threads=args.threads, session=args.session)
+                 backend=args.backend, threads=args.threads, session=args.session,
+                 lesion_masking=args.lesion_masking)
     return 0
 
 

@@ -63,8 +63,12 @@ def _fsl_transforms(d: Derivatives) -> bool:
 
 
 def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ants", threads=None,
-             session=None) -> dict:
-    """Structural preprocessing of one subject; returns timings (s) per stage."""
+             session=None, lesion_masking=True) -> dict:
+    """Structural preprocessing of one subject; returns timings (s) per stage.
+
+    ``lesion_masking``: exclude the session's lesion masks (and a 1-voxel rim) from the registration
+    metric (cost-function masking, the default); False registers as if the subject had no lesion
+    (the comparison of benchmarks/bench_lesion_masking.py)."""
     bids, out = Path(bids), Path(out)
     sub = layout.subject_label(subject)
     ses = session or layout.sessions(bids, sub)[0]
@@ -75,7 +79,7 @@ def run_anat(bids, subject, out, *, model_voxel_mm=2.0, fast=False, backend="ant
     if not np.nanmax(np.asarray(t1_img.dataobj, dtype=np.float32)) > 0:
         raise InputError("brain mask is empty: the image has no positive intensities (blank T1w)",
                          file=t1_path, subject=sub)
-    lesion = _lesion_union(bids, sub, ses, t1_img, t1_path, out, backend)
+    lesion = _lesion_union(bids, sub, ses, t1_img, t1_path, out, backend) if lesion_masking else None
     layout.write_dataset_description(out)
     if backend == "fsl":
         from neurohybrid.preprocessing.fsl_backend import run_anat_fsl

@@ -1,5 +1,6 @@
 """Virtual subject anatomy: the MNI152 2009c template pulled through a random diffeomorphic warp,
-with a rigid head pose, a smooth multiplicative bias field and Rician noise on the images.
+with a rigid head pose, the acquisition's point spread, a smooth multiplicative bias field and
+Rician noise on the images.
 
 Everything the disease generators need (true GM/WM/CSF probabilities, brain mask, DK labels,
 template coordinates of each voxel) is kept on the subject grid, so tumours grow, tau is painted
@@ -21,6 +22,11 @@ from neurohybrid.synth.warp import PointSampler, SubjectWarp, random_subject_war
 # T1w contrast of the nilearn template (WM ~ 180, GM ~ 170 inside the brain; skull and scalp kept)
 NOISE_FRACTION = (0.015, 0.03)  # Rician sigma as a fraction of the WM intensity
 BIAS_AMPLITUDE = (0.05, 0.15)   # peak |log bias|
+# MR point spread, Gaussian, FWHM in voxels (uniform per image): a fully sampled, unfiltered
+# Cartesian acquisition has a sinc PSF of FWHM ~1.2 voxels; partial Fourier or k-space filtering
+# widens it. The template the images start from is itself smooth, so the images are somewhat
+# blurrier than a scan at this voxel size would be
+MR_PSF_FWHM_VOXELS = (1.0, 1.4)
 
 
 @functools.lru_cache(maxsize=4)
@@ -109,7 +115,13 @@ def make_subject_anatomy(subject: str, voxel_mm: float, rng) -> SubjectAnatomy:
 
 def observe_image(clean: np.ndarray, anat: SubjectAnatomy, rng, *, reference_intensity: float,
                   bias: np.ndarray | None = None, noise_fraction: float | None = None) -> tuple[np.ndarray, dict]:
-    """Scanner model: multiplicative smooth bias field, then Rician noise (magnitude of complex Gaussian)."""
+    """Scanner model: point spread (Gaussian), multiplicative smooth bias field, then Rician noise
+    (magnitude of complex Gaussian)."""
+    fwhm_vox = float(rng.uniform(*MR_PSF_FWHM_VOXELS))
+    # in Fourier space: a sampled Gaussian kernel this narrow (sigma ~0.5 voxel) is 10 % narrower
+    # than its nominal width, the exact transfer function is not
+    sigma_vox = fwhm_vox / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    clean = np.fft.ifftn(ndimage.fourier_gaussian(np.fft.fftn(np.asarray(clean, np.float64)), sigma_vox)).real
     if bias is None:
         amp = float(rng.uniform(*BIAS_AMPLITUDE))
         bias = np.exp(amp * smooth_random_field(clean.shape, anat.voxel_mm, rng))
@@ -118,7 +130,8 @@ def observe_image(clean: np.ndarray, anat: SubjectAnatomy, rng, *, reference_int
     sigma = noise_fraction * reference_intensity
     real = clean * bias + rng.normal(0.0, sigma, clean.shape)
     imag = rng.normal(0.0, sigma, clean.shape)
-    return np.sqrt(real**2 + imag**2).astype(np.float32), {"noise_sigma": sigma, "bias_log_peak": float(np.abs(np.log(bias)).max())}
+    return np.sqrt(real**2 + imag**2).astype(np.float32), {"noise_sigma": sigma, "bias_log_peak": float(np.abs(np.log(bias)).max()),
+                                                            "psf_fwhm_mm": fwhm_vox * anat.voxel_mm}
 
 
 def wm_reference(anat: SubjectAnatomy) -> float:

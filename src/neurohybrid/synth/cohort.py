@@ -109,9 +109,11 @@ def _generate_subject(disorder, index, *, bids_dir, truth_dir, voxel_mm, seed, d
         # anatomy, growth and noise draws, are the same treated or not
         after = treated_after_session(index, int(treated_every))
         t_rng = np.random.default_rng(np.random.SeedSequence([int(seed), DISORDERS.index(disorder), int(index), 1]))
-        params = glioma.write_subject(subject, anat, rng, bids_dir, truth_dir, treatment_rng=t_rng, treat_after_session=after)
+        # the truth anatomy is the first session's, displaced by that session's mass effect
+        params, anat = glioma.write_subject(subject, anat, rng, bids_dir, truth_dir, treatment_rng=t_rng,
+                                            treat_after_session=after)
     elif disorder == "alzheimer":
-        params = alzheimer.write_subject(subject, anat, rng, bids_dir, truth_dir, dwi=dwi)
+        params, anat = alzheimer.write_subject(subject, anat, rng, bids_dir, truth_dir, dwi=dwi)  # first visit's anatomy
     else:
         params = stroke.write_subject(subject, anat, rng, bids_dir, truth_dir)
         row["onset_to_reperfusion_h"] = params["onset_to_reperfusion_h"]

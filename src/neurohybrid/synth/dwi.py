@@ -60,12 +60,14 @@ def fibre_directions(wm: np.ndarray, voxel_mm: float, mask: np.ndarray, smooth_m
     return vecs[:, :, 0]
 
 
-def simulate_dwi(anat: SubjectAnatomy, rng):
+def simulate_dwi(anat: SubjectAnatomy, rng, *, n_directions: int = N_DIRECTIONS, md_scale: np.ndarray | None = None):
+    """(data, bvals, bvecs, fibre directions). ``md_scale`` (subject grid): every compartment's
+    diffusivity times this factor (1: healthy; below 1: the cytotoxic oedema of an acute infarct)."""
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import tensor_prediction
     from dipy.sims.voxel import add_noise
 
-    dirs = gradient_directions(rng)
+    dirs = gradient_directions(rng, n_directions)
     bvals = np.concatenate([[0.0], np.full(len(dirs), B_VALUE)])
     bvecs = np.vstack([[0.0, 0.0, 0.0], dirs])
     gtab = gradient_table(bvals, bvecs=bvecs)
@@ -77,24 +79,26 @@ def simulate_dwi(anat: SubjectAnatomy, rng):
     e2 /= np.linalg.norm(e2, axis=1, keepdims=True)
     e3 = np.cross(e1, e2)
     n = e1.shape[0]
+    scale = np.ones(n) if md_scale is None else np.asarray(md_scale, float)[inside]
     params = np.empty((n, 12))
-    params[:, :3] = WM_EVALS
+    params[:, :3] = np.asarray(WM_EVALS)[None, :] * scale[:, None]
     params[:, 3:] = np.stack([e1, e2, e3], axis=-1).reshape(n, 9)  # columns are eigenvectors (dipy)
-    iso = lambda md: np.exp(-bvals * md)  # noqa: E731
+    iso = lambda md: np.exp(-bvals[None, :] * md * scale[:, None])  # noqa: E731
     wm, gm, csf = anat.wm[inside], anat.gm[inside], anat.csf[inside]
     signal = (S0_TISSUE["wm"] * wm[:, None] * tensor_prediction(params, gtab, 1.0)
-              + S0_TISSUE["gm"] * gm[:, None] * iso(GM_MD)[None, :]
-              + S0_TISSUE["csf"] * csf[:, None] * iso(CSF_MD)[None, :])
+              + S0_TISSUE["gm"] * gm[:, None] * iso(GM_MD)
+              + S0_TISSUE["csf"] * csf[:, None] * iso(CSF_MD))
     signal = add_noise(signal, SNR, S0_TISSUE["wm"], noise_type="rician", rng=rng)
     data = np.zeros(anat.shape + (len(bvals),), dtype=np.float32)
     data[inside] = signal
     return data, bvals, bvecs, e1
 
 
-def write_dwi(subject: str, session: str, anat: SubjectAnatomy, rng, bids_root, truth_dir) -> dict:
+def write_dwi(subject: str, session: str, anat: SubjectAnatomy, rng, bids_root, truth_dir, *,
+              n_directions: int = N_DIRECTIONS, md_scale: np.ndarray | None = None) -> dict:
     import nibabel as nib
 
-    data, bvals, bvecs, _ = simulate_dwi(anat, rng)
+    data, bvals, bvecs, _ = simulate_dwi(anat, rng, n_directions=n_directions, md_scale=md_scale)
     path = bids.session_path(bids_root, subject, session, "dwi", "dwi")
     img = nib.Nifti1Image(np.clip(np.rint(data), 0, 32767).astype(np.int16), anat.affine)
     img.set_qform(anat.affine, code=1)

@@ -13,10 +13,16 @@ rho) over 20-day chunks, and after each chunk the extra logistic reaction rho a 
 applied with its exact solution.
 
 Observation: T1Gd = u + e >= theta_T1Gd, FLAIR = u + e >= theta_FLAIR (e a smooth random field
-of amplitude 0.02, new at each session; thresholds drawn per subject), and FLAIR and ce-T1w
-images whose intensities follow the masks. Timeline: the seed (a 3 mm Gaussian in deep WM) grows
-unseen until its FLAIR volume first passes a target (8-25 ml): that is day 0; sessions follow at
-~60-120 and ~150-250 days.
+of amplitude 0.02, new at each session; thresholds drawn per subject). The images (``clean_images``,
+parameters in IMAGE_RANGES): T1w hypointense over the tumour, darkest in a necrotic core
+(u >= theta_necrosis); contrast T1w with an enhancing rim (the T1Gd-visible tumour outside the
+core); FLAIR hyperintense oedema beyond the enhancing tumour. Mass effect
+(``synth.mass_effect``): at every session the anatomy, the tumour and the images are displaced
+by a smooth radial diffeomorphism that grows with the tumour's volume; the truth anatomy (tissue
+maps, labels, template warp) is the first session's, displaced. Timeline: the seed (a 3 mm
+Gaussian in deep WM) grows unseen until its T1Gd-visible volume first passes a target drawn from
+clinical preoperative volumes (T1GD_TARGET_ML; the volume the image shows, mass effect included):
+that is day 0; sessions follow at SESSION2_DAYS and SESSION3_DAYS.
 
 Radiotherapy (treated patients, chosen by ``synth.cohort``): a standard course, 30 fractions of
 2 Gy, 5 a week (Stupp et al. 2005, NEJM 352:987), starting 7-21 days after the session before
@@ -42,19 +48,46 @@ import numpy as np
 from scipy import ndimage
 
 from neurohybrid.solvers.glioma import gaussian_seed, simulate_glioma
-from neurohybrid.synth import bids
+from neurohybrid.synth import bids, mass_effect
 from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, smooth_random_field, wm_reference
 
 CHUNK_DAYS = 20.0
-MAX_PRE_DAYS = 1500.0
+FINE_CHUNK_DAYS = 2.0
+MAX_PRE_DAYS = 2000.0
 # literature ranges (DATA.md): dw 0.035-0.3 mm^2/day, rho 0.01-0.2 /day; the pair is redrawn until
-# the Fisher wave speed 2 sqrt(dw rho) lies in [0.04, 0.2] mm/day, so a tumour seen at day 0 neither
-# stalls nor fills the brain within the ~250-day follow-up
+# the Fisher wave speed 2 sqrt(dw rho) lies in SPEED_RANGE. Its lower end is the slowest the
+# literature ranges allow (2 sqrt(0.035 x 0.01) = 0.037 mm/day); its upper end keeps the lesion's
+# growth within a few times that of untreated glioblastoma before surgery (median 0.18 ml/day of
+# total lesion volume in 95 patients, Ellingson et al. 2016, Cancer 122:1718): a 30 mm radius
+# front moving 0.04-0.1 mm/day adds 0.45-1.1 ml/day, so these virtual tumours grow faster than the
+# median patient's
 DW_RANGE = (0.035, 0.3)
 RHO_RANGE = (0.01, 0.2)
-SPEED_RANGE = (0.04, 0.2)
+SPEED_RANGE = (0.04, 0.1)
+# follow-up sessions (days after the first): at least 4 weeks apart, the interval over which
+# growth of untreated glioblastoma is detectable (Ellingson et al. 2016), short enough that the
+# lesion stays within clinical sizes
+SESSION2_DAYS = (45, 90)
+SESSION3_DAYS = (110, 170)
 THETA_T1GD = (0.45, 0.85)
 THETA_FLAIR = (0.15, 0.35)
+# the tumour at the first session: its contrast-enhancing volume (enhancing rim + necrotic core,
+# u >= theta_T1Gd) drawn log-uniform over the interquartile range of preoperative enhancing volumes
+# of 61 glioblastoma patients, 8.2-41.7 ml (median 18.2 ml; World Neurosurg 2018;115:e448, PMID
+# 29678715)
+T1GD_TARGET_ML = (8.2, 41.7)
+# image appearance, drawn per patient (uniform): the necrotic core is where u >= theta_necrosis;
+# T1w intensity x (1 - drop) in oedema (FLAIR-visible), solid tumour (T1Gd-visible) and necrosis,
+# the drops adding up (a hypointense tumour, darkest in the core: T1w core < WM); contrast T1w
+# adds enhancement x the WM intensity on the solid tumour outside the core (an enhancing rim); these
+# ranges are ours, chosen so the contrasts look like the usual appearance of a glioblastoma
+IMAGE_RANGES = {
+    "theta_necrosis": (0.93, 0.98),
+    "t1_drop_oedema": (0.08, 0.15),
+    "t1_drop_tumour": (0.10, 0.20),
+    "t1_drop_necrosis": (0.15, 0.30),
+    "enhancement": (0.40, 0.60),
+}
 RT_ALPHA_RANGE = (0.005, 0.03)  # 1/Gy, log-uniform (see the module docstring for the sources)
 RT_ALPHA_BETA_GY = 10.0
 RT_FRACTIONS, RT_DOSE_GY, RT_PER_WEEK = 30, 2.0, 5
@@ -77,8 +110,10 @@ def draw_parameters(rng) -> dict:
         "theta_flair": float(rng.uniform(*THETA_FLAIR)),
         "hidden_rho_amplitude": float(rng.uniform(0.3, 0.6)),
         "hidden_length_mm": 15.0,
-        "flair_target_ml": float(rng.uniform(8.0, 25.0)),
-        "session_days": [0.0, float(np.round(rng.uniform(60, 120))), float(np.round(rng.uniform(150, 250)))],
+        "t1gd_target_ml": float(np.exp(rng.uniform(*np.log(T1GD_TARGET_ML)))),
+        "session_days": [0.0, float(np.round(rng.uniform(*SESSION2_DAYS))), float(np.round(rng.uniform(*SESSION3_DAYS)))],
+        "mass_effect_fraction": float(rng.uniform(*mass_effect.FRACTION_RANGE)),
+        "image": {k: float(rng.uniform(*r)) for k, r in IMAGE_RANGES.items()},
     }
 
 
@@ -136,17 +171,20 @@ def _logistic(u: np.ndarray, rate_dt: np.ndarray) -> np.ndarray:
 
 
 def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modulation: np.ndarray | None,
-         *, stop_flair_ml: float | None = None, radiotherapy=None):
-    """Advance u by `days` in 20-day chunks; returns (u, elapsed). With stop_flair_ml, stops at the
-    first chunk end where the FLAIR-visible volume reaches it. radiotherapy: a solver
-    ``Radiotherapy`` on the full grid, fraction days counted from the start of this call."""
+         *, stop_t1gd_ml: float | None = None, radiotherapy=None, chunk_days: float = CHUNK_DAYS):
+    """Advance u by `days` in chunks of `chunk_days`; returns (u, elapsed). With stop_t1gd_ml, stops
+    where the T1Gd-visible volume first reaches it (the chunk that crosses it is redone in 2-day
+    chunks, so the first session's size is the drawn one within 2 days of growth).
+    radiotherapy: a solver ``Radiotherapy`` on the full grid, fraction days counted from the start
+    of this call."""
     spacing = (anat.voxel_mm,) * 3
     wm, gm = anat.wm.astype(np.float32), anat.gm.astype(np.float32)
     u = u0.astype(np.float32)
     elapsed = 0.0
     voxel_ml = anat.voxel_mm**3 / 1000.0
     while elapsed < days - 1e-9:
-        step = min(CHUNK_DAYS, days - elapsed)
+        step = min(chunk_days, days - elapsed)
+        before = u
         # speed device: solve only in a box around the tumour (u > 1e-6) padded by more than the
         # distance the front and diffusion can travel in one chunk; outside, u stays below ~1e-6
         pad_mm = 20.0 + 2.0 * np.sqrt(params["dw"] * params["rho"]) * step + 6.0 * np.sqrt(params["dw"] * step)
@@ -161,7 +199,13 @@ def grow(anat: SubjectAnatomy, u0: np.ndarray, params: dict, days: float, modula
         u = np.zeros_like(u)
         u[box] = ub
         elapsed += step
-        if stop_flair_ml is not None and (u >= params["theta_flair"]).sum() * voxel_ml >= stop_flair_ml:
+        # the image shows the tumour inflated by its mass effect (synth.mass_effect): 1 + fraction
+        seen_ml = (u >= params["theta_t1gd"]).sum() * voxel_ml * (1.0 + params.get("mass_effect_fraction", 0.0))
+        if stop_t1gd_ml is not None and seen_ml >= stop_t1gd_ml:
+            if chunk_days > FINE_CHUNK_DAYS:
+                u, part = grow(anat, before, params, step, modulation, stop_t1gd_ml=stop_t1gd_ml,
+                               chunk_days=FINE_CHUNK_DAYS)
+                elapsed += part - step
             break
     return u, elapsed
 
@@ -177,7 +221,7 @@ def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True, treatmen
     seed = pick_seed(anat, rng)
     modulation = ventricle_modulation(anat, params["hidden_length_mm"]) if hidden else None
     u0 = gaussian_seed(anat.shape, (anat.voxel_mm,) * 3, seed, sigma_mm=3.0, amplitude=0.5)
-    u, pre_days = grow(anat, u0, params, MAX_PRE_DAYS, modulation, stop_flair_ml=params["flair_target_ml"])
+    u, pre_days = grow(anat, u0, params, MAX_PRE_DAYS, modulation, stop_t1gd_ml=params["t1gd_target_ml"])
     states = [u]
     days = params["session_days"]
     course, rt, target = None, None, None
@@ -196,9 +240,11 @@ def simulate_subject(anat: SubjectAnatomy, rng, *, hidden: bool = True, treatmen
     return {"params": params, "states": states, "modulation": modulation, "u_seed": u0, "rt_target": target}
 
 
-def observe_masks(u: np.ndarray, anat: SubjectAnatomy, params: dict, rng):
-    noise = 0.02 * smooth_random_field(u.shape, anat.voxel_mm, rng, smooth_mm=6.0)
-    seen = np.where(anat.brain, u + noise, 0.0)
+def observe_masks(u: np.ndarray, brain: np.ndarray, voxel_mm: float, params: dict, rng):
+    """The annotated T1Gd and FLAIR masks: u plus a smooth random field of amplitude 0.02 (new at
+    each session), thresholded, inside the brain."""
+    noise = 0.02 * smooth_random_field(u.shape, voxel_mm, rng, smooth_mm=6.0)
+    seen = np.where(brain, u + noise, 0.0)
     return seen >= params["theta_t1gd"], seen >= params["theta_flair"]
 
 
@@ -206,31 +252,54 @@ def _soft(u, theta, width=0.05):
     return 1.0 / (1.0 + np.exp(-(u - theta) / width))
 
 
+def clean_images(anat: SubjectAnatomy, u: np.ndarray, params: dict) -> dict[str, np.ndarray]:
+    """Noise-free T1w, contrast T1w and FLAIR of the undisplaced anatomy with tumour density u:
+    a T1-hypointense tumour, darkest in its necrotic core; an enhancing rim (the solid tumour outside
+    the core) on contrast T1w; FLAIR hyperintense oedema beyond the enhancing tumour."""
+    im = params["image"]
+    ref = wm_reference(anat)
+    u64 = u.astype(np.float64)
+    oedema, solid = _soft(u64, params["theta_flair"]), _soft(u64, params["theta_t1gd"])
+    necrosis = _soft(u64, im["theta_necrosis"], width=0.01)
+    t1 = anat.t1 * (1.0 - im["t1_drop_oedema"] * oedema - im["t1_drop_tumour"] * solid - im["t1_drop_necrosis"] * necrosis)
+    ce = t1 + im["enhancement"] * ref * np.clip(solid - necrosis, 0.0, 1.0) * anat.brain
+    tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
+    fl = ref * np.where(anat.brain, tissue_flair + 0.6 * oedema, 0.35 * anat.t1 / ref)
+    return {"T1w": t1, "ceT1w": ce, "FLAIR": fl}
+
+
 def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir, *, treatment_rng=None,
-                  treat_after_session: int | None = None) -> dict:
+                  treat_after_session: int | None = None) -> tuple[dict, SubjectAnatomy]:
+    """Write one glioma patient's sessions; returns its parameters and the anatomy as the first
+    session shows it (displaced by that session's mass effect: the truth the preprocessing of that
+    session's T1w is scored against)."""
     sim = simulate_subject(anat, rng, treatment_rng=treatment_rng, treat_after_session=treat_after_session)
     params = sim["params"]
     ref = wm_reference(anat)
-    sessions = []
+    sessions, effects, displacements = [], [], []
     truth_sub = truth_dir / f"sub-{subject}"
     for k, (day, u) in enumerate(zip(params["session_days"], sim["states"])):
         ses = f"{k + 1:02d}"
         sessions.append((ses, day))
-        t1gd, flair = observe_masks(u, anat, params, rng)
-        u64 = u.astype(np.float64)
-        t1 = anat.t1 * (1.0 - 0.25 * u64)  # oedema and tumour are T1-hypointense
-        ce = t1 + 0.45 * ref * _soft(u64, params["theta_t1gd"]) * anat.brain
-        tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
-        fl = ref * np.where(anat.brain, tissue_flair + 0.6 * _soft(u64, params["theta_flair"]), 0.35 * anat.t1 / ref)
-        for suffix, clean, entities in (("T1w", t1, ""), ("T1w", ce, "ce-gadolinium"), ("FLAIR", fl, "")):
-            img, _ = observe_image(clean, anat, rng, reference_intensity=ref)
+        disp, effect = mass_effect.displacement(u, anat.brain, anat.voxel_mm, params["mass_effect_fraction"])
+        effects.append(dict(effect, session=ses))
+        displacements.append(disp)
+        brain = mass_effect.pull_back(anat.brain, disp, 0)
+        seen_u = (np.clip(mass_effect.pull_back(u, disp), 0.0, 1.0) * brain).astype(np.float32)
+        t1gd, flair = observe_masks(seen_u, brain, anat.voxel_mm, params, rng)
+        clean = {name: mass_effect.pull_back(img, disp) for name, img in clean_images(anat, u, params).items()}
+        for suffix, key, entities in (("T1w", "T1w", ""), ("T1w", "ceT1w", "ce-gadolinium"), ("FLAIR", "FLAIR", "")):
+            img, _ = observe_image(clean[key], anat, rng, reference_intensity=ref)
             path = bids.session_path(bids_root, subject, ses, "anat", suffix, entities=entities)
             bids.write_mr_image(path, img, anat.affine)
             bids.write_json_sidecar(path, bids.anat_sidecar(
                 suffix, {"ContrastBolusIngredient": "GADOLINIUM"} if entities else None))
         bids.write_mask(bids.lesion_path(bids_root, subject, ses, "T1Gd"), t1gd, anat.affine)
         bids.write_mask(bids.lesion_path(bids_root, subject, ses, "FLAIR"), flair, anat.affine)
-        bids.write_image(truth_sub / f"sub-{subject}_ses-{ses}_desc-tumour_density.nii.gz", u, anat.affine)
+        bids.write_image(truth_sub / f"sub-{subject}_ses-{ses}_desc-tumour_density.nii.gz", seen_u, anat.affine)
+        bids.write_image(truth_sub / f"sub-{subject}_ses-{ses}_desc-masseffect_xfm.nii.gz",
+                         (disp * anat.voxel_mm).astype(np.float32), anat.affine)
+    params["mass_effect"] = effects
     bids.write_image(truth_sub / f"sub-{subject}_desc-hiddenrho_modulation.nii.gz", sim["modulation"], anat.affine)
     bids.write_image(truth_sub / f"sub-{subject}_desc-seed_density.nii.gz", sim["u_seed"], anat.affine)
     bids.write_sessions(bids_root, subject, "glioma", sessions)
@@ -239,7 +308,8 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir,
         from neurohybrid.disorders.glioma import treatment as rt
 
         ses = sessions[course["after_session"]][0]
-        bids.write_mask(bids.lesion_path(bids_root, subject, ses, rt.TARGET_DESC), sim["rt_target"], anat.affine)
+        target = mass_effect.pull_back(sim["rt_target"], displacements[course["after_session"]], 0)
+        bids.write_mask(bids.lesion_path(bids_root, subject, ses, rt.TARGET_DESC), target, anat.affine)
         rt.write_table(bids_root, subject, [rt.Course(course["start_day"], course["fractions"], course["dose_per_fraction_gy"],
                                                       course["fractions_per_week"], rt.target_path(subject, ses), ses)])
-    return params
+    return params, mass_effect.displaced_anatomy(anat, displacements[0])

@@ -30,6 +30,15 @@ Observation: the acute CBF map (written at the imaging time, with the collateral
 by then) plus N(0, 2) noise; acute core = D(t_imaging) > 0.8; final infarct = D(follow-up) > 0.8.
 Times: onset-to-imaging U(1, 6) h; onset-to-reperfusion U(imaging + 0.5, imaging + 8) h, or n/a
 (never reperfused) with probability 0.35; follow-up at 120 h.
+
+Images (parameters drawn per patient in IMAGE_RANGES; the ranges are ours, set to the usual
+appearance): the acute session has a T1w, the CBF map and a clinical trace diffusion scan (b = 0 and
+3 directions at b = 1000 s/mm^2, ``synth.dwi``) whose diffusivity is lowered by the cytotoxic
+oedema of the dying tissue, every compartment's by the factor 1 - adc_drop D(t_imaging): the
+acute core (D > 0.8) falls below the clinical core threshold ADC < 620e-6 mm^2/s (the threshold of
+the RAPID software, Purushotham et al. 2015, Int J Stroke 10:348) where healthy grey and white
+matter stay above it. The follow-up session has a T1w hypointense (x 1 - t1_drop D) and a FLAIR
+hyperintense (+ flair_gain D x the WM intensity) over the final infarct, D(follow-up).
 """
 
 from __future__ import annotations
@@ -55,6 +64,12 @@ DARCY_TOL = 1e-6     # CG relative tolerance: CBF to ~1e-4 ml/100 ml/min, far be
 TISSUE_SENSITIVITY = 1.0
 SENSITIVITY_RANGE = (0.8, 1.25)
 DEATH_DT_S = 300.0   # RK4 step (solver default 60 s): kb dt = 0.65, RK4 decay factor off by 0.1%, 5x cheaper
+IMAGE_RANGES = {
+    "adc_drop": (0.40, 0.55),
+    "t1_drop": (0.25, 0.40),
+    "flair_gain": (0.40, 0.70),
+}
+DWI_DIRECTIONS = 3  # a clinical trace acquisition
 MCA_SUPERIOR = ["caudalmiddlefrontal", "rostralmiddlefrontal", "parsopercularis", "parstriangularis",
                 "parsorbitalis", "lateralorbitofrontal", "precentral", "postcentral", "supramarginal", "insula"]
 MCA_INFERIOR = ["superiortemporal", "middletemporal", "inferiortemporal", "bankssts", "transversetemporal",
@@ -75,6 +90,7 @@ def draw_parameters(rng) -> dict:
         "onset_to_reperfusion_h": float(np.round(rng.uniform(imaging + 0.5, imaging + 8.0), 2)) if reperfused else None,
         "followup_h": FOLLOWUP_H,
         "sensitivity": float(np.exp(rng.uniform(*np.log(SENSITIVITY_RANGE)))),
+        "image": {k: float(rng.uniform(*r)) for k, r in IMAGE_RANGES.items()},
     }
 
 
@@ -171,6 +187,21 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
     t1_path = bids.session_path(bids_root, subject, "acute", "anat", "T1w")
     bids.write_mr_image(t1_path, t1, aff)
     bids.write_json_sidecar(t1_path, bids.anat_sidecar("T1w"))
+    # the acute core as diffusion imaging shows it
+    from neurohybrid.synth.dwi import write_dwi
+
+    im = params["image"]
+    params["dwi"] = write_dwi(subject, "acute", anat, rng, bids_root, truth_dir, n_directions=DWI_DIRECTIONS,
+                              md_scale=1.0 - im["adc_drop"] * sim["dead_imaging"])
+    # the follow-up session: the final infarct on T1w and FLAIR
+    dead = sim["dead_followup"]
+    tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
+    fl_clean = ref * np.where(anat.brain, tissue_flair + im["flair_gain"] * dead, 0.35 * anat.t1 / ref)
+    for suffix, clean in (("T1w", anat.t1 * (1.0 - im["t1_drop"] * dead)), ("FLAIR", fl_clean)):
+        img, _ = observe_image(clean, anat, rng, reference_intensity=ref)
+        path = bids.session_path(bids_root, subject, "followup", "anat", suffix)
+        bids.write_mr_image(path, img, aff)
+        bids.write_json_sidecar(path, bids.anat_sidecar(suffix))
     bids.write_mask(bids.lesion_path(bids_root, subject, "acute", "infarct"), sim["dead_imaging"] > CORE_THRESHOLD, aff)
     bids.write_mask(bids.lesion_path(bids_root, subject, "followup", "infarct"), sim["dead_followup"] > CORE_THRESHOLD,
                     aff)

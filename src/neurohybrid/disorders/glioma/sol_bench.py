@@ -35,7 +35,7 @@ def _subject(i: int, seed: int, voxel_mm: float = 4.0):
     idx = np.argwhere(anat.brain)
     lo, hi = np.maximum(idx.min(0) - 3, 0), np.minimum(idx.max(0) + 4, anat.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    masks = [synth.observe_masks(u, anat, p, rng) for u in sim["states"]]
+    masks = [synth.observe_masks(u, anat.brain, anat.voxel_mm, p, rng) for u in sim["states"]]
     arrays = dict(wm=anat.wm[box].astype(np.float32), gm=anat.gm[box].astype(np.float32),
                   t1gd=np.stack([m[0][box] for m in masks[:2]]), flair=np.stack([m[1][box] for m in masks[:2]]))
     days = [float(d) for d in p["session_days"]]
