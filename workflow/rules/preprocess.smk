@@ -102,7 +102,11 @@ rule preprocess_anat:
         voxel=model_voxel_mm,
         fast=fast_flag(),
         backend=config["preprocessing"]["backend"],
-        masking="" if config["preprocessing"].get("lesion_masking", True) else "--no-lesion-masking",
+        masking=(
+            ""
+            if config["preprocessing"].get("lesion_masking", True)
+            else "--no-lesion-masking"
+        ),
     shell:
         "neurohybrid --resources {input.resources} preprocess anat --bids {params.bids} --subject {wildcards.subject} --out {params.out}"
         " --model-voxel-mm {params.voxel} --backend {params.backend} --threads {threads} {params.fast} {params.masking} > {log} 2>&1"
