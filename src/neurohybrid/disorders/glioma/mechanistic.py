@@ -29,7 +29,7 @@ from neurohybrid.settings import resolve
 DEFAULTS = dict(
     crop_margin=3, theta_t1gd=0.7, theta_flair=0.25, dg_ratio=0.1, max_rho_dt=0.2, soft_tau=0.02,
     # calibration budget: Nelder-Mead evaluations per restart x restarts. Measured on the demo
-    # cohort's 4 glioma patients (4 mm; /work notes in the issue 16 closing note): at 40 x 2 with the
+    # cohort's 4 glioma patients (4 mm; issue 16's closing note of 2026-12-01): at 40 x 2 with the
     # old prior centre (0.1, 0.05) the fitted state at the last session missed the observed FLAIR
     # volume by up to 58% and the forecast FLAIR Dice was 0.62-0.82; at 120 x 3 with this centre by
     # at most 16%, Dice 0.76-0.87
@@ -77,9 +77,9 @@ DW_BOUNDS = (0.01, 1.0)
 # the prior (literature) ranges of the parameters, DATA.md: D_w 0.035-0.3 mm^2/day, rho 0.01-0.2 /day
 # with a Fisher front speed 2 sqrt(D_w rho) of 0.04-0.1 mm/day: the lesion growth of untreated
 # glioblastoma before surgery (median 0.18 ml/day, Ellingson et al. 2016, Cancer 122:1718) bounds
-# the front speed of a 30 mm lesion to about 0.1 mm/day (the virtual cohort, synth.glioma, draws from
-# the same ranges for the same reason). The solver-in-the-loop draws its training parameters from them and feeds its
-# network log(D_w), log(rho) scaled to [0, 1] over them (``prior_unit``).
+# the front speed of a 30 mm lesion to about 0.1 mm/day (the virtual cohort, synth.glioma, draws
+# from the same ranges for the same reason). The solver-in-the-loop draws its training parameters
+# from them and feeds its network log(D_w), log(rho) scaled to [0, 1] over them (``prior_unit``).
 PRIOR_DW_RANGE = (0.035, 0.3)
 PRIOR_RHO_RANGE = (0.01, 0.2)
 PRIOR_SPEED_RANGE = (0.04, 0.1)
