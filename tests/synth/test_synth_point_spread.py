@@ -40,7 +40,7 @@ def test_mr_images_are_blurred_by_a_seeded_psf_within_its_range():
     assert _fwhm_vox(again, freq) == pytest.approx(widths[0])  # seeded
 
 
-def test_pet_psf_is_drawn_per_patient_from_its_range_and_used():
+def test_pet_psf_is_drawn_per_patient_from_its_range():
     fwhms = [alzheimer.draw_parameters(np.random.default_rng(s))["pet_psf_fwhm_mm"] for s in range(20)]
     lo, hi = alzheimer.PET_PSF_FWHM_MM
     assert lo <= min(fwhms) and max(fwhms) <= hi and max(fwhms) - min(fwhms) > 1.0

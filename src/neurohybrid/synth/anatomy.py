@@ -134,6 +134,14 @@ def observe_image(clean: np.ndarray, anat: SubjectAnatomy, rng, *, reference_int
                                                             "psf_fwhm_mm": fwhm_vox * anat.voxel_mm}
 
 
+def flair_image(anat: SubjectAnatomy, hyperintensity: np.ndarray, reference_intensity: float) -> np.ndarray:
+    """Noise-free FLAIR: tissue contrast (WM 0.55, GM 0.75, CSF 0.08 of the WM T1w intensity) plus
+    ``hyperintensity`` (same units: oedema, infarct) inside the brain; outside it 0.35 x the T1w."""
+    tissue = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
+    ref = reference_intensity
+    return ref * np.where(anat.brain, tissue + hyperintensity, 0.35 * anat.t1 / ref)
+
+
 def wm_reference(anat: SubjectAnatomy) -> float:
     sel = anat.wm > 0.9
     return float(np.median(anat.t1[sel])) if sel.any() else float(anat.t1.max())

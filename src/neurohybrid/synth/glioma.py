@@ -49,7 +49,8 @@ from scipy import ndimage
 
 from neurohybrid.solvers.glioma import gaussian_seed, simulate_glioma
 from neurohybrid.synth import bids, mass_effect
-from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, smooth_random_field, wm_reference
+from neurohybrid.synth.anatomy import (SubjectAnatomy, flair_image, observe_image, smooth_random_field,
+                                      wm_reference)
 
 CHUNK_DAYS = 20.0
 FINE_CHUNK_DAYS = 2.0
@@ -263,8 +264,7 @@ def clean_images(anat: SubjectAnatomy, u: np.ndarray, params: dict) -> dict[str,
     necrosis = _soft(u64, im["theta_necrosis"], width=0.01)
     t1 = anat.t1 * (1.0 - im["t1_drop_oedema"] * oedema - im["t1_drop_tumour"] * solid - im["t1_drop_necrosis"] * necrosis)
     ce = t1 + im["enhancement"] * ref * np.clip(solid - necrosis, 0.0, 1.0) * anat.brain
-    tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
-    fl = ref * np.where(anat.brain, tissue_flair + 0.6 * oedema, 0.35 * anat.t1 / ref)
+    fl = flair_image(anat, 0.6 * oedema, ref)
     return {"T1w": t1, "ceT1w": ce, "FLAIR": fl}
 
 

@@ -49,7 +49,7 @@ from scipy import ndimage
 from neurohybrid.solvers.perfusion import darcy_perfusion
 from neurohybrid.solvers.stroke import CORE_THRESHOLD, hypoxic_fraction, simulate_tissue_death
 from neurohybrid.synth import bids
-from neurohybrid.synth.anatomy import SubjectAnatomy, observe_image, wm_reference
+from neurohybrid.synth.anatomy import SubjectAnatomy, flair_image, observe_image, wm_reference
 
 FOLLOWUP_H = 120.0
 SEGMENT_H = 0.25
@@ -195,8 +195,7 @@ def write_subject(subject: str, anat: SubjectAnatomy, rng, bids_root, truth_dir)
                               md_scale=1.0 - im["adc_drop"] * sim["dead_imaging"])
     # the follow-up session: the final infarct on T1w and FLAIR
     dead = sim["dead_followup"]
-    tissue_flair = 0.55 * anat.wm + 0.75 * anat.gm + 0.08 * anat.csf
-    fl_clean = ref * np.where(anat.brain, tissue_flair + im["flair_gain"] * dead, 0.35 * anat.t1 / ref)
+    fl_clean = flair_image(anat, im["flair_gain"] * dead, ref)
     for suffix, clean in (("T1w", anat.t1 * (1.0 - im["t1_drop"] * dead)), ("FLAIR", fl_clean)):
         img, _ = observe_image(clean, anat, rng, reference_intensity=ref)
         path = bids.session_path(bids_root, subject, "followup", "anat", suffix)
