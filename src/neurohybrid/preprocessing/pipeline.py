@@ -115,7 +115,7 @@ def _run_anat_ants(t1_path, t1_img, sub, out, *, lesion, model_voxel_mm, fast, t
 
         t = time.perf_counter()
         # extraction only needs a coarse match (the mask is refined on intensities): FAST schedule
-        mask, _ = ab.extract_brain(t1n, a_tpl, a_tpl_brain, sched=ab.FAST, outprefix=str(work / "bet_"))
+        mask = ab.extract_brain(t1n, a_tpl, a_tpl_brain, sched=ab.FAST, outprefix=str(work / "bet_"))
         mask_np = mask.numpy() > 0
         if mask_np.sum() == 0:
             raise InputError("brain mask is empty after template-based extraction (is the image blank "
