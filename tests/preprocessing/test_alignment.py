@@ -198,6 +198,12 @@ def reshaped_cohort(tmp_path_factory):
     return root, original, reshaped
 
 
+def _held_out_ml(work: Path, subject: str, kind: str) -> float:
+    """Volume (ml) of the held-out session's lesion mask of `kind` on the model grid."""
+    target = np.load(work / "targets" / f"sub-{subject}" / f"sub-{subject}_desc-target.npz")[kind]
+    return float(target.sum()) * 8.0**3 / 1000.0
+
+
 def _model_masks(preproc: Path):
     return {p.relative_to(preproc): np.asarray(nib.load(str(p)).dataobj) > 0
             for p in sorted(preproc.rglob("*res-model_desc-*_mask.nii.gz"))}
@@ -232,7 +238,11 @@ def test_reshaped_cohort_gives_the_coregistered_results(reshaped_cohort):
         elif "suvr" in m or "persistence" in m:
             tol = 0.03 if "suvr" in m else 0.15
         elif "volume" in m:
-            tol = 0.2 * abs(x) + 2 * 0.512  # 2 model voxels of 8 mm = 1.024 ml
+            # the lesion masks of the two copies differ at the edge (Dice bars above), so their
+            # volumes, and every volume error, differ by a share of the lesion's volume, whatever
+            # the size of the error itself: 10 % of the held-out lesion + 2 model voxels of 8 mm
+            held_out = max(_held_out_ml(root / copy, row["subject"], m.rsplit("_", 1)[1]) for copy in ("orig", "resh"))
+            tol = 0.1 * held_out + 2 * 0.512
         elif m.startswith("hd95"):
             tol = 8.0 + 1e-6  # one model voxel
         else:
