@@ -2,8 +2,9 @@
 
 snakemake 9.10-9.26 did not count a job against the free cores when it was the only job ready
 (snakemake/snakemake#3913), and gave its cores back when it finished: after a lone job the budget
-grew, and the demo ran 3-4 one-thread jobs at once on 2 cores (on 64 cores, twice the jobs and the
-memory asked for). A two-thread job followed by six one-thread jobs reproduces it.
+grew, and 9.15 ran up to 6 one-thread demo jobs at once on 2 cores (on a cluster node, more
+cores and memory than asked for). A two-thread job followed by six one-thread jobs reproduces it:
+9.15 runs 4 of them at once.
 """
 
 from __future__ import annotations
