@@ -51,7 +51,7 @@ def test_correction_zero_without_excess_and_state_in_invariant_range():
     assert not torch.allclose(corrected, u)  # and not zero elsewhere
     lower, upper = 1.0 + min(0.0, float((u - 1).min())), 1.0 + max(1.5, float((u - 1).max()))
     for _ in range(5):  # the corrected state stays in the model's invariant range
-        u_next = model.step(u)
+        u_next = model.step(u).detach()
         assert float(u_next.min()) >= lower - 1e-12 and float(u_next.max()) <= upper + 1e-12
         u = u_next
 
